@@ -1,0 +1,2167 @@
+#!/usr/bin/env python3
+"""queuectl: a background job queue for shell commands, in one file.
+
+Jobs are shell commands kept in a SQLite file. Workers claim them, run them,
+retry failures with exponential backoff and move jobs that keep failing to a
+dead letter queue (DLQ)::
+
+    $ queuectl enqueue -- 'tar czf /backup/home.tgz /home'
+    m3x1k2q90001
+    $ queuectl worker start --once
+    10:00:00 w1 m3x1k2q90001 claimed (attempt 1/4): tar czf /backup/home.tgz /home
+    10:00:02 w1 m3x1k2q90001 completed in 2.01s
+    $ queuectl wait m3x1k2q90001 && echo done
+    done
+
+Standard library only, Python 3.8+. See README.md for usage and design.md for
+the schema, the claim/lease protocol and the failure modes.
+"""
+
+__version__ = "0.1.0"
+
+import contextlib
+import os
+import sqlite3
+import sys
+import time
+
+# Heavy or worker-only modules (argparse, json, subprocess, selectors, signal,
+# multiprocessing, datetime) are imported where they are used: `enqueue` is run
+# from shell loops and cron, so start-up time is part of the product.
+
+
+###############################################################################
+# Constants and schema #######################################################
+###############################################################################
+
+#: The five job states, in the order a job usually moves through them.
+STATES = ("pending", "processing", "completed", "failed", "dead")
+#: States a worker may claim from (when the job's run_at has passed).
+DUE_STATES = ("pending", "failed")
+
+#: Environment variable naming the database file.
+DB_ENV = "QUEUECTL_DB"
+
+#: Configuration keys, their defaults and their meaning (stored in the database).
+CONFIG_DEFAULTS = {
+    "max_retries": 3,        # retries after the first run; N retries = N+1 runs
+    "backoff_base": 2.0,     # a retry waits backoff_base ** k seconds after failed run k
+    "backoff_max": 3600.0,   # ... but never longer than this
+    "timeout": None,         # default per-job timeout in seconds (None: no timeout)
+}
+CONFIG_HELP = {
+    "max_retries": "retries after the first failed run (integer >= 0)",
+    "backoff_base": "retry k waits backoff_base ** k seconds (number >= 1)",
+    "backoff_max": "upper bound of a retry delay (duration, e.g. 3600 or 1h)",
+    "timeout": "default job timeout (duration, or 'none')",
+}
+
+#: A claim is a lease for this long; the worker renews it while the job runs.
+LEASE_SECONDS = 30.0
+#: How often a worker renews its lease and checks for stop/cancel requests.
+HEARTBEAT_SECONDS = 2.0
+#: After SIGTERM to a job's process group, SIGKILL follows after this long.
+KILL_GRACE_SECONDS = 5.0
+#: After a job's shell exits, how long to keep reading output that leftover
+#: processes in its group still write, before they are killed.
+EXIT_GRACE_SECONDS = 0.5
+#: Captured bytes kept per stream and run: the first and last half of this.
+OUTPUT_LIMIT = 1024 * 1024
+#: How long a command waits for another process's write lock before failing.
+BUSY_TIMEOUT_SECONDS = 30.0
+#: How often an idle worker looks for new work (a cheap read of a counter).
+IDLE_POLL_SECONDS = 0.01
+#: An idle worker re-runs the full claim query at least this often (for jobs
+#: whose run_at passes without any write to the database).
+IDLE_CLAIM_SECONDS = 0.5
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124         # as timeout(1): `wait` or `worker stop` gave up
+EXIT_INTERRUPTED = 130
+
+#: Schema version, kept in PRAGMA user_version. MIGRATIONS[v] upgrades v -> v+1.
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE jobs (
+    seq              INTEGER PRIMARY KEY,   -- enqueue order
+    id               TEXT NOT NULL UNIQUE,
+    command          TEXT NOT NULL,
+    cwd              TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    priority         INTEGER NOT NULL DEFAULT 0,
+    attempts         INTEGER NOT NULL DEFAULT 0,  -- runs started (and counted)
+    max_retries      INTEGER NOT NULL,
+    timeout          REAL,                         -- seconds; NULL: none
+    run_at           REAL NOT NULL,                -- due time (retry time when failed)
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    exit_code        INTEGER,                      -- last run's
+    outcome          TEXT,                         -- last run's, or 'cancelled'
+    worker_id        TEXT,                         -- lease holder while processing
+    lease_until      REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_due ON jobs (priority DESC, run_at, seq)
+    WHERE state IN ('pending', 'failed');
+CREATE INDEX jobs_state ON jobs (state, seq);
+
+CREATE TABLE runs (
+    job_id       TEXT NOT NULL,
+    run          INTEGER NOT NULL,      -- 1, 2, ... in the order runs started
+    attempt      INTEGER NOT NULL,      -- the job's attempt number for this run
+    worker_id    TEXT NOT NULL,
+    pgid         INTEGER,               -- the command's process group
+    pgid_start   INTEGER,               -- its leader's start time (pid reuse guard)
+    started_at   REAL NOT NULL,
+    finished_at  REAL,
+    exit_code    INTEGER,
+    outcome      TEXT,                  -- 'exit 0', 'exit 3', 'timeout', 'worker lost', ...
+    result_state TEXT,                  -- the job's state after this run
+    stdout       BLOB,
+    stderr       BLOB,
+    PRIMARY KEY (job_id, run)
+);
+CREATE INDEX runs_finished ON runs (finished_at);
+
+CREATE TABLE workers (
+    id             TEXT PRIMARY KEY,    -- host:pid:start
+    host           TEXT NOT NULL,
+    boot_id        TEXT NOT NULL,
+    pid            INTEGER NOT NULL,
+    pid_start      INTEGER,
+    started_at     REAL NOT NULL,
+    heartbeat_at   REAL NOT NULL,
+    job_id         TEXT,
+    stop_requested INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE config (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL                 -- JSON
+);
+
+-- Per-state job counts, kept by triggers so that `status` costs the same
+-- with a thousand jobs or a million.
+CREATE TABLE counts (
+    state TEXT PRIMARY KEY,
+    n     INTEGER NOT NULL
+);
+INSERT INTO counts (state, n) VALUES
+    ('pending', 0), ('processing', 0), ('completed', 0), ('failed', 0), ('dead', 0);
+
+CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs BEGIN
+    UPDATE counts SET n = n + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
+WHEN OLD.state <> NEW.state BEGIN
+    UPDATE counts SET n = n - 1 WHERE state = OLD.state;
+    UPDATE counts SET n = n + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN
+    UPDATE counts SET n = n - 1 WHERE state = OLD.state;
+END;
+"""
+
+#: MIGRATIONS[v] is the script that upgrades a version-v database to v+1.
+MIGRATIONS = {}
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+class QueueError(Exception):
+    """A problem the user can fix; `main` prints it as one line and exits 1."""
+
+    exit_code = EXIT_ERROR
+
+
+class UsageError(QueueError):
+    """Bad command-line usage (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class JobNotFound(QueueError):
+    def __init__(self, job_id):
+        super().__init__("job %r not found" % (job_id,))
+
+
+class StoreError(QueueError):
+    """The database could not be opened, read or written."""
+
+
+###############################################################################
+# Helpers #####################################################################
+###############################################################################
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text):
+    """Seconds from a number or a string like '30', '1.5', '30s', '10m', '2h', '1d'."""
+    if isinstance(text, bool):
+        raise ValueError("expected a duration, not a boolean")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        s = str(text).strip().lower()
+        unit = s[-1:] if s[-1:] in _DURATION_UNITS else ""
+        number = s[:-1] if unit else s
+        try:
+            value = float(number) * _DURATION_UNITS[unit]
+        except ValueError:
+            raise ValueError("invalid duration %r (use seconds or e.g. 30s, 10m, 2h, 1d)" % (text,))
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("invalid duration %r" % (text,))
+    if value < 0:
+        raise ValueError("duration must not be negative: %r" % (text,))
+    if value > 100 * 365 * 86400:
+        raise ValueError("duration too large: %r" % (text,))
+    return value
+
+
+def parse_time(text, now=None):
+    """Epoch seconds from an ISO-8601 string; without an offset it is local time."""
+    import datetime
+    if not isinstance(text, str):
+        raise ValueError("expected an ISO-8601 time string")
+    s = text.strip()
+    if s.endswith(("Z", "z")):
+        s = s[:-1] + "+00:00"
+    try:
+        dt = datetime.datetime.fromisoformat(s)
+    except ValueError:
+        raise ValueError("invalid time %r (use ISO-8601, e.g. 2026-01-31T14:00:00 or ...+02:00)" % (text,))
+    try:
+        return dt.timestamp()   # naive datetimes are taken as local time
+    except (OverflowError, OSError, ValueError):
+        raise ValueError("time out of range: %r" % (text,))
+
+
+def backoff_delay(failures, base, cap):
+    """Seconds to wait after the `failures`-th failed run: min(base ** failures, cap)."""
+    try:
+        return min(float(base) ** failures, float(cap))
+    except OverflowError:
+        return float(cap)
+
+
+def format_time(ts):
+    """ISO-8601 UTC with milliseconds, e.g. 2026-11-23T10:00:00.123Z (None stays None)."""
+    if ts is None:
+        return None
+    ms = int(round(ts * 1000))
+    secs, ms = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + ".%03dZ" % ms
+
+
+def format_local(ts):
+    """Local time for humans: 'YYYY-MM-DD HH:MM:SS' ('-' for None)."""
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def format_seconds(secs):
+    if secs is None:
+        return "-"
+    if secs < 60:
+        return "%.2fs" % secs
+    if secs < 3600:
+        return "%dm%02ds" % divmod(int(secs), 60)
+    return "%dh%02dm" % divmod(int(secs) // 60, 60)
+
+
+def default_db_path(environ=None):
+    """$QUEUECTL_DB, else $XDG_DATA_HOME/queuectl/queue.db (~/.local/share/...)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(DB_ENV):
+        return environ[DB_ENV]
+    data_home = environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data_home, "queuectl", "queue.db")
+
+
+_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+_id_state = {"ms": 0, "counter": 0}
+
+
+def _base36(n, width):
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, 36)
+        out.append(_ID_ALPHABET[r])
+    return "".join(reversed(out))
+
+
+def new_job_id():
+    """A short id that sorts by creation time: 8 chars of milliseconds + 4 of counter.
+
+    Within one millisecond the counter increments; it starts at a random value
+    so two processes enqueueing in the same millisecond are unlikely to collide
+    (a collision is detected by the UNIQUE index and retried).
+    """
+    ms = int(time.time() * 1000)
+    if ms <= _id_state["ms"]:
+        ms = _id_state["ms"]
+        _id_state["counter"] += 1
+        if _id_state["counter"] >= 36 ** 4:
+            ms += 1
+            _id_state["counter"] = 0
+    else:
+        _id_state["counter"] = int.from_bytes(os.urandom(3), "big") % (36 ** 4 // 2)
+    _id_state["ms"] = ms
+    return _base36(ms, 8) + _base36(_id_state["counter"], 4)
+
+
+def valid_job_id(job_id):
+    if not isinstance(job_id, str) or not 1 <= len(job_id) <= 128:
+        return False
+    if job_id[0] in "-.":
+        return False
+    return all(c.isascii() and (c.isalnum() or c in "._:@+-") for c in job_id)
+
+
+_HOST = None
+_BOOT_ID = None
+
+
+def this_host():
+    global _HOST
+    if _HOST is None:
+        import socket
+        _HOST = socket.gethostname()
+    return _HOST
+
+
+def this_boot_id():
+    """The kernel's boot id ('' where there is none): a reboot kills every worker."""
+    global _BOOT_ID
+    if _BOOT_ID is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT_ID = f.read().strip()
+        except OSError:
+            _BOOT_ID = ""
+    return _BOOT_ID
+
+
+def process_start(pid):
+    """The start time of process `pid` in clock ticks since boot, or None.
+
+    None means "no such process" on Linux; on systems without /proc it means
+    "unknown". Together with the pid it names a process uniquely, even after
+    the pid is reused.
+    """
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        return int(data.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_alive(pid, start):
+    """True if process `pid` is alive and (where we can tell) started at `start`."""
+    if os.path.isdir("/proc/self"):
+        return start is not None and process_start(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def holder_is_dead(host, boot_id, pid, start):
+    """True only if the lease holder is provably dead: same host, and gone."""
+    if host != this_host():
+        return False
+    if boot_id and this_boot_id() and boot_id != this_boot_id():
+        return True
+    return not process_alive(pid, start)
+
+
+def kill_process_group(pgid, leader_start, sig):
+    """Send `sig` to process group `pgid`, unless its pid now names another process.
+
+    A pid stays reserved while it is some group's id, so if the leader is gone
+    the group's remaining members are still ours; if a process with that pid
+    exists with a different start time, the group is gone and the pid reused.
+    """
+    if pgid is None or pgid <= 1:
+        return False
+    if leader_start is not None:
+        start = process_start(pgid)
+        if start is not None and start != leader_start:
+            return False
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def printable(value):
+    """Text safe for a terminal: control characters are shown escaped."""
+    s = "" if value is None else str(value)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+###############################################################################
+# Store #######################################################################
+###############################################################################
+
+def _json_dumps(value):
+    import json
+    return json.dumps(value)
+
+
+def _json_loads(text):
+    import json
+    return json.loads(text)
+
+
+class Store:
+    """All access to the SQLite file. Every state change is one transaction.
+
+    `durable=True` (the CLI) commits with synchronous=FULL, so an acknowledged
+    enqueue survives a power cut; workers use NORMAL: losing a worker's last
+    transition to a power cut only replays a run, which at-least-once allows.
+    """
+
+    def __init__(self, path, durable=True, busy_timeout=BUSY_TIMEOUT_SECONDS):
+        self.path = path
+        self.conn = None
+        self._open(durable, busy_timeout)
+
+    # -- connection and schema ------------------------------------------------
+
+    def _open(self, durable, busy_timeout):
+        path = self.path
+        if path != ":memory:":
+            if os.path.isdir(path):
+                raise StoreError("cannot open database %s: it is a directory" % path)
+            parent = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+                # Create the file ourselves so that it is private (0600).
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            except OSError as e:
+                raise StoreError("cannot open database %s: %s" % (path, e.strerror or e))
+        try:
+            self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                                        check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StoreError("cannot open database %s: %s" % (path, e))
+        self.conn.row_factory = sqlite3.Row
+        try:
+            self._execute("PRAGMA synchronous = %s" % ("FULL" if durable else "NORMAL"))
+            version = self._one("PRAGMA user_version")[0]
+            if version != SCHEMA_VERSION:
+                self._migrate(version)
+        except BaseException:
+            self.close()
+            raise
+
+    def _migrate(self, version):
+        """Create or upgrade the schema, in one transaction.
+
+        Two processes may start at once on a new file: BEGIN IMMEDIATE makes
+        the second wait, and it re-reads the version inside its transaction.
+        """
+        if version > SCHEMA_VERSION:
+            raise StoreError("database %s was written by a newer queuectl (schema %d, this is %d); "
+                             "upgrade queuectl" % (self.path, version, SCHEMA_VERSION))
+        # journal_mode cannot change inside a transaction; WAL is persistent.
+        mode = self._one("PRAGMA journal_mode = WAL")[0]
+        if mode != "wal" and self.path != ":memory:":
+            raise StoreError("cannot put database %s in WAL mode (journal mode is %s)" % (self.path, mode))
+        with self.transaction():
+            version = self._one("PRAGMA user_version")[0]
+            if version == 0:
+                tables = self._all("SELECT name FROM sqlite_master WHERE type = 'table'")
+                if tables:
+                    raise StoreError("%s is not a queuectl database (it has other tables)" % self.path)
+                self._script(SCHEMA)
+            else:
+                while version < SCHEMA_VERSION:
+                    self._script(MIGRATIONS[version])
+                    version += 1
+            self._execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+
+    def _script(self, script):
+        # executescript() would COMMIT first; run the statements one by one
+        # inside our transaction instead.
+        statement = ""
+        for line in script.splitlines(keepends=True):
+            statement += line
+            if sqlite3.complete_statement(statement):
+                self._execute(statement)
+                statement = ""
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _execute(self, sql, params=()):
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.Error as e:
+            raise self._error(e)
+
+    def _all(self, sql, params=()):
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise self._error(e)
+
+    def _one(self, sql, params=()):
+        rows = self._all(sql, params)
+        return rows[0] if rows else None
+
+    def _error(self, e):
+        msg = str(e)
+        if "locked" in msg or "busy" in msg:
+            return StoreError("database %s is locked: another process has held it for more than %gs; "
+                              "try again" % (self.path, BUSY_TIMEOUT_SECONDS))
+        if isinstance(e, sqlite3.DatabaseError) and "not a database" in msg:
+            return StoreError("%s is not a queuectl database (file is not a database)" % self.path)
+        if "readonly" in msg or "read-only" in msg:
+            return StoreError("cannot write database %s: it is read-only" % self.path)
+        if "unable to open" in msg:
+            return StoreError("cannot open database %s: %s" % (self.path, msg))
+        return StoreError("database %s: %s" % (self.path, msg))
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any exception.
+
+        IMMEDIATE takes the write lock up front, so a transaction never fails
+        half-way with "database is locked": it waits (busy timeout) at BEGIN.
+        """
+        self._execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+
+    def data_version(self):
+        """A number that changes whenever another connection commits."""
+        return self._one("PRAGMA data_version")[0]
+
+    # -- config ----------------------------------------------------------------
+
+    def config(self):
+        """All configuration values, defaults filled in."""
+        values = dict(CONFIG_DEFAULTS)
+        for row in self._all("SELECT key, value FROM config"):
+            if row["key"] in values:
+                values[row["key"]] = _json_loads(row["value"])
+        return values
+
+    def set_config(self, key, value):
+        with self.transaction():
+            self._execute("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
+                          (key, _json_dumps(value)))
+
+    # -- enqueue ---------------------------------------------------------------
+
+    def enqueue(self, jobs, now=None):
+        """Insert jobs (dicts from `validate_job`); all or none. Returns their ids.
+
+        Fields left out take the configured defaults. A user-supplied id that
+        exists already is an error; a generated id that collides (two processes
+        in the same millisecond drew the same counter) is drawn again.
+        """
+        now = time.time() if now is None else now
+        for _ in range(5):
+            try:
+                return self._enqueue(jobs, now)
+            except sqlite3.IntegrityError:
+                continue
+        raise QueueError("could not generate unique job ids; please retry")
+
+    def _enqueue(self, jobs, now):
+        with self.transaction():
+            config = self.config()
+            given = [job["id"] for job in jobs if job.get("id") is not None]
+            if len(set(given)) != len(given):
+                seen = set()
+                dup = next(i for i in given if i in seen or seen.add(i))
+                raise QueueError("job %r appears twice in the input" % dup)
+            for i in range(0, len(given), 500):
+                chunk = given[i:i + 500]
+                rows = self._all("SELECT id FROM jobs WHERE id IN (%s)" % ",".join("?" * len(chunk)),
+                                 chunk)
+                if rows:
+                    raise QueueError("job %r already exists" % rows[0]["id"])
+            rows = []
+            for job in jobs:
+                max_retries = job.get("max_retries")
+                rows.append((
+                    job.get("id") or new_job_id(),
+                    job["command"],
+                    job["cwd"],
+                    job.get("priority", 0),
+                    config["max_retries"] if max_retries is None else max_retries,
+                    job.get("timeout", config["timeout"]),
+                    job.get("run_at", now),
+                    now,
+                    now,
+                ))
+            try:
+                self.conn.executemany("""
+                    INSERT INTO jobs (id, command, cwd, state, priority, max_retries, timeout,
+                                      run_at, created_at, updated_at)
+                    VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)""", rows)
+            except sqlite3.IntegrityError:
+                raise       # a generated id collided: enqueue() rolls back and retries
+            except sqlite3.Error as e:
+                raise self._error(e)
+        return [row[0] for row in rows]
+
+    # -- claim, heartbeat, finish ------------------------------------------------
+
+    def has_due(self, now):
+        """Cheap read-only check (no lock taken): is any job due?"""
+        return self._one("""
+            SELECT 1 FROM jobs
+            WHERE state IN ('pending', 'failed') AND run_at <= ?
+            LIMIT 1""", (now,)) is not None
+
+    def claim(self, worker_id, now=None, lease=LEASE_SECONDS):
+        """Atomically take the next due job for `worker_id`, or return None.
+
+        Inside one BEGIN IMMEDIATE transaction: pick the due job with the
+        highest priority, then the earliest due time, then enqueue order; mark
+        it processing under a lease; count the attempt; open its run record.
+        Returns the job as a dict with the new run number under 'run'.
+        """
+        now = time.time() if now is None else now
+        with self.transaction():
+            job = self._one("""
+                SELECT * FROM jobs
+                WHERE state IN ('pending', 'failed') AND run_at <= ?
+                ORDER BY priority DESC, run_at, seq
+                LIMIT 1""", (now,))
+            if job is None:
+                return None
+            job = dict(job)
+            job["attempts"] += 1
+            job["run"] = self._one("SELECT COALESCE(MAX(run), 0) + 1 FROM runs WHERE job_id = ?",
+                                   (job["id"],))[0]
+            self._execute("""
+                UPDATE jobs
+                SET state = 'processing', attempts = ?, worker_id = ?, lease_until = ?, updated_at = ?
+                WHERE seq = ?""", (job["attempts"], worker_id, now + lease, now, job["seq"]))
+            self._execute("""
+                INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
+                VALUES (?, ?, ?, ?, ?)""", (job["id"], job["run"], job["attempts"], worker_id, now))
+            self._execute("UPDATE workers SET job_id = ? WHERE id = ?", (job["id"], worker_id))
+        job["state"] = "processing"
+        return job
+
+    def set_run_process(self, job_id, run, pgid, pgid_start):
+        """Record the process group of a run, so a reclaim can kill leftovers."""
+        with self.transaction():
+            self._execute("UPDATE runs SET pgid = ?, pgid_start = ? WHERE job_id = ? AND run = ?",
+                          (pgid, pgid_start, job_id, run))
+
+    def heartbeat(self, worker_id, job_id=None, now=None, lease=LEASE_SECONDS):
+        """Renew the worker's liveness and its job's lease, in one transaction.
+
+        Returns (stop_requested, cancel_requested, lease_held).
+        """
+        now = time.time() if now is None else now
+        with self.transaction():
+            cur = self._execute("UPDATE workers SET heartbeat_at = ?, job_id = ? WHERE id = ?",
+                                (now, job_id, worker_id))
+            if cur.rowcount == 0:
+                # Our row was removed (e.g. we were suspended and taken for dead).
+                self._register(worker_id, now, job_id)
+            stop = self._one("SELECT stop_requested FROM workers WHERE id = ?", (worker_id,))[0]
+            cancel, held = False, True
+            if job_id is not None:
+                cur = self._execute("""
+                    UPDATE jobs SET lease_until = ?
+                    WHERE id = ? AND worker_id = ? AND state = 'processing'""",
+                                    (now + lease, job_id, worker_id))
+                held = cur.rowcount == 1
+                if held:
+                    cancel = bool(self._one("SELECT cancel_requested FROM jobs WHERE id = ?",
+                                            (job_id,))[0])
+        return bool(stop), cancel, held
+
+    def _settle(self, job, run, outcome, exit_code, ok, now, stdout=None, stderr=None,
+                interrupted=False):
+        """Move a processing job on after a run; the caller holds the transaction.
+
+        ok -> completed; interrupted -> pending with the attempt given back;
+        cancelled -> dead; otherwise failed with backoff, or dead when the
+        job has used max_retries + 1 runs.
+        """
+        if ok:
+            state, run_at = "completed", job["run_at"]
+        elif interrupted:
+            state, run_at = "pending", job["run_at"]
+        elif outcome == "cancelled" or job["attempts"] > job["max_retries"]:
+            state, run_at = "dead", job["run_at"]
+        else:
+            config = self.config()
+            state = "failed"
+            run_at = now + backoff_delay(job["attempts"], config["backoff_base"], config["backoff_max"])
+        self._execute("""
+            UPDATE jobs
+            SET state = ?, run_at = ?, attempts = attempts - ?, exit_code = ?, outcome = ?,
+                worker_id = NULL, lease_until = NULL, cancel_requested = 0, updated_at = ?
+            WHERE id = ?""", (state, run_at, 1 if interrupted else 0, exit_code, outcome, now, job["id"]))
+        self._execute("""
+            UPDATE runs
+            SET finished_at = ?, exit_code = ?, outcome = ?, result_state = ?, stdout = ?, stderr = ?
+            WHERE job_id = ? AND run = ?""",
+                      (now, exit_code, outcome, state, stdout, stderr, job["id"], run))
+        return state, run_at
+
+    def finish(self, job_id, run, worker_id, result, now=None, interrupted=False):
+        """Record a run's result and move the job on, if `worker_id` still holds it.
+
+        Returns (state, run_at), or None when the lease was lost (the job was
+        reclaimed meanwhile): then only the run's own record is completed.
+        """
+        now = time.time() if now is None else now
+        with self.transaction():
+            job = self._one("""
+                SELECT * FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ?""",
+                            (job_id, worker_id))
+            self._execute("UPDATE workers SET job_id = NULL WHERE id = ?", (worker_id,))
+            if job is None:
+                self._execute("""
+                    UPDATE runs SET finished_at = ?, exit_code = ?, outcome = ?, stdout = ?, stderr = ?
+                    WHERE job_id = ? AND run = ?""",
+                              (now, result.exit_code, result.outcome, result.stdout, result.stderr,
+                               job_id, run))
+                return None
+            outcome = "cancelled" if job["cancel_requested"] and not result.ok else result.outcome
+            return self._settle(job, run, outcome, result.exit_code, result.ok, now,
+                                result.stdout, result.stderr, interrupted=interrupted)
+
+    # -- workers and reclaiming lost jobs ---------------------------------------
+
+    def _register(self, worker_id, now, job_id=None):
+        host, pid, start = worker_id.rsplit(":", 2)
+        self._execute("""
+            INSERT OR REPLACE INTO workers (id, host, boot_id, pid, pid_start, started_at,
+                                            heartbeat_at, job_id)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                      (worker_id, host, this_boot_id(), int(pid), int(start) if start != "-" else None,
+                       now, now, job_id))
+
+    def register_worker(self, worker_id, now=None):
+        with self.transaction():
+            self._register(worker_id, time.time() if now is None else now)
+
+    def unregister_worker(self, worker_id):
+        with self.transaction():
+            self._execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def workers(self):
+        return [dict(r) for r in self._all("SELECT * FROM workers ORDER BY started_at, pid")]
+
+    def request_stop(self):
+        """Ask every registered worker to finish its job and exit. Returns their rows."""
+        with self.transaction():
+            self._execute("UPDATE workers SET stop_requested = 1")
+            return [dict(r) for r in self._all("SELECT * FROM workers")]
+
+    def forget_workers(self, worker_ids):
+        with self.transaction():
+            for wid in worker_ids:
+                self._execute("DELETE FROM workers WHERE id = ?", (wid,))
+
+    def leases(self):
+        """Processing jobs with their lease, run and holder (holder fields None if unregistered)."""
+        return [dict(r) for r in self._all("""
+            SELECT j.id, j.worker_id, j.lease_until, r.run, r.pgid, r.pgid_start,
+                   w.host, w.boot_id, w.pid, w.pid_start, w.heartbeat_at
+            FROM jobs j
+            LEFT JOIN runs r ON r.job_id = j.id
+                AND r.run = (SELECT MAX(run) FROM runs WHERE job_id = j.id)
+            LEFT JOIN workers w ON w.id = j.worker_id
+            WHERE j.state = 'processing'""")]
+
+    def reclaim(self, job_id, worker_id, run, holder_dead, now=None):
+        """Take back a job whose worker died or whose lease expired: the lost
+        run counts as a failed attempt. Returns (state, run_at) or None if the
+        job was not (or no longer) claimable this way.
+        """
+        now = time.time() if now is None else now
+        with self.transaction():
+            job = self._one("""
+                SELECT * FROM jobs
+                WHERE id = ? AND state = 'processing' AND worker_id = ? AND (? OR lease_until <= ?)""",
+                            (job_id, worker_id, 1 if holder_dead else 0, now))
+            if job is None:
+                return None
+            return self._settle(dict(job), run, "worker lost", None, False, now)
+
+    # -- reads -----------------------------------------------------------------
+
+    def get(self, job_id):
+        row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if row is None:
+            raise JobNotFound(job_id)
+        return dict(row)
+
+    def runs(self, job_id):
+        return [dict(r) for r in self._all("""
+            SELECT job_id, run, attempt, worker_id, started_at, finished_at, exit_code, outcome,
+                   result_state, length(stdout) AS stdout_bytes, length(stderr) AS stderr_bytes
+            FROM runs WHERE job_id = ? ORDER BY run""", (job_id,))]
+
+    def run_output(self, job_id, run=None):
+        """(run, stdout, stderr) of the given or the last run, or None if it never ran."""
+        if run is None:
+            row = self._one("""
+                SELECT run, stdout, stderr FROM runs WHERE job_id = ? ORDER BY run DESC LIMIT 1""",
+                            (job_id,))
+        else:
+            row = self._one("SELECT run, stdout, stderr FROM runs WHERE job_id = ? AND run = ?",
+                            (job_id, run))
+        return None if row is None else (row[0], bytes(row[1] or b""), bytes(row[2] or b""))
+
+    def list_jobs(self, state=None, limit=None):
+        """The most recently enqueued jobs (all, or in one state), oldest first."""
+        limit = -1 if limit is None else limit
+        if state is None:
+            rows = self._all("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
+        else:
+            rows = self._all("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?",
+                             (state, limit))
+        return [dict(r) for r in reversed(rows)]
+
+    def counts(self):
+        counts = {s: 0 for s in STATES}
+        for row in self._all("SELECT state, n FROM counts"):
+            counts[row["state"]] = row["n"]
+        return counts
+
+    def states(self, job_ids):
+        """{id: (state, exit_code)} for the given ids that exist."""
+        out = {}
+        for i in range(0, len(job_ids), 500):
+            chunk = job_ids[i:i + 500]
+            for row in self._all("SELECT id, state, exit_code FROM jobs WHERE id IN (%s)"
+                                 % ",".join("?" * len(chunk)), chunk):
+                out[row["id"]] = (row["state"], row["exit_code"])
+        return out
+
+    def finished_runs(self, since):
+        """(finished_at, duration, result_state, outcome) of runs that ended after `since`."""
+        return self._all("""
+            SELECT finished_at, finished_at - started_at, result_state, outcome
+            FROM runs
+            WHERE finished_at >= ?""", (since,))
+
+    # -- changes requested by the user ------------------------------------------
+
+    def retry_dead(self, job_ids=None, now=None):
+        """Move dead jobs (the given ones, or all) back to pending, attempts 0, due now.
+        All or nothing: an id that is unknown or not dead changes nothing."""
+        now = time.time() if now is None else now
+        with self.transaction():
+            if job_ids is None:
+                job_ids = [r["id"] for r in self._all("SELECT id FROM jobs WHERE state = 'dead' ORDER BY seq")]
+            for job_id in job_ids:
+                row = self._one("SELECT state FROM jobs WHERE id = ?", (job_id,))
+                if row is None:
+                    raise JobNotFound(job_id)
+                if row["state"] != "dead":
+                    raise QueueError("job %r is not in the DLQ (it is %s)" % (job_id, row["state"]))
+                self._execute("""
+                    UPDATE jobs
+                    SET state = 'pending', attempts = 0, run_at = ?, exit_code = NULL, outcome = NULL,
+                        cancel_requested = 0, updated_at = ?
+                    WHERE id = ?""", (now, now, job_id))
+        return job_ids
+
+    def cancel(self, job_ids, now=None):
+        """Cancel jobs: waiting ones go to the DLQ now, running ones are asked to
+        stop (their worker kills them within a heartbeat). All or nothing.
+        Returns {id: 'dead' | 'cancelling'}."""
+        now = time.time() if now is None else now
+        result = {}
+        with self.transaction():
+            for job_id in job_ids:
+                row = self._one("SELECT state FROM jobs WHERE id = ?", (job_id,))
+                if row is None:
+                    raise JobNotFound(job_id)
+                state = row["state"]
+                if state in DUE_STATES:
+                    self._execute("""
+                        UPDATE jobs SET state = 'dead', outcome = 'cancelled', updated_at = ?
+                        WHERE id = ?""", (now, job_id))
+                    result[job_id] = "dead"
+                elif state == "processing":
+                    self._execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+                    result[job_id] = "cancelling"
+                else:
+                    raise QueueError("job %r cannot be cancelled: it is already %s" % (job_id, state))
+        return result
+
+
+###############################################################################
+# Job input validation ##########################################################
+###############################################################################
+
+JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout")
+_INT64 = 2 ** 63
+
+
+def _check_int(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("field %r must be an integer, not %s" % (name, _json_type(value)))
+    if not low <= value <= high:
+        raise ValueError("field %r must be between %d and %d, not %d" % (name, low, high, value))
+    return value
+
+
+def _json_type(value):
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def validate_job(obj, cwd, now):
+    """Check one job object from the user; return the dict Store.enqueue takes.
+
+    Raises ValueError with a message naming the field.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError("a job must be a JSON object, not %s" % _json_type(obj))
+    unknown = [k for k in obj if k not in JOB_FIELDS]
+    if unknown:
+        import difflib
+        hint = difflib.get_close_matches(unknown[0], JOB_FIELDS, 1)
+        raise ValueError("unknown field %r%s (valid: %s)" % (
+            unknown[0], " (did you mean %r?)" % hint[0] if hint else "", ", ".join(JOB_FIELDS)))
+    job = {"cwd": cwd}
+    command = obj.get("command")
+    if command is None:
+        raise ValueError("field 'command' is required")
+    if not isinstance(command, str):
+        raise ValueError("field 'command' must be a string, not %s" % _json_type(command))
+    if not command.strip():
+        raise ValueError("field 'command' must not be empty")
+    if "\0" in command:
+        raise ValueError("field 'command' must not contain NUL bytes")
+    job["command"] = command
+    if "id" in obj and obj["id"] is not None:
+        if not valid_job_id(obj["id"]):
+            raise ValueError("field 'id' must be 1-128 characters of letters, digits and ._:@+- "
+                             "(not starting with - or .), not %s" % (
+                                 repr(obj["id"])[:60] if isinstance(obj["id"], str) else _json_type(obj["id"])))
+        job["id"] = obj["id"]
+    if obj.get("max_retries") is not None:
+        job["max_retries"] = _check_int("max_retries", obj["max_retries"], 0, 1000000)
+    if obj.get("priority") is not None:
+        job["priority"] = _check_int("priority", obj["priority"], -_INT64, _INT64 - 1)
+    if obj.get("run_at") is not None and obj.get("delay") is not None:
+        raise ValueError("give either 'run_at' or 'delay', not both")
+    if obj.get("run_at") is not None:
+        try:
+            job["run_at"] = parse_time(obj["run_at"])
+        except ValueError as e:
+            raise ValueError("field 'run_at': %s" % e)
+    if obj.get("delay") is not None:
+        try:
+            job["run_at"] = now + parse_duration(obj["delay"])
+        except ValueError as e:
+            raise ValueError("field 'delay': %s" % e)
+    if "timeout" in obj:
+        if obj["timeout"] is None:
+            job["timeout"] = None
+        else:
+            try:
+                timeout = parse_duration(obj["timeout"])
+            except ValueError as e:
+                raise ValueError("field 'timeout': %s" % e)
+            if timeout <= 0:
+                raise ValueError("field 'timeout' must be positive (use null for no timeout)")
+            job["timeout"] = timeout
+    return job
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def _no_duplicate_keys(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError("field %r appears twice" % key)
+        obj[key] = value
+    return obj
+
+
+def parse_jobs_text(text):
+    """Jobs from a JSON object, a JSON array or JSON Lines: a list of (where, obj)."""
+    import json
+    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError("no jobs in input")
+
+    def decode(s, where):
+        try:
+            return decoder.decode(s)
+        except ValueError as e:
+            raise ValueError("%sinvalid JSON: %s" % (where, e))
+
+    if stripped.startswith("["):
+        items = decode(stripped, "")
+        if not items:
+            raise ValueError("no jobs in input (empty array)")
+        return [("item %d: " % (i + 1), item) for i, item in enumerate(items)]
+    try:
+        return [("", decoder.decode(stripped))]
+    except ValueError as e:
+        if "Extra data" not in str(e):
+            if "\n" not in stripped:
+                raise ValueError("invalid JSON: %s" % e)
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            out.append(("line %d: " % n, decode(line, "line %d: " % n)))
+    return out
+
+
+###############################################################################
+# Runner ######################################################################
+###############################################################################
+
+class RunResult:
+    """What one run of a command did."""
+
+    __slots__ = ("exit_code", "outcome", "ok", "stdout", "stderr", "duration")
+
+    def __init__(self, exit_code, outcome, stdout=b"", stderr=b"", duration=0.0):
+        self.exit_code = exit_code
+        self.outcome = outcome
+        self.ok = exit_code == 0 and outcome == "exit 0"
+        self.stdout = stdout
+        self.stderr = stderr
+        self.duration = duration
+
+
+class _Capture:
+    """Keeps the first and the last `limit // 2` bytes of a stream, in bounded memory."""
+
+    def __init__(self, limit):
+        self.half = max(limit // 2, 1)
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def feed(self, data):
+        self.total += len(data)
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > 2 * self.half:
+                del self.tail[:-self.half]
+
+    def value(self):
+        kept = len(self.head) + len(self.tail)
+        if kept >= self.total:
+            return bytes(self.head + self.tail)
+        tail = self.tail[-self.half:]
+        cut = self.total - len(self.head) - len(tail)
+        return bytes(self.head) + b"\n[... queuectl: %d bytes cut ...]\n" % cut + bytes(tail)
+
+
+def _exited(proc):
+    """Has the process exited? Where possible, without reaping it, so that its
+    pid (the group id) cannot be reused before we have killed the group."""
+    waitid = getattr(os, "waitid", None)
+    if waitid is None:
+        return proc.poll() is not None
+    try:
+        return waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def run_command(command, cwd=None, env=None, timeout=None, on_start=None, check=None,
+                limit=OUTPUT_LIMIT, grace=KILL_GRACE_SECONDS):
+    """Run `command` with /bin/sh -c in a new session (its own process group).
+
+    Output is read while the command runs, so no pipe fills up, and only the
+    head and tail of each stream are kept. On timeout the whole group gets
+    SIGTERM, then SIGKILL after `grace` seconds. `check()` is called about
+    ten times a second; if it returns a reason ('interrupted', 'cancelled',
+    'lease lost') the group is killed the same way (at once for
+    'interrupted'). When the shell exits, anything left in its group is killed.
+    Never touches the database.
+    """
+    import selectors
+    import signal
+    import subprocess
+
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=cwd, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as e:
+        where = " (cwd %s)" % cwd if cwd and not os.path.isdir(cwd) else ""
+        return RunResult(None, "error: %s%s" % (e.strerror or e, where))
+    leader_start = process_start(proc.pid)
+    if on_start is not None:
+        on_start(proc.pid, leader_start)
+    captures = {proc.stdout.fileno(): _Capture(limit), proc.stderr.fileno(): _Capture(limit)}
+    sel = selectors.DefaultSelector()
+    for f in (proc.stdout, proc.stderr):
+        sel.register(f.fileno(), selectors.EVENT_READ)
+    deadline = started + timeout if timeout else None
+    reason = None        # why we are killing the group, if we are
+    kill_at = None       # when SIGKILL follows the SIGTERM
+    exited_at = None
+
+    def kill(sig):
+        kill_process_group(proc.pid, leader_start, sig)
+
+    try:
+        while True:
+            now = time.monotonic()
+            if exited_at is None and _exited(proc):
+                exited_at = now
+            if exited_at is not None and (not sel.get_map() or now - exited_at > EXIT_GRACE_SECONDS):
+                break
+            if reason is None:
+                if deadline is not None and now >= deadline:
+                    reason = "timeout"
+                elif check is not None:
+                    reason = check()
+                if reason == "interrupted":
+                    kill(signal.SIGKILL)
+                elif reason is not None:
+                    kill(signal.SIGTERM)
+                    kill_at = now + grace
+            elif kill_at is not None and now >= kill_at:
+                kill(signal.SIGKILL)
+                kill_at = None
+            wait = 0.1
+            if deadline is not None and reason is None:
+                wait = max(0.0, min(wait, deadline - now))
+            if not sel.get_map():
+                time.sleep(min(wait, 0.01))
+                continue
+            for key, _ in sel.select(wait):
+                data = os.read(key.fd, 65536)
+                if data:
+                    captures[key.fd].feed(data)
+                else:
+                    sel.unregister(key.fd)
+        # The shell has exited (not yet reaped): take down whatever it left.
+        kill(signal.SIGKILL)
+    finally:
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+        returncode = proc.wait()
+    duration = time.monotonic() - started
+    out = [captures[f].value() for f in sorted(captures)]
+    if reason is not None:
+        return RunResult(None, reason, out[0], out[1], duration)
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "signal %d" % -returncode
+        return RunResult(128 - returncode, "killed by %s" % name, out[0], out[1], duration)
+    outcome = "exit %d" % returncode
+    if returncode == 127:
+        outcome += " (command not found)"
+    elif returncode == 126:
+        outcome += " (not executable)"
+    return RunResult(returncode, outcome, out[0], out[1], duration)
+
+
+###############################################################################
+# Worker ######################################################################
+###############################################################################
+
+def _log(message):
+    """One line on stderr, written at once so lines of several workers don't mix."""
+    line = "%s %s\n" % (time.strftime("%H:%M:%S"), printable(message))
+    try:
+        os.write(2, line.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+class Worker:
+    """Claims due jobs one at a time, runs them and records the result.
+
+    `stop_level` is raised by signal handlers (they only set it): 1 means
+    finish the current job and exit, 2 means kill it, put it back and exit.
+    """
+
+    def __init__(self, db_path, name="w1", once=False, log=_log):
+        self.db_path = db_path
+        self.name = name
+        self.once = once
+        self.log = log
+        self.stop_level = 0
+        pid = os.getpid()
+        start = process_start(pid)
+        self.id = "%s:%d:%s" % (this_host(), pid, "-" if start is None else start)
+        self.store = None
+        self._next_heartbeat = 0.0
+        self._next_reclaim = 0.0
+
+    def run(self):
+        """Work until asked to stop (or, with once, until nothing is due). Returns an exit code."""
+        self.store = Store(self.db_path, durable=False)
+        try:
+            self.store.register_worker(self.id)
+            self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
+            self.reclaim_lost()
+            while self.stop_level == 0:
+                job = self.store.claim(self.id)
+                if job is not None:
+                    self.process(job)
+                elif self.once:
+                    break
+                else:
+                    self.idle()
+            return EXIT_INTERRUPTED if self.stop_level >= 2 else EXIT_OK
+        finally:
+            try:
+                self.store.unregister_worker(self.id)
+            finally:
+                self.store.close()
+
+    def housekeeping(self, job_id=None):
+        """Heartbeat (and every few beats, reclaim lost jobs) when due. Returns
+        (cancel_requested, lease_held) for the current job."""
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return False, True
+        self._next_heartbeat = now + HEARTBEAT_SECONDS
+        stop, cancel, held = self.store.heartbeat(self.id, job_id)
+        if stop and self.stop_level == 0:
+            self.log("%s stop requested" % self.name)
+            self.stop_level = 1
+        if job_id is None:
+            self.reclaim_lost()
+        return cancel, held
+
+    def idle(self):
+        """Wait until something may be due: another connection committed, the
+        periodic re-check is due, or we are asked to stop."""
+        version = self.store.data_version()
+        until = time.monotonic() + IDLE_CLAIM_SECONDS
+        while self.stop_level == 0 and time.monotonic() < until:
+            time.sleep(IDLE_POLL_SECONDS)
+            if self.store.data_version() != version:
+                if self.store.has_due(time.time()):
+                    return
+                version = self.store.data_version()
+            self.housekeeping()
+
+    def reclaim_lost(self):
+        """Take back jobs whose worker is provably dead (at once) or whose lease
+        has expired; kill what is left of their commands on this host."""
+        now = time.time()
+        for lease in self.store.leases():
+            if lease["worker_id"] == self.id:
+                continue
+            if lease["host"] is None:
+                dead = True     # holder unregistered: it exited or was removed as dead
+            else:
+                dead = holder_is_dead(lease["host"], lease["boot_id"], lease["pid"], lease["pid_start"])
+            if not dead and (lease["lease_until"] or 0) > now:
+                continue
+            host = lease["host"] or lease["worker_id"].rsplit(":", 2)[0]
+            if host == this_host() and lease["pgid"]:
+                import signal
+                kill_process_group(lease["pgid"], lease["pgid_start"], signal.SIGKILL)
+            result = self.store.reclaim(lease["id"], lease["worker_id"], lease["run"], dead, now)
+            if result is not None:
+                self.log("%s %s worker lost (%s)%s" % (
+                    self.name, lease["id"], lease["worker_id"], self._next_step(result)))
+            if dead and lease["host"] is not None:
+                self.store.forget_workers([lease["worker_id"]])
+
+    def _check(self, job):
+        """Called by the runner while the command runs: stop, cancel or carry on."""
+        if self.stop_level >= 2:
+            return "interrupted"
+        cancel, held = self.housekeeping(job["id"])
+        if not held:
+            return "lease lost"
+        if cancel:
+            return "cancelled"
+        return None
+
+    def _environ(self, job):
+        env = dict(os.environ)
+        env["QUEUECTL_JOB_ID"] = job["id"]
+        env["QUEUECTL_ATTEMPT"] = str(job["attempts"])
+        env["QUEUECTL_DB"] = os.path.abspath(self.db_path)
+        return env
+
+    def process(self, job):
+        self.log("%s %s claimed (attempt %d/%d): %s" % (
+            self.name, job["id"], job["attempts"], job["max_retries"] + 1, job["command"]))
+
+        def on_start(pgid, pgid_start):
+            self.store.set_run_process(job["id"], job["run"], pgid, pgid_start)
+
+        result = run_command(job["command"], cwd=job["cwd"], env=self._environ(job),
+                             timeout=job["timeout"], on_start=on_start,
+                             check=lambda: self._check(job))
+        interrupted = result.outcome == "interrupted"
+        settled = self.store.finish(job["id"], job["run"], self.id, result, interrupted=interrupted)
+        if settled is None:
+            self.log("%s %s lease lost: another worker took the job back (%s)" % (
+                self.name, job["id"], result.outcome))
+        elif settled[0] == "completed":
+            self.log("%s %s completed in %s" % (self.name, job["id"], format_seconds(result.duration)))
+        elif interrupted:
+            self.log("%s %s interrupted, back to pending" % (self.name, job["id"]))
+        else:
+            self.log("%s %s %s%s" % (self.name, job["id"], result.outcome, self._next_step(settled)))
+
+    @staticmethod
+    def _next_step(settled):
+        state, run_at = settled
+        if state == "failed":
+            return ", retry at %s" % time.strftime("%H:%M:%S", time.localtime(run_at))
+        return ", %s" % state if state != "dead" else ", dead (moved to DLQ)"
+
+
+###############################################################################
+# Supervisor ##################################################################
+###############################################################################
+
+def _worker_main(db_path, name, once):
+    """Entry point of a worker process (module level, takes only plain values).
+
+    SIGINT is ignored: Ctrl-C reaches the whole terminal process group, and the
+    supervisor turns it into SIGUSR1 (graceful) or SIGUSR2 (hard). A SIGTERM
+    sent straight to a worker counts like one more stop request.
+    """
+    import signal
+    worker = Worker(db_path, name=name, once=once)
+
+    def graceful(signum, frame):
+        worker.stop_level = max(worker.stop_level, 1)
+
+    def hard(signum, frame):
+        worker.stop_level = 2
+
+    def term(signum, frame):
+        worker.stop_level = min(worker.stop_level + 1, 2)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, graceful)
+    signal.signal(signal.SIGUSR2, hard)
+    signal.signal(signal.SIGTERM, term)
+    try:
+        code = worker.run()
+    except QueueError as e:
+        _log("%s error: %s" % (name, e))
+        code = EXIT_ERROR
+    sys.stdout.flush()
+    os._exit(code)
+
+
+class Supervisor:
+    """Runs N worker processes in the foreground and restarts those that die.
+
+    First SIGINT/SIGTERM: stop claiming, let running jobs finish, exit 0.
+    Second: kill running jobs, put them back to pending, exit 130. With
+    `once`, workers exit when nothing is due and the supervisor follows.
+    """
+
+    def __init__(self, db_path, count=1, once=False, log=_log):
+        self.db_path = db_path
+        self.count = count
+        self.once = once
+        self.log = log
+        self.stop_level = 0
+        self.workers = {}       # name -> Process
+
+    def _start(self, ctx, name):
+        proc = ctx.Process(target=_worker_main, args=(self.db_path, name, self.once), name=name)
+        proc.daemon = False
+        proc.start()
+        proc.started_at = time.monotonic()
+        self.workers[name] = proc
+
+    def _signal_workers(self, sig):
+        for proc in self.workers.values():
+            if proc.is_alive():
+                try:
+                    os.kill(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def run(self):
+        import multiprocessing
+        import multiprocessing.connection
+        import signal
+
+        ctx = multiprocessing.get_context()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signalled = []
+
+        def on_signal(signum, frame):
+            signalled.append(signum)
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        restarts = {}
+        try:
+            for i in range(self.count):
+                self._start(ctx, "w%d" % (i + 1))
+            self.log("started %d worker%s on %s%s" % (
+                self.count, "" if self.count == 1 else "s", self.db_path, " (once)" if self.once else ""))
+            while self.workers:
+                sentinels = {p.sentinel: name for name, p in self.workers.items()}
+                multiprocessing.connection.wait(list(sentinels) + [wake_r], timeout=1.0)
+                try:
+                    os.read(wake_r, 512)
+                except BlockingIOError:
+                    pass
+                while signalled:
+                    signalled.pop()
+                    self.stop_level = min(self.stop_level + 1, 2)
+                    if self.stop_level == 1:
+                        self.log("stopping: waiting for running jobs to finish (signal again to kill them)")
+                        self._signal_workers(signal.SIGUSR1)
+                    else:
+                        self.log("stopping now: killing running jobs and putting them back")
+                        self._signal_workers(signal.SIGUSR2)
+                for name, proc in list(self.workers.items()):
+                    if proc.is_alive():
+                        continue
+                    proc.join()
+                    del self.workers[name]
+                    code = proc.exitcode
+                    if code in (EXIT_OK, EXIT_INTERRUPTED) or self.stop_level:
+                        if code == EXIT_OK and not self.once and not self.stop_level:
+                            # A worker leaves on its own only when `worker stop` asked.
+                            self.stop_level = 1
+                            self._signal_workers(signal.SIGUSR1)
+                        continue
+                    how = "signal %d" % -code if code < 0 else "exit code %d" % code
+                    quick = time.monotonic() - proc.started_at < 1.0
+                    restarts[name] = restarts.get(name, 0) + 1 if quick else 0
+                    delay = min(2 ** restarts[name], 30) if quick else 0
+                    self.log("%s (pid %d) died (%s); restarting%s" % (
+                        name, proc.pid, how, " in %ds" % delay if delay else ""))
+                    if delay:
+                        time.sleep(delay)
+                    self._start(ctx, name)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            os.close(wake_r)
+            os.close(wake_w)
+        self.log("all workers stopped")
+        return EXIT_INTERRUPTED if self.stop_level >= 2 else EXIT_OK
+
+
+###############################################################################
+# Output ######################################################################
+###############################################################################
+
+def job_to_json(job):
+    """A job as the documented JSON object (times as ISO-8601 UTC)."""
+    return {
+        "id": job["id"],
+        "command": job["command"],
+        "state": job["state"],
+        "attempts": job["attempts"],
+        "max_retries": job["max_retries"],
+        "priority": job["priority"],
+        "run_at": format_time(job["run_at"]),
+        "timeout": job["timeout"],
+        "created_at": format_time(job["created_at"]),
+        "updated_at": format_time(job["updated_at"]),
+        "exit_code": job["exit_code"],
+        "outcome": job["outcome"],
+        "cwd": job["cwd"],
+        "worker": job["worker_id"],
+    }
+
+
+def run_to_json(run):
+    duration = None
+    if run["finished_at"] is not None:
+        duration = round(run["finished_at"] - run["started_at"], 6)
+    return {
+        "run": run["run"],
+        "attempt": run["attempt"],
+        "worker": run["worker_id"],
+        "started_at": format_time(run["started_at"]),
+        "finished_at": format_time(run["finished_at"]),
+        "duration": duration,
+        "exit_code": run["exit_code"],
+        "outcome": run["outcome"] or "running",
+        "stdout_bytes": run["stdout_bytes"] or 0,
+        "stderr_bytes": run["stderr_bytes"] or 0,
+    }
+
+
+def print_json(value):
+    import json
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def print_table(headers, rows):
+    """Columns aligned to their widest cell; control characters escaped."""
+    rows = [[printable(c) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    out = []
+    for row in [list(headers)] + rows:
+        line = "  ".join(c.ljust(w) for c, w in zip(row, widths))
+        out.append(line.rstrip())
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+def _attempts(job):
+    return "%d/%d" % (job["attempts"], job["max_retries"] + 1)
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+EPILOG = """\
+environment:
+  QUEUECTL_DB     database file (default: $XDG_DATA_HOME/queuectl/queue.db,
+                  i.e. ~/.local/share/queuectl/queue.db)
+
+exit codes: 0 ok, 1 error, 2 usage error, 124 timed out (wait, worker stop),
+130 interrupted; `wait` exits with the failed job's exit code.
+"""
+
+
+def _parser_class():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        """Usage errors become one line (UsageError), not usage text + exit."""
+
+        def error(self, message):
+            raise UsageError("%s: %s (see '%s --help')" % (self.prog, message, self.prog))
+
+    return argparse, Parser
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise _argtype_error("invalid integer %r" % text)
+    if value < 1:
+        raise _argtype_error("must be at least 1, not %d" % value)
+    return value
+
+
+def _nonneg_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise _argtype_error("invalid integer %r" % text)
+    if value < 0:
+        raise _argtype_error("must not be negative")
+    return value
+
+
+def _duration_arg(text):
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise _argtype_error(str(e))
+
+
+def _argtype_error(message):
+    import argparse
+    return argparse.ArgumentTypeError(message)
+
+
+def build_parser():
+    argparse, Parser = _parser_class()
+    common = Parser(add_help=False)
+    common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
+                        help="database file (default: $QUEUECTL_DB or ~/.local/share/queuectl/queue.db)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for errors")
+    json_opt = Parser(add_help=False)
+    json_opt.add_argument("--json", action="store_true", help="print JSON")
+
+    parser = Parser(prog="queuectl", description="A background job queue for shell commands, on SQLite.",
+                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    parents=[common])
+    parser.add_argument("--version", action="version", version="queuectl " + __version__)
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+
+    def add(subparsers, name, func, help, parents=(), **kw):
+        p = subparsers.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                                  parents=[common] + list(parents), epilog=EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        p.set_defaults(func=func)
+        return p
+
+    p = add(sub, "enqueue", cmd_enqueue, "add jobs: a JSON object, --file, or a command after --",
+            usage="queuectl enqueue [options] ('{\"command\": ...}' | --file PATH | -- COMMAND...)")
+    p.add_argument("job", nargs="*", metavar="JSON | COMMAND",
+                   help="a JSON job object, or (after --) the command to run")
+    p.add_argument("-f", "--file", metavar="PATH",
+                   help="read jobs from a file ('-' = stdin): a JSON object, array or JSON Lines")
+    p.add_argument("--id", help="the job's id (default: generated)")
+    p.add_argument("-p", "--priority", type=int, help="higher runs first (default 0)")
+    p.add_argument("-r", "--max-retries", type=_nonneg_int, metavar="N",
+                   help="retries after the first run (default: config max_retries)")
+    p.add_argument("-t", "--timeout", type=_duration_arg, metavar="DURATION",
+                   help="kill the job after this long (e.g. 60, 10m; default: config timeout)")
+    p.add_argument("--delay", type=_duration_arg, metavar="DURATION", help="run no earlier than this from now")
+    p.add_argument("--run-at", metavar="TIME", help="run no earlier than this ISO-8601 time (local if no offset)")
+
+    p = add(sub, "worker", None, "start or stop workers")
+    wsub = p.add_subparsers(dest="worker_cmd", metavar="ACTION")
+    wsub.required = True
+    w = add(wsub, "start", cmd_worker_start, "run workers in the foreground")
+    w.add_argument("-c", "--count", type=_positive_int, default=1, metavar="N",
+                   help="number of worker processes (default 1)")
+    w.add_argument("--once", action="store_true",
+                   help="process every job that is due now, then exit (for cron)")
+    w = add(wsub, "stop", cmd_worker_stop, "ask running workers to finish their jobs and exit")
+    w.add_argument("--timeout", type=_duration_arg, default=None, metavar="DURATION",
+                   help="give up waiting after this long (default: wait until they have stopped)")
+
+    add(sub, "status", cmd_status, "job counts per state and the active workers", parents=[json_opt])
+
+    p = add(sub, "list", cmd_list, "list jobs, most recent last", parents=[json_opt])
+    p.add_argument("-s", "--state", help="only jobs in this state (%s)" % ", ".join(STATES))
+    p.add_argument("-n", "--limit", type=_nonneg_int, default=100, metavar="N",
+                   help="show the N most recent (default 100; 0 = all)")
+
+    p = add(sub, "show", cmd_show, "every field of a job and its run history", parents=[json_opt])
+    p.add_argument("id")
+
+    p = add(sub, "logs", cmd_logs, "captured stdout (to stdout) and stderr (to stderr) of a run")
+    p.add_argument("id")
+    p.add_argument("-a", "--attempt", type=_positive_int, metavar="N",
+                   help="the Nth run as numbered by 'show' (default: the last)")
+
+    p = add(sub, "wait", cmd_wait, "wait until jobs are completed or dead; exit with the failure's code")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("--timeout", type=_duration_arg, default=None, metavar="DURATION",
+                   help="give up after this long (exit 124)")
+
+    p = add(sub, "cancel", cmd_cancel, "cancel jobs: waiting ones go to the DLQ, running ones are killed")
+    p.add_argument("ids", nargs="+", metavar="ID")
+
+    p = add(sub, "dlq", None, "the dead letter queue: list or retry dead jobs")
+    dsub = p.add_subparsers(dest="dlq_cmd", metavar="ACTION")
+    dsub.required = True
+    add(dsub, "list", cmd_dlq_list, "list dead jobs", parents=[json_opt])
+    d = add(dsub, "retry", cmd_dlq_retry, "move dead jobs back to pending (attempts reset, due now)")
+    d.add_argument("ids", nargs="*", metavar="ID")
+    d.add_argument("--all", action="store_true", help="retry every dead job")
+
+    p = add(sub, "config", None, "get or set configuration (stored in the database)")
+    csub = p.add_subparsers(dest="config_cmd", metavar="ACTION")
+    csub.required = True
+    c = add(csub, "set", cmd_config_set, "set a configuration value")
+    c.add_argument("key")
+    c.add_argument("value")
+    c = add(csub, "get", cmd_config_get, "print a configuration value")
+    c.add_argument("key")
+    add(csub, "list", cmd_config_list, "print every configuration value", parents=[json_opt])
+
+    add(sub, "stats", cmd_stats, "what happened over the last hour and day", parents=[json_opt])
+    return parser
+
+
+def _open_store(args):
+    return Store(getattr(args, "db", None) or default_db_path())
+
+
+def _read_input(path):
+    if path == "-":
+        data = sys.stdin.buffer.read()
+        name = "stdin"
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise QueueError("cannot read %s: %s" % (path, e.strerror or e))
+        name = path
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise QueueError("%s: invalid UTF-8 at byte %d" % (name, e.start))
+
+
+def cmd_enqueue(args):
+    now = time.time()
+    try:
+        cwd = os.getcwd()
+    except OSError as e:
+        raise QueueError("cannot read the current directory: %s" % (e.strerror or e))
+    flags = {}
+    for name in ("id", "priority", "max_retries", "timeout", "delay", "run_at"):
+        value = getattr(args, name)
+        if value is not None:
+            flags[name] = value
+    if args.file is not None:
+        if args.job:
+            raise UsageError("give jobs either with --file or as an argument, not both")
+        where_objs = _parse_or_fail(_read_input(args.file))
+    elif args.command_form:
+        if not args.job:
+            raise UsageError("no command after --")
+        command = args.job[0] if len(args.job) == 1 else _shlex_join(args.job)
+        where_objs = [("", {"command": command})]
+    else:
+        if len(args.job) != 1:
+            raise UsageError("expected one JSON job object (to enqueue a command, put it after --: "
+                             "queuectl enqueue -- COMMAND)")
+        where_objs = _parse_or_fail(args.job[0])
+    jobs = []
+    for where, obj in where_objs:
+        if isinstance(obj, dict) and flags:
+            obj = dict(flags, **obj)     # flags are defaults for fields the JSON leaves out
+        try:
+            jobs.append(validate_job(obj, cwd, now))
+        except ValueError as e:
+            raise QueueError("%s%s" % (where, e))
+    if len(jobs) > 1 and "id" in flags:
+        raise UsageError("--id cannot be used with several jobs")
+    with _open_store(args) as store:
+        ids = store.enqueue(jobs, now=now)
+    sys.stdout.write("".join(i + "\n" for i in ids))
+    return EXIT_OK
+
+
+def _shlex_join(words):
+    import shlex
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _parse_or_fail(text):
+    try:
+        return parse_jobs_text(text)
+    except ValueError as e:
+        raise QueueError(str(e))
+    except RecursionError:
+        raise QueueError("invalid JSON: nested too deeply")
+
+
+def cmd_worker_start(args):
+    db_path = getattr(args, "db", None) or default_db_path()
+    # Open once here so that a bad path or a newer schema is one clear error,
+    # before any process starts; the connection is closed before forking.
+    Store(db_path).close()
+    return Supervisor(db_path, count=args.count, once=args.once).run()
+
+
+def cmd_worker_stop(args):
+    with _open_store(args) as store:
+        targets = store.request_stop()
+        gone = [w["id"] for w in targets
+                if holder_is_dead(w["host"], w["boot_id"], w["pid"], w["pid_start"])]
+        if gone:
+            store.forget_workers(gone)
+        waiting = {w["id"]: w for w in targets if w["id"] not in gone}
+        if not waiting:
+            _err("no workers running")
+            return EXIT_OK
+        _err("asked %d worker%s to stop; waiting for running jobs to finish"
+             % (len(waiting), "" if len(waiting) == 1 else "s"))
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        while True:
+            alive = {w["id"] for w in store.workers()}
+            remaining = [w for wid, w in waiting.items() if wid in alive]
+            if not remaining:
+                _err("stopped %d worker%s" % (len(waiting), "" if len(waiting) == 1 else "s"))
+                return EXIT_OK
+            if deadline is not None and time.monotonic() >= deadline:
+                _err("timed out: %d worker%s still running (pid %s)" % (
+                    len(remaining), "" if len(remaining) == 1 else "s",
+                    ", ".join(str(w["pid"]) for w in remaining)))
+                return EXIT_TIMEOUT
+            time.sleep(0.1)
+
+
+def _err(message):
+    sys.stderr.write("queuectl: %s\n" % message)
+
+
+def cmd_status(args):
+    with _open_store(args) as store:
+        counts = store.counts()
+        workers = store.workers()
+    now = time.time()
+    for w in workers:
+        w["alive"] = not holder_is_dead(w["host"], w["boot_id"], w["pid"], w["pid_start"]) and \
+            now - w["heartbeat_at"] < LEASE_SECONDS
+    if args.json:
+        print_json({
+            "counts": counts,
+            "workers": [{"id": w["id"], "host": w["host"], "pid": w["pid"],
+                         "started_at": format_time(w["started_at"]),
+                         "heartbeat_at": format_time(w["heartbeat_at"]),
+                         "job": w["job_id"], "alive": w["alive"],
+                         "stopping": bool(w["stop_requested"])} for w in workers],
+        })
+        return EXIT_OK
+    print_table(("STATE", "JOBS"), [(s, counts[s]) for s in STATES])
+    sys.stdout.write("\n")
+    if not workers:
+        sys.stdout.write("no active workers\n")
+        return EXIT_OK
+    rows = []
+    for w in workers:
+        note = "" if w["alive"] else " (lost)"
+        if w["stop_requested"] and w["alive"]:
+            note = " (stopping)"
+        rows.append((w["pid"], w["host"], format_local(w["started_at"]), w["job_id"] or "-",
+                     "%.0fs ago%s" % (max(0, now - w["heartbeat_at"]), note)))
+    print_table(("PID", "HOST", "STARTED", "JOB", "HEARTBEAT"), rows)
+    return EXIT_OK
+
+
+def _check_state(state):
+    if state is not None and state not in STATES:
+        raise QueueError("unknown state %r (valid: %s)" % (state, ", ".join(STATES)))
+
+
+def _print_jobs(jobs, as_json, dlq=False):
+    if as_json:
+        print_json([job_to_json(j) for j in jobs])
+        return
+    if not jobs:
+        _err("no jobs")
+        return
+    if dlq:
+        rows = [(j["id"], _attempts(j), j["outcome"] or "-", format_local(j["updated_at"]), j["command"])
+                for j in jobs]
+        print_table(("ID", "ATTEMPTS", "LAST OUTCOME", "DIED", "COMMAND"), rows)
+        return
+    rows = []
+    for j in jobs:
+        when = j["run_at"] if j["state"] in DUE_STATES else j["updated_at"]
+        rows.append((j["id"], j["state"], _attempts(j), j["priority"], format_local(when),
+                     "-" if j["exit_code"] is None else j["exit_code"], j["command"]))
+    print_table(("ID", "STATE", "ATTEMPTS", "PRI", "RUN AT / UPDATED", "EXIT", "COMMAND"), rows)
+
+
+def cmd_list(args):
+    _check_state(args.state)
+    with _open_store(args) as store:
+        jobs = store.list_jobs(args.state, args.limit or None)
+    _print_jobs(jobs, args.json)
+    return EXIT_OK
+
+
+def cmd_show(args):
+    with _open_store(args) as store:
+        job = store.get(args.id)
+        runs = store.runs(args.id)
+    data = job_to_json(job)
+    data["runs"] = [run_to_json(r) for r in runs]
+    if args.json:
+        print_json(data)
+        return EXIT_OK
+    fields = [("id", job["id"]), ("command", job["command"]), ("state", job["state"]),
+              ("attempts", _attempts(job)), ("priority", job["priority"]),
+              ("run at", format_local(job["run_at"])),
+              ("timeout", "-" if job["timeout"] is None else format_seconds(job["timeout"])),
+              ("created", format_local(job["created_at"])), ("updated", format_local(job["updated_at"])),
+              ("exit code", "-" if job["exit_code"] is None else job["exit_code"]),
+              ("outcome", job["outcome"] or "-"), ("cwd", job["cwd"])]
+    if job["worker_id"]:
+        fields.append(("worker", job["worker_id"]))
+    out = "".join("%-10s %s\n" % (k + ":", printable(v)) for k, v in fields)
+    sys.stdout.write(out + "\n")
+    if not runs:
+        sys.stdout.write("no runs yet\n")
+        return EXIT_OK
+    rows = [(r["run"], r["attempt"], format_local(run["started_at"]), format_seconds(r["duration"]),
+             "-" if r["exit_code"] is None else r["exit_code"], r["outcome"],
+             "%d/%d" % (r["stdout_bytes"], r["stderr_bytes"]))
+            for r, run in zip(data["runs"], runs)]
+    print_table(("RUN", "ATTEMPT", "STARTED", "DURATION", "EXIT", "OUTCOME", "OUT/ERR BYTES"), rows)
+    return EXIT_OK
+
+
+def cmd_logs(args):
+    with _open_store(args) as store:
+        store.get(args.id)
+        found = store.run_output(args.id, args.attempt)
+    if found is None:
+        if args.attempt is None:
+            raise QueueError("job %r has not run yet" % args.id)
+        raise QueueError("job %r has no run %d (see 'queuectl show %s')" % (args.id, args.attempt, args.id))
+    _, out, err = found
+    sys.stdout.flush()
+    sys.stdout.buffer.write(out)
+    sys.stdout.buffer.flush()
+    sys.stderr.flush()
+    sys.stderr.buffer.write(err)
+    sys.stderr.buffer.flush()
+    return EXIT_OK
+
+
+def cmd_wait(args):
+    ids = list(dict.fromkeys(args.ids))
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    with _open_store(args) as store:
+        states = store.states(ids)
+        for job_id in ids:
+            if job_id not in states:
+                raise JobNotFound(job_id)
+        delay = 0.05
+        while True:
+            pending = [i for i in ids if states[i][0] not in ("completed", "dead")]
+            if not pending:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                _err("timed out waiting for %d job%s: %s" % (
+                    len(pending), "" if len(pending) == 1 else "s", " ".join(pending)))
+                return EXIT_TIMEOUT
+            version = store.data_version()
+            end = time.monotonic() + delay
+            while time.monotonic() < end and store.data_version() == version:
+                time.sleep(0.01)
+            delay = min(delay * 1.5, 1.0)
+            states.update(store.states(pending))
+    code = EXIT_OK
+    for job_id in ids:
+        state, exit_code = states[job_id]
+        if state == "dead":
+            _err("job %s is dead (%s)" % (job_id, "exit %d" % exit_code if exit_code is not None
+                                          else "no exit code"))
+            if code == EXIT_OK:
+                code = exit_code if exit_code else EXIT_ERROR
+    return code
+
+
+def cmd_cancel(args):
+    with _open_store(args) as store:
+        result = store.cancel(list(dict.fromkeys(args.ids)))
+    for job_id, what in result.items():
+        _err("job %s %s" % (job_id, "cancelled (moved to DLQ)" if what == "dead"
+                            else "is running: its worker will kill it and move it to the DLQ"))
+    return EXIT_OK
+
+
+def cmd_dlq_list(args):
+    with _open_store(args) as store:
+        jobs = store.list_jobs("dead")
+    _print_jobs(jobs, args.json, dlq=True)
+    return EXIT_OK
+
+
+def cmd_dlq_retry(args):
+    if args.all == bool(args.ids):
+        raise UsageError("give job ids or --all (not both)")
+    with _open_store(args) as store:
+        ids = store.retry_dead(None if args.all else list(dict.fromkeys(args.ids)))
+    _err("%d job%s moved back to pending" % (len(ids), "" if len(ids) == 1 else "s"))
+    return EXIT_OK
+
+
+def _config_key(key):
+    k = key.replace("-", "_")
+    if k not in CONFIG_DEFAULTS:
+        raise QueueError("unknown config key %r (valid: %s)" % (key, ", ".join(CONFIG_DEFAULTS)))
+    return k
+
+
+def parse_config_value(key, text):
+    """Validate a config value given as text; returns the value to store."""
+    try:
+        if key == "max_retries":
+            value = int(text)
+            if not 0 <= value <= 1000000:
+                raise ValueError
+            return value
+        if key == "backoff_base":
+            value = float(text)
+            if not 1 <= value <= 1000:
+                raise ValueError
+            return value
+        if key == "timeout":
+            if text.strip().lower() in ("none", "null", "0", ""):
+                return None
+            return parse_duration(text)
+        return parse_duration(text)
+    except ValueError:
+        raise QueueError("invalid value %r for %s: expected %s" % (text, key, CONFIG_HELP[key]))
+
+
+def _config_text(value):
+    if value is None:
+        return "none"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def cmd_config_set(args):
+    key = _config_key(args.key)
+    value = parse_config_value(key, args.value)
+    with _open_store(args) as store:
+        store.set_config(key, value)
+    return EXIT_OK
+
+
+def cmd_config_get(args):
+    key = _config_key(args.key)
+    with _open_store(args) as store:
+        value = store.config()[key]
+    sys.stdout.write(_config_text(value) + "\n")
+    return EXIT_OK
+
+
+def cmd_config_list(args):
+    with _open_store(args) as store:
+        config = store.config()
+    if args.json:
+        print_json(config)
+    else:
+        print_table(("KEY", "VALUE", "MEANING"),
+                    [(k, _config_text(v), CONFIG_HELP[k]) for k, v in config.items()])
+    return EXIT_OK
+
+
+def _percentile(sorted_values, q):
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[index]
+
+
+def compute_stats(rows, now, window):
+    """Summary of finished runs (finished_at, duration, result_state, outcome) in a window."""
+    rows = [r for r in rows if r[0] >= now - window]
+    completed = sum(1 for r in rows if r[2] == "completed")
+    failed = sum(1 for r in rows if r[2] in ("failed", "dead"))
+    dead = sum(1 for r in rows if r[2] == "dead")
+    durations = sorted(r[1] for r in rows if r[1] is not None)
+    finished = completed + failed
+    return {
+        "completed": completed,
+        "failed_runs": failed,
+        "dead": dead,
+        "success_rate": round(completed / finished, 4) if finished else None,
+        "duration_p50": _percentile(durations, 0.50),
+        "duration_p95": _percentile(durations, 0.95),
+        "duration_max": durations[-1] if durations else None,
+        "throughput_per_min": round(completed / (window / 60.0), 3),
+    }
+
+
+def cmd_stats(args):
+    now = time.time()
+    with _open_store(args) as store:
+        rows = store.finished_runs(now - 86400)
+        counts = store.counts()
+    stats = {"last_hour": compute_stats(rows, now, 3600), "last_day": compute_stats(rows, now, 86400),
+             "counts": counts}
+    if args.json:
+        print_json(stats)
+        return EXIT_OK
+
+    def pct(v):
+        return "-" if v is None else "%.1f%%" % (v * 100)
+
+    labels = [("completed", "completed", str), ("failed runs", "failed_runs", str), ("dead", "dead", str),
+              ("success rate", "success_rate", pct), ("duration p50", "duration_p50", format_seconds),
+              ("duration p95", "duration_p95", format_seconds),
+              ("duration max", "duration_max", format_seconds),
+              ("throughput", "throughput_per_min", lambda v: "%g/min" % v)]
+    print_table(("", "LAST HOUR", "LAST DAY"),
+                [(label, fmt(stats["last_hour"][key]), fmt(stats["last_day"][key]))
+                 for label, key, fmt in labels])
+    return EXIT_OK
+
+
+def main(argv=None):
+    """Run the command line; returns the exit code (never raises for user errors)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:          # --help and --version
+            return e.code if isinstance(e.code, int) else EXIT_OK
+        args.command_form = "--" in argv
+        return args.func(args)
+    except QueueError as e:
+        sys.stderr.write("queuectl: error: %s\n" % str(e).replace("\n", " "))
+        if debug:
+            raise
+        return e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `queuectl list | head`: the reader left; say nothing more.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
