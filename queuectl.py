@@ -60,6 +60,8 @@ CONFIG_HELP = {
 LEASE_SECONDS = 30.0
 #: How often a worker renews its lease and checks for stop/cancel requests.
 HEARTBEAT_SECONDS = 2.0
+#: A worker not heard of for this long is removed from the workers table.
+FORGET_WORKER_SECONDS = 600.0
 #: After SIGTERM to a job's process group, SIGKILL follows after this long.
 KILL_GRACE_SECONDS = 5.0
 #: After a job's shell exits, how long to keep reading output that leftover
@@ -100,6 +102,7 @@ CREATE TABLE jobs (
     updated_at       REAL NOT NULL,
     exit_code        INTEGER,                      -- last run's
     outcome          TEXT,                         -- last run's, or 'cancelled'
+    run_count        INTEGER NOT NULL DEFAULT 0,   -- runs started, ever (numbers runs)
     worker_id        TEXT,                         -- lease holder while processing
     lease_until      REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0
@@ -113,8 +116,6 @@ CREATE TABLE runs (
     run          INTEGER NOT NULL,      -- 1, 2, ... in the order runs started
     attempt      INTEGER NOT NULL,      -- the job's attempt number for this run
     worker_id    TEXT NOT NULL,
-    pgid         INTEGER,               -- the command's process group
-    pgid_start   INTEGER,               -- its leader's start time (pid reuse guard)
     started_at   REAL NOT NULL,
     finished_at  REAL,
     exit_code    INTEGER,
@@ -134,7 +135,6 @@ CREATE TABLE workers (
     pid_start      INTEGER,
     started_at     REAL NOT NULL,
     heartbeat_at   REAL NOT NULL,
-    job_id         TEXT,
     stop_requested INTEGER NOT NULL DEFAULT 0
 );
 
@@ -389,24 +389,42 @@ def holder_is_dead(host, boot_id, pid, start):
     return not process_alive(pid, start)
 
 
-def kill_process_group(pgid, leader_start, sig):
-    """Send `sig` to process group `pgid`, unless its pid now names another process.
+def kill_job_processes(job_id, db_path):
+    """SIGKILL every process on this host that runs job `job_id` of `db_path`.
 
-    A pid stays reserved while it is some group's id, so if the leader is gone
-    the group's remaining members are still ours; if a process with that pid
-    exists with a different start time, the group is gone and the pid reused.
+    Used when a job's worker is lost: its command may still be running,
+    orphaned. The processes are found by the QUEUECTL_JOB_ID and QUEUECTL_DB
+    their worker put in their environment (a recorded pid could have been
+    reused by now; this cannot be confused). Linux only; returns the count.
     """
-    if pgid is None or pgid <= 1:
-        return False
-    if leader_start is not None:
-        start = process_start(pgid)
-        if start is not None and start != leader_start:
-            return False
+    import signal
+    marks = (b"\0QUEUECTL_JOB_ID=" + job_id.encode() + b"\0",
+             b"\0QUEUECTL_DB=" + os.path.abspath(db_path).encode() + b"\0")
+    killed = 0
     try:
-        os.killpg(pgid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return 0
+    me = os.getpid()
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                environ = b"\0" + f.read()
+        except OSError:
+            continue
+        if all(m in environ for m in marks):
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
 
 
 def printable(value):
@@ -648,7 +666,7 @@ class Store:
     def has_due(self, now):
         """Cheap read-only check (no lock taken): is any job due?"""
         return self._one("""
-            SELECT 1 FROM jobs
+            SELECT 1 FROM jobs INDEXED BY jobs_due
             WHERE state IN ('pending', 'failed') AND run_at <= ?
             LIMIT 1""", (now,)) is not None
 
@@ -656,14 +674,16 @@ class Store:
         """Atomically take the next due job for `worker_id`, or return None.
 
         Inside one BEGIN IMMEDIATE transaction: pick the due job with the
-        highest priority, then the earliest due time, then enqueue order; mark
+        highest priority, then the earliest due time, then enqueue order (the
+        walk of the partial index jobs_due; named, because the planner would
+        rather use jobs_state and sort every due job); mark
         it processing under a lease; count the attempt; open its run record.
         Returns the job as a dict with the new run number under 'run'.
         """
         now = time.time() if now is None else now
         with self.transaction():
             job = self._one("""
-                SELECT * FROM jobs
+                SELECT * FROM jobs INDEXED BY jobs_due
                 WHERE state IN ('pending', 'failed') AND run_at <= ?
                 ORDER BY priority DESC, run_at, seq
                 LIMIT 1""", (now,))
@@ -671,24 +691,18 @@ class Store:
                 return None
             job = dict(job)
             job["attempts"] += 1
-            job["run"] = self._one("SELECT COALESCE(MAX(run), 0) + 1 FROM runs WHERE job_id = ?",
-                                   (job["id"],))[0]
+            job["run_count"] += 1
+            job["run"] = job["run_count"]
             self._execute("""
                 UPDATE jobs
-                SET state = 'processing', attempts = ?, worker_id = ?, lease_until = ?, updated_at = ?
-                WHERE seq = ?""", (job["attempts"], worker_id, now + lease, now, job["seq"]))
+                SET state = 'processing', attempts = ?, run_count = ?, worker_id = ?, lease_until = ?,
+                    updated_at = ?
+                WHERE seq = ?""", (job["attempts"], job["run"], worker_id, now + lease, now, job["seq"]))
             self._execute("""
                 INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
                 VALUES (?, ?, ?, ?, ?)""", (job["id"], job["run"], job["attempts"], worker_id, now))
-            self._execute("UPDATE workers SET job_id = ? WHERE id = ?", (job["id"], worker_id))
         job["state"] = "processing"
         return job
-
-    def set_run_process(self, job_id, run, pgid, pgid_start):
-        """Record the process group of a run, so a reclaim can kill leftovers."""
-        with self.transaction():
-            self._execute("UPDATE runs SET pgid = ?, pgid_start = ? WHERE job_id = ? AND run = ?",
-                          (pgid, pgid_start, job_id, run))
 
     def heartbeat(self, worker_id, job_id=None, now=None, lease=LEASE_SECONDS):
         """Renew the worker's liveness and its job's lease, in one transaction.
@@ -697,11 +711,10 @@ class Store:
         """
         now = time.time() if now is None else now
         with self.transaction():
-            cur = self._execute("UPDATE workers SET heartbeat_at = ?, job_id = ? WHERE id = ?",
-                                (now, job_id, worker_id))
+            cur = self._execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, worker_id))
             if cur.rowcount == 0:
                 # Our row was removed (e.g. we were suspended and taken for dead).
-                self._register(worker_id, now, job_id)
+                self._register(worker_id, now)
             stop = self._one("SELECT stop_requested FROM workers WHERE id = ?", (worker_id,))[0]
             cancel, held = False, True
             if job_id is not None:
@@ -756,7 +769,6 @@ class Store:
             job = self._one("""
                 SELECT * FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ?""",
                             (job_id, worker_id))
-            self._execute("UPDATE workers SET job_id = NULL WHERE id = ?", (worker_id,))
             if job is None:
                 self._execute("""
                     UPDATE runs SET finished_at = ?, exit_code = ?, outcome = ?, stdout = ?, stderr = ?
@@ -770,14 +782,13 @@ class Store:
 
     # -- workers and reclaiming lost jobs ---------------------------------------
 
-    def _register(self, worker_id, now, job_id=None):
+    def _register(self, worker_id, now):
         host, pid, start = worker_id.rsplit(":", 2)
         self._execute("""
-            INSERT OR REPLACE INTO workers (id, host, boot_id, pid, pid_start, started_at,
-                                            heartbeat_at, job_id)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            INSERT OR REPLACE INTO workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?)""",
                       (worker_id, host, this_boot_id(), int(pid), int(start) if start != "-" else None,
-                       now, now, job_id))
+                       now, now))
 
     def register_worker(self, worker_id, now=None):
         with self.transaction():
@@ -788,13 +799,19 @@ class Store:
             self._execute("DELETE FROM workers WHERE id = ?", (worker_id,))
 
     def workers(self):
-        return [dict(r) for r in self._all("SELECT * FROM workers ORDER BY started_at, pid")]
+        """Registered workers, each with the job it holds now (job_id, or None)."""
+        return [dict(r) for r in self._all("""
+            SELECT w.*,
+                   (SELECT j.id FROM jobs j
+                    WHERE j.state = 'processing' AND j.worker_id = w.id LIMIT 1) AS job_id
+            FROM workers w
+            ORDER BY w.started_at, w.pid""")]
 
     def request_stop(self):
         """Ask every registered worker to finish its job and exit. Returns their rows."""
         with self.transaction():
             self._execute("UPDATE workers SET stop_requested = 1")
-            return [dict(r) for r in self._all("SELECT * FROM workers")]
+            return self.workers()
 
     def forget_workers(self, worker_ids):
         with self.transaction():
@@ -804,11 +821,9 @@ class Store:
     def leases(self):
         """Processing jobs with their lease, run and holder (holder fields None if unregistered)."""
         return [dict(r) for r in self._all("""
-            SELECT j.id, j.worker_id, j.lease_until, r.run, r.pgid, r.pgid_start,
+            SELECT j.id, j.worker_id, j.lease_until, j.run_count AS run,
                    w.host, w.boot_id, w.pid, w.pid_start, w.heartbeat_at
             FROM jobs j
-            LEFT JOIN runs r ON r.job_id = j.id
-                AND r.run = (SELECT MAX(run) FROM runs WHERE job_id = j.id)
             LEFT JOIN workers w ON w.id = j.worker_id
             WHERE j.state = 'processing'""")]
 
@@ -1119,7 +1134,7 @@ def _exited(proc):
         return True
 
 
-def run_command(command, cwd=None, env=None, timeout=None, on_start=None, check=None,
+def run_command(command, cwd=None, env=None, timeout=None, check=None,
                 limit=OUTPUT_LIMIT, grace=KILL_GRACE_SECONDS):
     """Run `command` with /bin/sh -c in a new session (its own process group).
 
@@ -1143,27 +1158,41 @@ def run_command(command, cwd=None, env=None, timeout=None, on_start=None, check=
     except OSError as e:
         where = " (cwd %s)" % cwd if cwd and not os.path.isdir(cwd) else ""
         return RunResult(None, "error: %s%s" % (e.strerror or e, where))
-    leader_start = process_start(proc.pid)
-    if on_start is not None:
-        on_start(proc.pid, leader_start)
-    captures = {proc.stdout.fileno(): _Capture(limit), proc.stderr.fileno(): _Capture(limit)}
+    out, err = _Capture(limit), _Capture(limit)
+    captures = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
     sel = selectors.DefaultSelector()
-    for f in (proc.stdout, proc.stderr):
-        sel.register(f.fileno(), selectors.EVENT_READ)
+    for fd in captures:
+        sel.register(fd, selectors.EVENT_READ)
+    # A pidfd (Linux 5.3+, Python 3.9+) becomes readable when the shell exits,
+    # so the loop sleeps in one select() whatever happens first.
+    pidfd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+            sel.register(pidfd, selectors.EVENT_READ)
+        except OSError:
+            pidfd = None
+    open_pipes = len(captures)
     deadline = started + timeout if timeout else None
     reason = None        # why we are killing the group, if we are
     kill_at = None       # when SIGKILL follows the SIGTERM
     exited_at = None
+    nap = 0.0002
 
     def kill(sig):
-        kill_process_group(proc.pid, leader_start, sig)
+        # The shell is not reaped before the end, so its pid (the group id)
+        # cannot have been reused.
+        try:
+            os.killpg(proc.pid, sig)
+        except OSError:
+            pass
 
     try:
         while True:
             now = time.monotonic()
-            if exited_at is None and _exited(proc):
+            if exited_at is None and pidfd is None and _exited(proc):
                 exited_at = now
-            if exited_at is not None and (not sel.get_map() or now - exited_at > EXIT_GRACE_SECONDS):
+            if exited_at is not None and (not open_pipes or now - exited_at > EXIT_GRACE_SECONDS):
                 break
             if reason is None:
                 if deadline is not None and now >= deadline:
@@ -1181,38 +1210,50 @@ def run_command(command, cwd=None, env=None, timeout=None, on_start=None, check=
             wait = 0.1
             if deadline is not None and reason is None:
                 wait = max(0.0, min(wait, deadline - now))
-            if not sel.get_map():
-                time.sleep(min(wait, 0.01))
+            if exited_at is not None:
+                wait = max(0.0, min(wait, exited_at + EXIT_GRACE_SECONDS - now))
+            if not open_pipes and pidfd is None:
+                # Output closed, process not yet exited: usually a matter of
+                # microseconds, so nap briefly, then longer.
+                time.sleep(min(wait, nap))
+                nap = min(nap * 2, 0.05)
                 continue
             for key, _ in sel.select(wait):
+                if key.fd == pidfd:
+                    exited_at = time.monotonic()
+                    sel.unregister(pidfd)
+                    continue
                 data = os.read(key.fd, 65536)
                 if data:
                     captures[key.fd].feed(data)
                 else:
                     sel.unregister(key.fd)
+                    open_pipes -= 1
         # The shell has exited (not yet reaped): take down whatever it left.
         kill(signal.SIGKILL)
     finally:
         sel.close()
+        if pidfd is not None:
+            os.close(pidfd)
         proc.stdout.close()
         proc.stderr.close()
         returncode = proc.wait()
     duration = time.monotonic() - started
-    out = [captures[f].value() for f in sorted(captures)]
+    out, err = out.value(), err.value()
     if reason is not None:
-        return RunResult(None, reason, out[0], out[1], duration)
+        return RunResult(None, reason, out, err, duration)
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = "signal %d" % -returncode
-        return RunResult(128 - returncode, "killed by %s" % name, out[0], out[1], duration)
+        return RunResult(128 - returncode, "killed by %s" % name, out, err, duration)
     outcome = "exit %d" % returncode
     if returncode == 127:
         outcome += " (command not found)"
     elif returncode == 126:
         outcome += " (not executable)"
-    return RunResult(returncode, outcome, out[0], out[1], duration)
+    return RunResult(returncode, outcome, out, err, duration)
 
 
 ###############################################################################
@@ -1246,7 +1287,7 @@ class Worker:
         self.id = "%s:%d:%s" % (this_host(), pid, "-" if start is None else start)
         self.store = None
         self._next_heartbeat = 0.0
-        self._next_reclaim = 0.0
+        self._base_env = None
 
     def run(self):
         """Work until asked to stop (or, with once, until nothing is due). Returns an exit code."""
@@ -1300,27 +1341,32 @@ class Worker:
 
     def reclaim_lost(self):
         """Take back jobs whose worker is provably dead (at once) or whose lease
-        has expired; kill what is left of their commands on this host."""
+        has expired; kill what is left of their commands on this host; forget
+        workers that are dead or have not been heard of for a long time."""
         now = time.time()
+        gone = set()
+        for w in self.store.workers():
+            if w["id"] == self.id:
+                continue
+            if holder_is_dead(w["host"], w["boot_id"], w["pid"], w["pid_start"]) or \
+                    now - w["heartbeat_at"] > FORGET_WORKER_SECONDS:
+                gone.add(w["id"])
         for lease in self.store.leases():
             if lease["worker_id"] == self.id:
                 continue
-            if lease["host"] is None:
-                dead = True     # holder unregistered: it exited or was removed as dead
-            else:
-                dead = holder_is_dead(lease["host"], lease["boot_id"], lease["pid"], lease["pid_start"])
+            # An unregistered holder has exited, or was found dead by someone else.
+            dead = lease["host"] is None or lease["worker_id"] in gone
             if not dead and (lease["lease_until"] or 0) > now:
                 continue
             host = lease["host"] or lease["worker_id"].rsplit(":", 2)[0]
-            if host == this_host() and lease["pgid"]:
-                import signal
-                kill_process_group(lease["pgid"], lease["pgid_start"], signal.SIGKILL)
+            if host == this_host():
+                kill_job_processes(lease["id"], self.db_path)
             result = self.store.reclaim(lease["id"], lease["worker_id"], lease["run"], dead, now)
             if result is not None:
                 self.log("%s %s worker lost (%s)%s" % (
                     self.name, lease["id"], lease["worker_id"], self._next_step(result)))
-            if dead and lease["host"] is not None:
-                self.store.forget_workers([lease["worker_id"]])
+        if gone:
+            self.store.forget_workers(gone)
 
     def _check(self, job):
         """Called by the runner while the command runs: stop, cancel or carry on."""
@@ -1334,21 +1380,20 @@ class Worker:
         return None
 
     def _environ(self, job):
-        env = dict(os.environ)
+        if self._base_env is None:
+            self._base_env = dict(os.environ)
+            self._base_env["QUEUECTL_DB"] = os.path.abspath(self.db_path)
+        env = dict(self._base_env)
         env["QUEUECTL_JOB_ID"] = job["id"]
         env["QUEUECTL_ATTEMPT"] = str(job["attempts"])
-        env["QUEUECTL_DB"] = os.path.abspath(self.db_path)
         return env
 
     def process(self, job):
         self.log("%s %s claimed (attempt %d/%d): %s" % (
             self.name, job["id"], job["attempts"], job["max_retries"] + 1, job["command"]))
 
-        def on_start(pgid, pgid_start):
-            self.store.set_run_process(job["id"], job["run"], pgid, pgid_start)
-
         result = run_command(job["command"], cwd=job["cwd"], env=self._environ(job),
-                             timeout=job["timeout"], on_start=on_start,
+                             timeout=job["timeout"],
                              check=lambda: self._check(job))
         interrupted = result.outcome == "interrupted"
         settled = self.store.finish(job["id"], job["run"], self.id, result, interrupted=interrupted)

@@ -37,7 +37,7 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 VERSION   (one of: ${!NPM_VERSION[*]})" >&2
+    echo "usage: $0 VERSION   (one of: $(printf '%s\n' "${!NPM_VERSION[@]}" | sort -V | tr '\n' ' '))" >&2
     echo "       $0 --list" >&2
 }
 
