@@ -48,12 +48,14 @@ CONFIG_DEFAULTS = {
     "backoff_base": 2.0,     # a retry waits backoff_base ** k seconds after failed run k
     "backoff_max": 3600.0,   # ... but never longer than this
     "timeout": None,         # default per-job timeout in seconds (None: no timeout)
+    "retention": None,       # workers delete completed jobs older than this (None: keep)
 }
 CONFIG_HELP = {
     "max_retries": "retries after the first failed run (integer >= 0)",
     "backoff_base": "retry k waits backoff_base ** k seconds (number >= 1)",
     "backoff_max": "upper bound of a retry delay (duration, e.g. 3600 or 1h)",
     "timeout": "default job timeout (duration, or 'none')",
+    "retention": "workers delete completed jobs older than this (duration, or 'none'); never dead ones",
 }
 
 #: A claim is a lease for this long; the worker renews it while the job runs.
@@ -69,8 +71,21 @@ KILL_GRACE_SECONDS = 5.0
 EXIT_GRACE_SECONDS = 0.5
 #: Captured bytes kept per stream and run: the first and last half of this.
 OUTPUT_LIMIT = 1024 * 1024
-#: How long a command waits for another process's write lock before failing.
+#: How long a command waits for another process's write lock before failing
+#: (QUEUECTL_BUSY_TIMEOUT overrides it).
 BUSY_TIMEOUT_SECONDS = 30.0
+#: The longest command /bin/sh -c can be given on Linux (MAX_ARG_STRLEN - 1).
+MAX_COMMAND_BYTES = 131071
+#: Jobs deleted per transaction by `purge` and by the retention sweep, so
+#: that workers never wait long for the write lock.
+PURGE_BATCH = 500
+#: How often a worker applies the `retention` setting.
+RETENTION_EVERY_SECONDS = 60.0
+#: The WAL file is truncated back to this size after a checkpoint.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: File systems on which SQLite's WAL locking does not work across hosts.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
+                       "lustre", "gpfs", "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs", "davfs")
 #: How often an idle worker looks for new work (a cheap read of a counter).
 IDLE_POLL_SECONDS = 0.01
 #: An idle worker re-runs the full claim query at least this often (for jobs
@@ -84,7 +99,7 @@ EXIT_TIMEOUT = 124         # as timeout(1): `wait` or `worker stop` gave up
 EXIT_INTERRUPTED = 130
 
 #: Schema version, kept in PRAGMA user_version. MIGRATIONS[v] upgrades v -> v+1.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE jobs (
@@ -165,8 +180,17 @@ CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN
 END;
 """
 
-#: MIGRATIONS[v] is the script that upgrades a version-v database to v+1.
-MIGRATIONS = {}
+#: MIGRATIONS[v] is the script that upgrades a version-v database to v+1. Each
+#: runs inside the one transaction that opens the file; SQLite 3.22 has no
+#: DROP COLUMN, so columns that fell out of use stay (and are never read).
+MIGRATIONS = {
+    # 1 -> 2: runs are numbered from a counter on the job (no MAX(run) per
+    # claim); the per-run pgid columns and workers.job_id are no longer used.
+    1: """
+        ALTER TABLE jobs ADD COLUMN run_count INTEGER NOT NULL DEFAULT 0;
+        UPDATE jobs SET run_count = (SELECT COALESCE(MAX(run), 0) FROM runs WHERE runs.job_id = jobs.id);
+    """,
+}
 
 
 ###############################################################################
@@ -283,6 +307,58 @@ def default_db_path(environ=None):
         return environ[DB_ENV]
     data_home = environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(data_home, "queuectl", "queue.db")
+
+
+def busy_timeout_setting(environ=None):
+    """Seconds to wait for a lock: $QUEUECTL_BUSY_TIMEOUT, else BUSY_TIMEOUT_SECONDS."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("QUEUECTL_BUSY_TIMEOUT")
+    if not text:
+        return BUSY_TIMEOUT_SECONDS
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise QueueError("QUEUECTL_BUSY_TIMEOUT: %s" % e)
+
+
+def _mount_fstype(path):
+    """The file system type of the mount holding `path` (Linux), or None."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best, fstype = -1, None
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5:
+            continue
+        mount = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > best:
+            best, fstype = len(mount), right.split()[0]
+    return fstype
+
+
+def check_filesystem(directory):
+    """Refuse a network file system: SQLite's WAL needs shared memory on one
+    host, so two hosts would corrupt the queue. QUEUECTL_ALLOW_NETWORK_FS=1
+    overrides (for one host using a network disk alone)."""
+    if os.environ.get("QUEUECTL_ALLOW_NETWORK_FS") == "1":
+        return
+    probe = directory
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    fstype = _mount_fstype(probe)
+    if fstype and (fstype in NETWORK_FILESYSTEMS or fstype.startswith("nfs")):
+        raise StoreError("refusing database in %s: it is on a network file system (%s), where SQLite's "
+                         "WAL locking is unsafe; use a local disk (or set QUEUECTL_ALLOW_NETWORK_FS=1 "
+                         "if only this host uses it)" % (directory, fstype))
 
 
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -457,10 +533,11 @@ class Store:
     transition to a power cut only replays a run, which at-least-once allows.
     """
 
-    def __init__(self, path, durable=True, busy_timeout=BUSY_TIMEOUT_SECONDS):
+    def __init__(self, path, durable=True, busy_timeout=None):
         self.path = path
         self.conn = None
-        self._open(durable, busy_timeout)
+        self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
+        self._open(durable, self.busy_timeout)
 
     # -- connection and schema ------------------------------------------------
 
@@ -470,6 +547,7 @@ class Store:
             if os.path.isdir(path):
                 raise StoreError("cannot open database %s: it is a directory" % path)
             parent = os.path.dirname(os.path.abspath(path))
+            check_filesystem(parent)
             try:
                 os.makedirs(parent, mode=0o700, exist_ok=True)
                 # Create the file ourselves so that it is private (0600).
@@ -484,6 +562,7 @@ class Store:
         self.conn.row_factory = sqlite3.Row
         try:
             self._execute("PRAGMA synchronous = %s" % ("FULL" if durable else "NORMAL"))
+            self._execute("PRAGMA journal_size_limit = %d" % WAL_SIZE_LIMIT)
             version = self._one("PRAGMA user_version")[0]
             if version != SCHEMA_VERSION:
                 self._migrate(version)
@@ -558,9 +637,11 @@ class Store:
         msg = str(e)
         if "locked" in msg or "busy" in msg:
             return StoreError("database %s is locked: another process has held it for more than %gs; "
-                              "try again" % (self.path, BUSY_TIMEOUT_SECONDS))
+                              "try again (QUEUECTL_BUSY_TIMEOUT sets the wait)" % (self.path, self.busy_timeout))
         if isinstance(e, sqlite3.DatabaseError) and "not a database" in msg:
             return StoreError("%s is not a queuectl database (file is not a database)" % self.path)
+        if "disk is full" in msg or "database or disk" in msg:
+            return StoreError("cannot write database %s: the disk is full; nothing was changed" % self.path)
         if "readonly" in msg or "read-only" in msg:
             return StoreError("cannot write database %s: it is read-only" % self.path)
         if "unable to open" in msg:
@@ -801,7 +882,8 @@ class Store:
     def workers(self):
         """Registered workers, each with the job it holds now (job_id, or None)."""
         return [dict(r) for r in self._all("""
-            SELECT w.*,
+            SELECT w.id, w.host, w.boot_id, w.pid, w.pid_start, w.started_at, w.heartbeat_at,
+                   w.stop_requested,
                    (SELECT j.id FROM jobs j
                     WHERE j.state = 'processing' AND j.worker_id = w.id LIMIT 1) AS job_id
             FROM workers w
@@ -922,6 +1004,30 @@ class Store:
                     WHERE id = ?""", (now, now, job_id))
         return job_ids
 
+    def purge(self, states, before, batch=PURGE_BATCH):
+        """Delete jobs in `states` last changed before `before`, with their runs.
+
+        Candidates are read without a lock, then deleted `batch` at a time, one
+        short transaction each (re-checking state and age), so workers never
+        wait long. Returns how many jobs were deleted.
+        """
+        marks = ",".join("?" * len(states))
+        deleted = 0
+        while True:
+            ids = [r[0] for r in self._all("""
+                SELECT id FROM jobs
+                WHERE state IN (%s) AND updated_at < ?
+                ORDER BY seq
+                LIMIT ?""" % marks, list(states) + [before, batch])]
+            if not ids:
+                return deleted
+            params = ids + list(states) + [before]
+            where = "id IN (%s) AND state IN (%s) AND updated_at < ?" % (",".join("?" * len(ids)), marks)
+            with self.transaction():
+                self._execute("DELETE FROM runs WHERE job_id IN (SELECT id FROM jobs WHERE %s)" % where,
+                              params)
+                deleted += self._execute("DELETE FROM jobs WHERE %s" % where, params).rowcount
+
     def cancel(self, job_ids, now=None):
         """Cancel jobs: waiting ones go to the DLQ now, running ones are asked to
         stop (their worker kills them within a heartbeat). All or nothing.
@@ -993,6 +1099,10 @@ def validate_job(obj, cwd, now):
         raise ValueError("field 'command' must not be empty")
     if "\0" in command:
         raise ValueError("field 'command' must not contain NUL bytes")
+    size = len(command.encode("utf-8", "surrogatepass"))
+    if size > MAX_COMMAND_BYTES:
+        raise ValueError("field 'command' is too long (%d bytes; /bin/sh -c takes at most %d): "
+                         "put it in a script and enqueue the script" % (size, MAX_COMMAND_BYTES))
     job["command"] = command
     if "id" in obj and obj["id"] is not None:
         if not valid_job_id(obj["id"]):
@@ -1288,6 +1398,7 @@ class Worker:
         self.store = None
         self._next_heartbeat = 0.0
         self._base_env = None
+        self._next_retention = 0.0
 
     def run(self):
         """Work until asked to stop (or, with once, until nothing is due). Returns an exit code."""
@@ -1324,7 +1435,18 @@ class Worker:
             self.stop_level = 1
         if job_id is None:
             self.reclaim_lost()
+            if now >= self._next_retention:
+                self._next_retention = now + RETENTION_EVERY_SECONDS
+                self.apply_retention()
         return cancel, held
+
+    def apply_retention(self):
+        """Delete completed jobs older than the `retention` setting (never dead ones)."""
+        retention = self.store.config()["retention"]
+        if retention is not None:
+            n = self.store.purge(["completed"], time.time() - retention)
+            if n:
+                self.log("%s retention: deleted %d completed job%s" % (self.name, n, "" if n == 1 else "s"))
 
     def idle(self):
         """Wait until something may be due: another connection committed, the
@@ -1767,6 +1889,12 @@ def build_parser():
     add(csub, "list", cmd_config_list, "print every configuration value", parents=[json_opt])
 
     add(sub, "stats", cmd_stats, "what happened over the last hour and day", parents=[json_opt])
+
+    p = add(sub, "purge", cmd_purge, "delete finished jobs and their logs (completed by default)")
+    p.add_argument("--older-than", type=_duration_arg, default=0.0, metavar="DURATION",
+                   help="only jobs finished at least this long ago (e.g. 7d; default: all)")
+    p.add_argument("-s", "--state", action="append", choices=("completed", "dead"),
+                   help="completed (default) or dead; repeat for both. The DLQ is only purged when named")
     return parser
 
 
@@ -2081,7 +2209,7 @@ def parse_config_value(key, text):
             if not 1 <= value <= 1000:
                 raise ValueError
             return value
-        if key == "timeout":
+        if key in ("timeout", "retention"):
             if text.strip().lower() in ("none", "null", "0", ""):
                 return None
             return parse_duration(text)
@@ -2174,6 +2302,14 @@ def cmd_stats(args):
     print_table(("", "LAST HOUR", "LAST DAY"),
                 [(label, fmt(stats["last_hour"][key]), fmt(stats["last_day"][key]))
                  for label, key, fmt in labels])
+    return EXIT_OK
+
+
+def cmd_purge(args):
+    states = sorted(set(args.state or ["completed"]))
+    with _open_store(args) as store:
+        n = store.purge(states, time.time() - args.older_than)
+    _err("purged %d %s job%s" % (n, " and ".join(states), "" if n == 1 else "s"))
     return EXIT_OK
 
 
