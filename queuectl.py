@@ -1399,6 +1399,7 @@ class Worker:
         self._next_heartbeat = 0.0
         self._base_env = None
         self._next_retention = 0.0
+        self._parent = os.getppid()
 
     def run(self):
         """Work until asked to stop (or, with once, until nothing is due). Returns an exit code."""
@@ -1432,6 +1433,10 @@ class Worker:
         stop, cancel, held = self.store.heartbeat(self.id, job_id)
         if stop and self.stop_level == 0:
             self.log("%s stop requested" % self.name)
+            self.stop_level = 1
+        if os.getppid() != self._parent and self.stop_level == 0:
+            # Our supervisor was killed: finish the job at hand, then go too.
+            self.log("%s supervisor gone; stopping" % self.name)
             self.stop_level = 1
         if job_id is None:
             self.reclaim_lost()
@@ -1518,7 +1523,7 @@ class Worker:
                              timeout=job["timeout"],
                              check=lambda: self._check(job))
         interrupted = result.outcome == "interrupted"
-        settled = self.store.finish(job["id"], job["run"], self.id, result, interrupted=interrupted)
+        settled = self._finish(job, result, interrupted)
         if settled is None:
             self.log("%s %s lease lost: another worker took the job back (%s)" % (
                 self.name, job["id"], result.outcome))
@@ -1528,6 +1533,21 @@ class Worker:
             self.log("%s %s interrupted, back to pending" % (self.name, job["id"]))
         else:
             self.log("%s %s %s%s" % (self.name, job["id"], result.outcome, self._next_step(settled)))
+
+    def _finish(self, job, result, interrupted):
+        """Record the result; if the database is unwritable for a while (disk
+        full, a lock held too long), keep trying for about a lease, so that
+        the run is not lost to a passing problem. After that the job will be
+        reclaimed as 'worker lost' and run again."""
+        give_up = time.monotonic() + LEASE_SECONDS
+        while True:
+            try:
+                return self.store.finish(job["id"], job["run"], self.id, result, interrupted=interrupted)
+            except StoreError as e:
+                if time.monotonic() >= give_up or self.stop_level >= 2:
+                    raise
+                self.log("%s %s could not record the result (%s); retrying" % (self.name, job["id"], e))
+                time.sleep(1.0)
 
     @staticmethod
     def _next_step(settled):
@@ -1759,7 +1779,8 @@ def _parser_class():
         """Usage errors become one line (UsageError), not usage text + exit."""
 
         def error(self, message):
-            raise UsageError("%s: %s (see '%s --help')" % (self.prog, message, self.prog))
+            where = self.prog.partition(" ")[2]
+            raise UsageError("%s%s (see '%s --help')" % (where + ": " if where else "", message, self.prog))
 
     return argparse, Parser
 
@@ -1796,7 +1817,32 @@ def _argtype_error(message):
     return argparse.ArgumentTypeError(message)
 
 
-def build_parser():
+class _Skipped:
+    """Stands in for the parsers of commands not being run (see build_parser)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kw: self
+
+
+_SKIPPED = _Skipped()
+COMMANDS = ("enqueue", "worker", "status", "list", "show", "logs", "wait", "cancel", "dlq", "config",
+            "stats", "purge")
+
+
+def _command_word(argv):
+    """The command named in argv (skipping global options), or None."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--db":
+            next(args, None)
+        elif arg == "--" or not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(only=None):
+    """The argument parser; with `only`, just that command's part of it (the
+    other commands' parsers cost start-up time and are not needed to parse)."""
     argparse, Parser = _parser_class()
     common = Parser(add_help=False)
     common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
@@ -1814,6 +1860,8 @@ def build_parser():
     sub.required = True
 
     def add(subparsers, name, func, help, parents=(), **kw):
+        if subparsers is _SKIPPED or (subparsers is sub and only not in (None, name)):
+            return _SKIPPED
         p = subparsers.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
                                   parents=[common] + list(parents), epilog=EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
@@ -2182,7 +2230,7 @@ def cmd_dlq_list(args):
 
 def cmd_dlq_retry(args):
     if args.all == bool(args.ids):
-        raise UsageError("give job ids or --all (not both)")
+        raise UsageError("give job ids or --all, not both or neither")
     with _open_store(args) as store:
         ids = store.retry_dead(None if args.all else list(dict.fromkeys(args.ids)))
     _err("%d job%s moved back to pending" % (len(ids), "" if len(ids) == 1 else "s"))
@@ -2318,7 +2366,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        parser = build_parser()
+        parser = build_parser(only=_command_word(argv))
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:          # --help and --version
