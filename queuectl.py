@@ -465,16 +465,18 @@ def holder_is_dead(host, boot_id, pid, start):
     return not process_alive(pid, start)
 
 
-def kill_job_processes(job_id, db_path):
-    """SIGKILL every process on this host that runs job `job_id` of `db_path`.
+def kill_job_processes(job_id, worker_id, db_path):
+    """SIGKILL every process on this host left by `worker_id`'s run of job `job_id`.
 
     Used when a job's worker is lost: its command may still be running,
-    orphaned. The processes are found by the QUEUECTL_JOB_ID and QUEUECTL_DB
-    their worker put in their environment (a recorded pid could have been
-    reused by now; this cannot be confused). Linux only; returns the count.
+    orphaned. The processes are found by the QUEUECTL_JOB_ID, QUEUECTL_WORKER_ID
+    and QUEUECTL_DB their worker put in their environment: a recorded pid
+    could have been reused by now, and a new run of the same job (by another
+    worker) has another worker id. Linux only; returns the count.
     """
     import signal
     marks = (b"\0QUEUECTL_JOB_ID=" + job_id.encode() + b"\0",
+             b"\0QUEUECTL_WORKER_ID=" + worker_id.encode() + b"\0",
              b"\0QUEUECTL_DB=" + os.path.abspath(db_path).encode() + b"\0")
     killed = 0
     try:
@@ -1487,7 +1489,7 @@ class Worker:
                 continue
             host = lease["host"] or lease["worker_id"].rsplit(":", 2)[0]
             if host == this_host():
-                kill_job_processes(lease["id"], self.db_path)
+                kill_job_processes(lease["id"], lease["worker_id"], self.db_path)
             result = self.store.reclaim(lease["id"], lease["worker_id"], lease["run"], dead, now)
             if result is not None:
                 self.log("%s %s worker lost (%s)%s" % (
@@ -1510,6 +1512,7 @@ class Worker:
         if self._base_env is None:
             self._base_env = dict(os.environ)
             self._base_env["QUEUECTL_DB"] = os.path.abspath(self.db_path)
+            self._base_env["QUEUECTL_WORKER_ID"] = self.id
         env = dict(self._base_env)
         env["QUEUECTL_JOB_ID"] = job["id"]
         env["QUEUECTL_ATTEMPT"] = str(job["attempts"])
