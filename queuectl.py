@@ -321,13 +321,15 @@ def busy_timeout_setting(environ=None):
         raise QueueError("QUEUECTL_BUSY_TIMEOUT: %s" % e)
 
 
-def _mount_fstype(path):
+def _mount_fstype(path, mountinfo=None):
     """The file system type of the mount holding `path` (Linux), or None."""
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", "rb") as f:
+                mountinfo = f.read().decode("utf-8", "replace")
+        except OSError:
+            return None
+    lines = mountinfo.splitlines()
     path = os.path.realpath(path)
     best, fstype = -1, None
     for line in lines:
@@ -342,19 +344,13 @@ def _mount_fstype(path):
     return fstype
 
 
-def check_filesystem(directory):
+def check_filesystem(directory, mountinfo=None):
     """Refuse a network file system: SQLite's WAL needs shared memory on one
     host, so two hosts would corrupt the queue. QUEUECTL_ALLOW_NETWORK_FS=1
     overrides (for one host using a network disk alone)."""
     if os.environ.get("QUEUECTL_ALLOW_NETWORK_FS") == "1":
         return
-    probe = directory
-    while probe and not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    fstype = _mount_fstype(probe)
+    fstype = _mount_fstype(directory, mountinfo)
     if fstype and (fstype in NETWORK_FILESYSTEMS or fstype.startswith("nfs")):
         raise StoreError("refusing database in %s: it is on a network file system (%s), where SQLite's "
                          "WAL locking is unsafe; use a local disk (or set QUEUECTL_ALLOW_NETWORK_FS=1 "
@@ -1409,7 +1405,9 @@ class Worker:
         try:
             self.store.register_worker(self.id)
             self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
+            self._next_retention = time.monotonic() + RETENTION_EVERY_SECONDS
             self.reclaim_lost()
+            self.apply_retention()
             while self.stop_level == 0:
                 job = self.store.claim(self.id)
                 if job is not None:
