@@ -247,19 +247,44 @@ def parse_duration(text):
     return value
 
 
-def parse_time(text, now=None):
-    """Epoch seconds from an ISO-8601 string; without an offset it is local time."""
+_ISO_TIME = None
+
+
+def parse_time(text):
+    """Epoch seconds from an ISO-8601 string; without an offset it is local time.
+
+    Parsed here rather than by datetime.fromisoformat, which accepts fewer
+    forms before Python 3.11: a job file must mean the same on every server.
+    """
+    global _ISO_TIME
     import datetime
+    import re
+    if _ISO_TIME is None:
+        _ISO_TIME = re.compile(r"""
+            (\d{4})-?(\d{2})-?(\d{2})
+            (?:[T ](\d{2})(?::?(\d{2})(?::?(\d{2})(?:[.,](\d+))?)?)?)?
+            \s*(Z|[+-]\d{2}(?::?\d{2})?)?""", re.VERBOSE | re.IGNORECASE)
+    bad = ValueError("invalid time %r (use ISO-8601, e.g. 2026-01-31T14:00:00 or ...+02:00)" % (text,))
     if not isinstance(text, str):
-        raise ValueError("expected an ISO-8601 time string")
-    s = text.strip()
-    if s.endswith(("Z", "z")):
-        s = s[:-1] + "+00:00"
+        raise ValueError("expected an ISO-8601 time string, not %s" % _json_type(text))
+    m = _ISO_TIME.fullmatch(text.strip())
+    if not m:
+        raise bad
+    year, month, day, hour, minute, second, fraction, offset = m.groups()
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    tz = None
+    if offset:
+        if offset.upper() == "Z":
+            tz = datetime.timezone.utc
+        else:
+            digits = offset[1:].replace(":", "")
+            delta = datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
+            if delta >= datetime.timedelta(hours=24):
+                raise bad
+            tz = datetime.timezone(-delta if offset[0] == "-" else delta)
     try:
-        dt = datetime.datetime.fromisoformat(s)
-    except ValueError:
-        raise ValueError("invalid time %r (use ISO-8601, e.g. 2026-01-31T14:00:00 or ...+02:00)" % (text,))
-    try:
+        dt = datetime.datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                               int(second or 0), micro, tzinfo=tz)
         return dt.timestamp()   # naive datetimes are taken as local time
     except (OverflowError, OSError, ValueError):
         raise ValueError("time out of range: %r" % (text,))
@@ -430,8 +455,8 @@ def this_boot_id():
 def process_start(pid):
     """The start time of process `pid` in clock ticks since boot, or None.
 
-    None means "no such process" on Linux; on systems without /proc it means
-    "unknown". Together with the pid it names a process uniquely, even after
+    None means "no such process" (or a zombie) on Linux; on systems without
+    /proc it means "unknown". Together with the pid it names a process uniquely, even after
     the pid is reused.
     """
     try:
@@ -440,7 +465,10 @@ def process_start(pid):
     except OSError:
         return None
     try:
-        return int(data.rsplit(b")", 1)[1].split()[19])
+        fields = data.rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):
+            return None     # a zombie has exited, whoever reaps it
+        return int(fields[19])
     except (IndexError, ValueError):
         return None
 
@@ -749,6 +777,11 @@ class Store:
 
     # -- claim, heartbeat, finish ------------------------------------------------
 
+    def stop_requested(self, worker_id):
+        """Has `worker stop` asked this worker to stop? (A read; no lock.)"""
+        row = self._one("SELECT stop_requested FROM workers WHERE id = ?", (worker_id,))
+        return bool(row and row[0])
+
     def has_due(self, now):
         """Cheap read-only check (no lock taken): is any job due?"""
         return self._one("""
@@ -764,10 +797,13 @@ class Store:
         walk of the partial index jobs_due; named, because the planner would
         rather use jobs_state and sort every due job); mark
         it processing under a lease; count the attempt; open its run record.
-        Returns the job as a dict with the new run number under 'run'.
+        Returns the job as a dict with the new run number under 'run'; None
+        when nothing is due or the worker has been asked to stop.
         """
         now = time.time() if now is None else now
         with self.transaction():
+            if self.stop_requested(worker_id):
+                return None
             job = self._one("""
                 SELECT * FROM jobs INDEXED BY jobs_due
                 WHERE state IN ('pending', 'failed') AND run_at <= ?
@@ -1419,6 +1455,8 @@ class Worker:
                 job = self.store.claim(self.id)
                 if job is not None:
                     self.process(job)
+                elif self._stop_requested():
+                    break
                 elif self.once:
                     break
                 else:
@@ -1460,6 +1498,12 @@ class Worker:
             if n:
                 self.log("%s retention: deleted %d completed job%s" % (self.name, n, "" if n == 1 else "s"))
 
+    def _stop_requested(self):
+        if self.stop_level == 0 and self.store.stop_requested(self.id):
+            self.log("%s stop requested" % self.name)
+            self.stop_level = 1
+        return self.stop_level > 0
+
     def idle(self):
         """Wait until something may be due: another connection committed, the
         periodic re-check is due, or we are asked to stop."""
@@ -1468,7 +1512,7 @@ class Worker:
         while self.stop_level == 0 and time.monotonic() < until:
             time.sleep(IDLE_POLL_SECONDS)
             if self.store.data_version() != version:
-                if self.store.has_due(time.time()):
+                if self._stop_requested() or self.store.has_due(time.time()):
                     return
                 version = self.store.data_version()
             self.housekeeping()
