@@ -565,21 +565,31 @@ class Store:
     transition to a power cut only replays a run, which at-least-once allows.
     """
 
-    def __init__(self, path, durable=True, busy_timeout=None):
+    def __init__(self, path, durable=True, busy_timeout=None, create=True):
         self.path = path
         self.conn = None
         self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
-        self._open(durable, self.busy_timeout)
+        self._open(durable, self.busy_timeout, create)
 
     # -- connection and schema ------------------------------------------------
 
-    def _open(self, durable, busy_timeout):
+    def _open(self, durable, busy_timeout, create):
         path = self.path
         if path != ":memory:":
             if os.path.isdir(path):
                 raise StoreError("cannot open database %s: it is a directory" % path)
             parent = os.path.dirname(os.path.abspath(path))
+            probe = parent
+            while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+                probe = os.path.dirname(probe)
+            if not os.path.isdir(probe):
+                raise StoreError("cannot open database %s: %s is not a directory" % (path, probe))
             check_filesystem(parent)
+        if path != ":memory:" and not create and not os.path.exists(path):
+            # Reading a queue that was never written: read an empty one, in
+            # memory, so that `status` or `show` on a new machine leaves no file.
+            path = ":memory:"
+        elif path != ":memory:":
             try:
                 os.makedirs(parent, mode=0o700, exist_ok=True)
                 # Create the file ourselves so that it is private (0600).
@@ -590,19 +600,19 @@ class Store:
             self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                         check_same_thread=False)
         except sqlite3.Error as e:
-            raise StoreError("cannot open database %s: %s" % (path, e))
+            raise StoreError("cannot open database %s: %s" % (self.path, e))
         self.conn.row_factory = sqlite3.Row
         try:
             self._execute("PRAGMA synchronous = %s" % ("FULL" if durable else "NORMAL"))
             self._execute("PRAGMA journal_size_limit = %d" % WAL_SIZE_LIMIT)
             version = self._one("PRAGMA user_version")[0]
             if version != SCHEMA_VERSION:
-                self._migrate(version)
+                self._migrate(version, in_memory=path == ":memory:")
         except BaseException:
             self.close()
             raise
 
-    def _migrate(self, version):
+    def _migrate(self, version, in_memory=False):
         """Create or upgrade the schema, in one transaction.
 
         Two processes may start at once on a new file: BEGIN IMMEDIATE makes
@@ -611,22 +621,26 @@ class Store:
         if version > SCHEMA_VERSION:
             raise StoreError("database %s was written by a newer queuectl (schema %d, this is %d); "
                              "upgrade queuectl" % (self.path, version, SCHEMA_VERSION))
+        if version == 0:
+            self._check_foreign()       # before anything, even the journal mode, changes
         # journal_mode cannot change inside a transaction; WAL is persistent.
         mode = self._one("PRAGMA journal_mode = WAL")[0]
-        if mode != "wal" and self.path != ":memory:":
+        if mode != "wal" and not in_memory:
             raise StoreError("cannot put database %s in WAL mode (journal mode is %s)" % (self.path, mode))
         with self.transaction():
             version = self._one("PRAGMA user_version")[0]
             if version == 0:
-                tables = self._all("SELECT name FROM sqlite_master WHERE type = 'table'")
-                if tables:
-                    raise StoreError("%s is not a queuectl database (it has other tables)" % self.path)
+                self._check_foreign()
                 self._script(SCHEMA)
             else:
                 while version < SCHEMA_VERSION:
                     self._script(MIGRATIONS[version])
                     version += 1
             self._execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+
+    def _check_foreign(self):
+        if self._all("SELECT name FROM sqlite_master WHERE type = 'table'"):
+            raise StoreError("%s is not a queuectl database (it has other tables)" % self.path)
 
     def _script(self, script):
         # executescript() would COMMIT first; run the statements one by one
@@ -654,31 +668,43 @@ class Store:
             return self.conn.execute(sql, params)
         except sqlite3.Error as e:
             raise self._error(e)
+        except UnicodeEncodeError:
+            raise QueueError("text that is not valid UTF-8: %s" % printable(params)[:200])
 
     def _all(self, sql, params=()):
         try:
             return self.conn.execute(sql, params).fetchall()
         except sqlite3.Error as e:
             raise self._error(e)
+        except UnicodeEncodeError:
+            raise QueueError("text that is not valid UTF-8: %s" % printable(params)[:200])
 
     def _one(self, sql, params=()):
         rows = self._all(sql, params)
         return rows[0] if rows else None
 
     def _error(self, e):
-        msg = str(e)
+        text = str(e)
+        msg = text.lower()
         if "locked" in msg or "busy" in msg:
             return StoreError("database %s is locked: another process has held it for more than %gs; "
                               "try again (QUEUECTL_BUSY_TIMEOUT sets the wait)" % (self.path, self.busy_timeout))
         if isinstance(e, sqlite3.DatabaseError) and "not a database" in msg:
             return StoreError("%s is not a queuectl database (file is not a database)" % self.path)
-        if "disk is full" in msg or "database or disk" in msg:
+        if "disk is full" in msg or "database or disk" in msg or ("i/o error" in msg and self._disk_full()):
             return StoreError("cannot write database %s: the disk is full; nothing was changed" % self.path)
         if "readonly" in msg or "read-only" in msg:
             return StoreError("cannot write database %s: it is read-only" % self.path)
         if "unable to open" in msg:
-            return StoreError("cannot open database %s: %s" % (self.path, msg))
-        return StoreError("database %s: %s" % (self.path, msg))
+            return StoreError("cannot open database %s: %s" % (self.path, text))
+        return StoreError("database %s: %s" % (self.path, text))
+
+    def _disk_full(self):
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 1024 * 1024
 
     @contextlib.contextmanager
     def transaction(self):
@@ -1140,7 +1166,10 @@ def validate_job(obj, cwd, now):
         raise ValueError("field 'command' must not be empty")
     if "\0" in command:
         raise ValueError("field 'command' must not contain NUL bytes")
-    size = len(command.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(command.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("field 'command' is not valid UTF-8 (it has undecodable bytes or a lone surrogate)")
     if size > MAX_COMMAND_BYTES:
         raise ValueError("field 'command' is too long (%d bytes; /bin/sh -c takes at most %d): "
                          "put it in a script and enqueue the script" % (size, MAX_COMMAND_BYTES))
@@ -1451,16 +1480,27 @@ class Worker:
             self._next_retention = time.monotonic() + RETENTION_EVERY_SECONDS
             self.reclaim_lost()
             self.apply_retention()
+            pause = 1.0
             while self.stop_level == 0:
-                job = self.store.claim(self.id)
-                if job is not None:
-                    self.process(job)
-                elif self._stop_requested():
-                    break
-                elif self.once:
-                    break
-                else:
-                    self.idle()
+                try:
+                    job = self.store.claim(self.id)
+                    if job is not None:
+                        self.process(job)
+                    elif self._stop_requested():
+                        break
+                    elif self.once:
+                        break
+                    else:
+                        self.idle()
+                    pause = 1.0
+                except StoreError as e:
+                    # A lock held too long, a full disk: wait and try again
+                    # rather than die and be restarted in a loop.
+                    self.log("%s database error (%s); retrying in %gs" % (self.name, e, pause))
+                    end = time.monotonic() + pause
+                    while self.stop_level == 0 and time.monotonic() < end:
+                        time.sleep(0.05)
+                    pause = min(pause * 2, 30.0)
             return EXIT_INTERRUPTED if self.stop_level >= 2 else EXIT_OK
         finally:
             try:
@@ -1475,7 +1515,12 @@ class Worker:
         if now < self._next_heartbeat:
             return False, True
         self._next_heartbeat = now + HEARTBEAT_SECONDS
-        stop, cancel, held = self.store.heartbeat(self.id, job_id)
+        try:
+            stop, cancel, held = self.store.heartbeat(self.id, job_id)
+        except StoreError as e:
+            # The lease has LEASE_SECONDS to run; a missed beat is not a loss.
+            self.log("%s heartbeat failed (%s); will retry" % (self.name, e))
+            return False, True
         if stop and self.stop_level == 0:
             self.log("%s stop requested" % self.name)
             self.stop_level = 1
@@ -1575,6 +1620,10 @@ class Worker:
                              timeout=job["timeout"],
                              check=lambda: self._check(job))
         interrupted = result.outcome == "interrupted"
+        if result.exit_code is None and result.outcome in ("timeout", "cancelled", "interrupted", "lease lost"):
+            # Killing the process group misses what left it (setsid, daemons);
+            # their environment still names this run.
+            kill_job_processes(job["id"], self.id, self.db_path)
         settled = self._finish(job, result, interrupted)
         if settled is None:
             self.log("%s %s lease lost: another worker took the job back (%s)" % (
@@ -1692,15 +1741,19 @@ class Supervisor:
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        restarts = {}
+        restarts = {}           # name -> quick deaths in a row
+        due = {}                # name -> when to restart it
         try:
             for i in range(self.count):
                 self._start(ctx, "w%d" % (i + 1))
             self.log("started %d worker%s on %s%s" % (
                 self.count, "" if self.count == 1 else "s", self.db_path, " (once)" if self.once else ""))
-            while self.workers:
-                sentinels = {p.sentinel: name for name, p in self.workers.items()}
-                multiprocessing.connection.wait(list(sentinels) + [wake_r], timeout=1.0)
+            while self.workers or due:
+                timeout = 1.0
+                if due:
+                    timeout = max(0.0, min(timeout, min(due.values()) - time.monotonic()))
+                sentinels = [p.sentinel for p in self.workers.values()]
+                multiprocessing.connection.wait(sentinels + [wake_r], timeout=timeout)
                 try:
                     os.read(wake_r, 512)
                 except BlockingIOError:
@@ -1714,6 +1767,11 @@ class Supervisor:
                     else:
                         self.log("stopping now: killing running jobs and putting them back")
                         self._signal_workers(signal.SIGUSR2)
+                    due.clear()
+                for name, when in list(due.items()):
+                    if time.monotonic() >= when:
+                        del due[name]
+                        self._start(ctx, name)
                 for name, proc in list(self.workers.items()):
                     if proc.is_alive():
                         continue
@@ -1725,6 +1783,7 @@ class Supervisor:
                             # A worker leaves on its own only when `worker stop` asked.
                             self.stop_level = 1
                             self._signal_workers(signal.SIGUSR1)
+                            due.clear()
                         continue
                     how = "signal %d" % -code if code < 0 else "exit code %d" % code
                     quick = time.monotonic() - proc.started_at < 1.0
@@ -1732,9 +1791,8 @@ class Supervisor:
                     delay = min(2 ** restarts[name], 30) if quick else 0
                     self.log("%s (pid %d) died (%s); restarting%s" % (
                         name, proc.pid, how, " in %ds" % delay if delay else ""))
-                    if delay:
-                        time.sleep(delay)
-                    self._start(ctx, name)
+                    # Restarted by the loop, which keeps answering signals meanwhile.
+                    due[name] = time.monotonic() + delay
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for s, handler in old.items():
@@ -1998,8 +2056,11 @@ def build_parser(only=None):
     return parser
 
 
-def _open_store(args):
-    return Store(getattr(args, "db", None) or default_db_path())
+def _open_store(args, create=False):
+    """The store named by --db / $QUEUECTL_DB / the default path. Only commands
+    that write jobs or settings create the file; the others read an empty
+    queue where there is none."""
+    return Store(getattr(args, "db", None) or default_db_path(), create=create)
 
 
 def _read_input(path):
@@ -2054,7 +2115,7 @@ def cmd_enqueue(args):
             raise QueueError("%s%s" % (where, e))
     if len(jobs) > 1 and "id" in flags:
         raise UsageError("--id cannot be used with several jobs")
-    with _open_store(args) as store:
+    with _open_store(args, create=True) as store:
         ids = store.enqueue(jobs, now=now)
     sys.stdout.write("".join(i + "\n" for i in ids))
     return EXIT_OK
@@ -2329,7 +2390,7 @@ def _config_text(value):
 def cmd_config_set(args):
     key = _config_key(args.key)
     value = parse_config_value(key, args.value)
-    with _open_store(args) as store:
+    with _open_store(args, create=True) as store:
         store.set_config(key, value)
     return EXIT_OK
 
