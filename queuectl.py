@@ -852,14 +852,17 @@ class Store:
         job["state"] = "processing"
         return job
 
-    def heartbeat(self, worker_id, job_id=None, now=None, lease=LEASE_SECONDS):
+    def heartbeat(self, worker_id, job_id=None, now=None, lease=LEASE_SECONDS, stopping=False):
         """Renew the worker's liveness and its job's lease, in one transaction.
+        `stopping` marks the worker as stopping (e.g. after a signal).
 
         Returns (stop_requested, cancel_requested, lease_held).
         """
         now = time.time() if now is None else now
         with self.transaction():
-            cur = self._execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (now, worker_id))
+            cur = self._execute("""
+                UPDATE workers SET heartbeat_at = ?, stop_requested = MAX(stop_requested, ?)
+                WHERE id = ?""", (now, 1 if stopping else 0, worker_id))
             if cur.rowcount == 0:
                 # Our row was removed (e.g. we were suspended and taken for dead).
                 self._register(worker_id, now)
@@ -918,11 +921,11 @@ class Store:
                 SELECT * FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ?""",
                             (job_id, worker_id))
             if job is None:
+                # Reclaimed meanwhile: keep the reclaimer's record of the run,
+                # but save the output, which only we have.
                 self._execute("""
-                    UPDATE runs SET finished_at = ?, exit_code = ?, outcome = ?, stdout = ?, stderr = ?
-                    WHERE job_id = ? AND run = ?""",
-                              (now, result.exit_code, result.outcome, result.stdout, result.stderr,
-                               job_id, run))
+                    UPDATE runs SET stdout = ?, stderr = ?
+                    WHERE job_id = ? AND run = ?""", (result.stdout, result.stderr, job_id, run))
                 return None
             outcome = "cancelled" if job["cancel_requested"] and not result.ok else result.outcome
             return self._settle(job, run, outcome, result.exit_code, result.ok, now,
@@ -989,7 +992,8 @@ class Store:
                             (job_id, worker_id, 1 if holder_dead else 0, now))
             if job is None:
                 return None
-            return self._settle(dict(job), run, "worker lost", None, False, now)
+            outcome = "cancelled" if job["cancel_requested"] else "worker lost"
+            return self._settle(dict(job), run, outcome, None, False, now)
 
     # -- reads -----------------------------------------------------------------
 
@@ -1006,15 +1010,17 @@ class Store:
             FROM runs WHERE job_id = ? ORDER BY run""", (job_id,))]
 
     def run_output(self, job_id, run=None):
-        """(run, stdout, stderr) of the given or the last run, or None if it never ran."""
+        """(run, finished, stdout, stderr) of the given or the last run, or None if it never ran."""
         if run is None:
             row = self._one("""
-                SELECT run, stdout, stderr FROM runs WHERE job_id = ? ORDER BY run DESC LIMIT 1""",
+                SELECT run, finished_at, stdout, stderr FROM runs WHERE job_id = ? ORDER BY run DESC LIMIT 1""",
                             (job_id,))
         else:
-            row = self._one("SELECT run, stdout, stderr FROM runs WHERE job_id = ? AND run = ?",
+            row = self._one("SELECT run, finished_at, stdout, stderr FROM runs WHERE job_id = ? AND run = ?",
                             (job_id, run))
-        return None if row is None else (row[0], bytes(row[1] or b""), bytes(row[2] or b""))
+        if row is None:
+            return None
+        return row[0], row[1] is not None, bytes(row[2] or b""), bytes(row[3] or b"")
 
     def list_jobs(self, state=None, limit=None):
         """The most recently enqueued jobs (all, or in one state), oldest first."""
@@ -1411,6 +1417,9 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
                     open_pipes -= 1
         # The shell has exited (not yet reaped): take down whatever it left.
         kill(signal.SIGKILL)
+    except BaseException:
+        kill(signal.SIGKILL)    # never leave a job running unsupervised
+        raise
     finally:
         sel.close()
         if pidfd is not None:
@@ -1516,7 +1525,7 @@ class Worker:
             return False, True
         self._next_heartbeat = now + HEARTBEAT_SECONDS
         try:
-            stop, cancel, held = self.store.heartbeat(self.id, job_id)
+            stop, cancel, held = self.store.heartbeat(self.id, job_id, stopping=self.stop_level > 0)
         except StoreError as e:
             # The lease has LEASE_SECONDS to run; a missed beat is not a loss.
             self.log("%s heartbeat failed (%s); will retry" % (self.name, e))
@@ -1708,6 +1717,7 @@ class Supervisor:
         self.once = once
         self.log = log
         self.stop_level = 0
+        self.failed = False     # a --once worker failed
         self.workers = {}       # name -> Process
 
     def _start(self, ctx, name):
@@ -1786,6 +1796,12 @@ class Supervisor:
                             due.clear()
                         continue
                     how = "signal %d" % -code if code < 0 else "exit code %d" % code
+                    if self.once and code > 0:
+                        # From cron: report and let the next run try again,
+                        # rather than pile up supervisors that retry forever.
+                        self.log("%s (pid %d) failed (%s); not restarted with --once" % (name, proc.pid, how))
+                        self.failed = True
+                        continue
                     quick = time.monotonic() - proc.started_at < 1.0
                     restarts[name] = restarts.get(name, 0) + 1 if quick else 0
                     delay = min(2 ** restarts[name], 30) if quick else 0
@@ -1800,7 +1816,9 @@ class Supervisor:
             os.close(wake_r)
             os.close(wake_w)
         self.log("all workers stopped")
-        return EXIT_INTERRUPTED if self.stop_level >= 2 else EXIT_OK
+        if self.stop_level >= 2:
+            return EXIT_INTERRUPTED
+        return EXIT_ERROR if self.failed else EXIT_OK
 
 
 ###############################################################################
@@ -1874,8 +1892,10 @@ def _attempts(job):
 
 EPILOG = """\
 environment:
-  QUEUECTL_DB     database file (default: $XDG_DATA_HOME/queuectl/queue.db,
-                  i.e. ~/.local/share/queuectl/queue.db)
+  QUEUECTL_DB                 database file (default: $XDG_DATA_HOME/queuectl/queue.db,
+                              i.e. ~/.local/share/queuectl/queue.db)
+  QUEUECTL_BUSY_TIMEOUT       how long to wait for another process's lock (default 30s)
+  QUEUECTL_ALLOW_NETWORK_FS   set to 1 to allow a database on NFS/SMB (one host only)
 
 exit codes: 0 ok, 1 error, 2 usage error, 124 timed out (wait, worker stop),
 130 interrupted; `wait` exits with the failed job's exit code.
@@ -2104,7 +2124,7 @@ def cmd_enqueue(args):
         if len(args.job) != 1:
             raise UsageError("expected one JSON job object (to enqueue a command, put it after --: "
                              "queuectl enqueue -- COMMAND)")
-        where_objs = _parse_or_fail(args.job[0])
+        where_objs = _parse_or_fail(args.job[0], hint=True)
     jobs = []
     for where, obj in where_objs:
         if isinstance(obj, dict) and flags:
@@ -2126,10 +2146,12 @@ def _shlex_join(words):
     return " ".join(shlex.quote(w) for w in words)
 
 
-def _parse_or_fail(text):
+def _parse_or_fail(text, hint=False):
     try:
         return parse_jobs_text(text)
     except ValueError as e:
+        if hint and not text.lstrip().startswith(("{", "[")):
+            raise QueueError("%s (to enqueue a command, put it after --: queuectl enqueue -- COMMAND)" % e)
         raise QueueError(str(e))
     except RecursionError:
         raise QueueError("invalid JSON: nested too deeply")
@@ -2281,7 +2303,10 @@ def cmd_logs(args):
         if args.attempt is None:
             raise QueueError("job %r has not run yet" % args.id)
         raise QueueError("job %r has no run %d (see 'queuectl show %s')" % (args.id, args.attempt, args.id))
-    _, out, err = found
+    run, finished, out, err = found
+    if not finished and not out and not err:
+        _err("job %s is running (run %d): its output is stored when the run ends" % (args.id, run))
+        return EXIT_OK
     sys.stdout.flush()
     sys.stdout.buffer.write(out)
     sys.stdout.buffer.flush()
