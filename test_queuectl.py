@@ -1,0 +1,1930 @@
+"""Tests for queuectl.py: the command-line contract of issue 2, the store, and real workers.
+
+Run from the repository root:
+
+    python3 -m unittest -v test_queuectl
+
+Standard library only (it also runs under pytest). Every test gets its own SQLite file in a
+temporary directory. CLI tests call ``queuectl.main([...])`` in-process; process tests start real
+``queuectl.py worker start`` pools with ``subprocess`` and run real shell commands. Every wait has
+a deadline, and every process a test starts is killed when the test ends, pass or fail. Linux
+only: leftover processes are found through /proc.
+"""
+
+import argparse
+import datetime
+import io
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from unittest import mock
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+QUEUECTL = os.path.join(HERE, "queuectl.py")
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import queuectl  # noqa: E402
+
+#: The five states, in the contract's order.
+STATES = ("pending", "processing", "completed", "failed", "dead")
+#: Fields the contract documents for a job in --json output.
+JOB_JSON_FIELDS = ("id", "command", "state", "attempts", "max_retries", "priority", "run_at",
+                   "timeout", "created_at", "updated_at", "exit_code")
+#: Every command and subcommand the contract names.
+CONTRACT_COMMANDS = (("enqueue",), ("worker", "start"), ("worker", "stop"), ("status",), ("list",),
+                     ("show",), ("logs",), ("wait",), ("dlq", "list"), ("dlq", "retry"),
+                     ("config", "set"), ("config", "get"), ("config", "list"), ("stats",))
+#: Seconds any single wait may take before the test fails (generous: the machine may be busy).
+DEADLINE = 30.0
+#: ISO-8601 UTC, as --json prints times.
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+#: Environment variable that marks every process a test starts (pools, workers, their jobs).
+TAG_ENV = "QUEUECTL_TEST_TAG"
+
+
+def iso_to_ts(text):
+    """Epoch seconds from the ISO-8601 UTC strings that --json prints."""
+    if not ISO_UTC.match(text or ""):
+        raise AssertionError("not an ISO-8601 UTC time ending in Z: %r" % (text,))
+    fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if "." in text else "%Y-%m-%dT%H:%M:%SZ"
+    dt = datetime.datetime.strptime(text, fmt).replace(tzinfo=datetime.timezone.utc)
+    return dt.timestamp()
+
+
+def read_proc(pid, name):
+    try:
+        with open("/proc/%s/%s" % (pid, name), "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+
+
+def processes_running(needle):
+    """Pids of live processes whose command line contains `needle` (zombies have none)."""
+    needle = needle.encode() if isinstance(needle, str) else needle
+    return [p for p in pids() if needle in read_proc(p, "cmdline")]
+
+
+def command_paths():
+    """Every command and subcommand of the real parser, e.g. ['dlq', 'retry']."""
+    paths = []
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    paths.append(prefix + [name])
+                    walk(sub, prefix + [name])
+
+    walk(queuectl.build_parser(), [])
+    return paths
+
+
+class QueueTestCase(unittest.TestCase):
+    """A fresh database per test, a private environment, and helpers to drive the CLI."""
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="queuectl-test-")
+        self.addCleanup(tmp.cleanup)
+        self.tmp = os.path.realpath(tmp.name)
+        self.db = os.path.join(self.tmp, "q.db")
+        self.tag = "%s:%d:%d" % (self.id(), os.getpid(), random.randrange(10 ** 9))
+        self.pools = []
+        # In-process commands run with the temp dir as cwd (jobs run where they were
+        # enqueued) and never see the developer's own queue.
+        old_cwd = os.getcwd()
+        os.chdir(self.tmp)
+        self.addCleanup(os.chdir, old_cwd)
+        patcher = mock.patch.dict(os.environ)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for name in (queuectl.DB_ENV, "QUEUECTL_BUSY_TIMEOUT", "QUEUECTL_ALLOW_NETWORK_FS"):
+            os.environ.pop(name, None)
+        os.environ["XDG_DATA_HOME"] = os.path.join(self.tmp, "xdg-default")
+        # Registered last, so it runs first: no process of ours outlives the test.
+        self.addCleanup(self.kill_leftovers)
+
+    # -- in-process CLI ------------------------------------------------------------
+
+    def run_cli_bytes(self, *args, stdin=b"", db=True):
+        """queuectl.main(argv) with stdin/stdout/stderr captured as bytes: (code, out, err)."""
+        argv = (["--db", self.db] if db else []) + [str(a) for a in args]
+        out_bytes, err_bytes = io.BytesIO(), io.BytesIO()
+        out = io.TextIOWrapper(out_bytes, encoding="utf-8")
+        err = io.TextIOWrapper(err_bytes, encoding="utf-8")
+        inp = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+        saved = sys.stdin, sys.stdout, sys.stderr
+        sys.stdin, sys.stdout, sys.stderr = inp, out, err
+        try:
+            code = queuectl.main(argv)
+        finally:
+            sys.stdin, sys.stdout, sys.stderr = saved
+            out.flush()
+            err.flush()
+        return code, out_bytes.getvalue(), err_bytes.getvalue()
+
+    def run_cli(self, *args, stdin=b"", db=True):
+        """Like run_cli_bytes, with stdout and stderr decoded as UTF-8."""
+        code, out, err = self.run_cli_bytes(*args, stdin=stdin, db=db)
+        return code, out.decode("utf-8"), err.decode("utf-8")
+
+    def expect_success(self, *args, err="", stdin=b"", db=True):
+        """Assert exit 0 and the given stderr (exactly; None: anything). Returns stdout."""
+        code, out, errtext = self.run_cli(*args, stdin=stdin, db=db)
+        where = "queuectl %s\nstdout: %r\nstderr: %r" % (" ".join(map(str, args)), out, errtext)
+        self.assertEqual(code, 0, where)
+        self.assertNotIn("Traceback", errtext, where)
+        if err is not None:
+            self.assertEqual(errtext, err, where)
+        return out
+
+    def expect_failure(self, *args, code=1, err=None, err_prefix=None, stdin=b"", db=True,
+                       check_db=True):
+        """Assert a non-zero exit (exactly `code`), empty stdout, one line on stderr starting with
+        'queuectl: error: ' (exactly `err` if given), no traceback and an unchanged database.
+        Returns the error line."""
+        before = self.db_dump() if check_db else None
+        rc, out, errtext = self.run_cli(*args, stdin=stdin, db=db)
+        where = "queuectl %s\nexit: %s\nstdout: %r\nstderr: %r" % (
+            " ".join(map(str, args)), rc, out, errtext)
+        self.assertEqual(rc, code, where)
+        self.assertEqual(out, "", where)
+        self.assertNotIn("Traceback", errtext, where)
+        self.assertTrue(errtext.endswith("\n"), where)
+        lines = errtext.splitlines()
+        self.assertEqual(len(lines), 1, where)
+        self.assertTrue(lines[0].startswith("queuectl: error: "), where)
+        if err is not None:
+            self.assertEqual(lines[0], err, where)
+        if err_prefix is not None:
+            self.assertTrue(lines[0].startswith(err_prefix), where)
+        if check_db:
+            after = self.db_dump()
+            if before is None:
+                self.assertFalse(after and any(after[t] for t in ("jobs", "runs", "config")),
+                                 "an error wrote to a new database: " + where)
+            else:
+                self.assertEqual(before, after, "an error changed the database: " + where)
+        return lines[0]
+
+    def db_dump(self, path=None):
+        """Every row of every queuectl table (None if there is no database file)."""
+        path = path or self.db
+        if not os.path.isfile(path):
+            return None
+        conn = sqlite3.connect(path)
+        try:
+            dump = {"user_version": conn.execute("PRAGMA user_version").fetchone()[0]}
+            for table in ("jobs", "runs", "config", "workers", "counts"):
+                try:
+                    dump[table] = [tuple(r) for r in conn.execute("SELECT * FROM %s ORDER BY rowid" % table)]
+                except sqlite3.OperationalError:
+                    dump[table] = None
+            return dump
+        finally:
+            conn.close()
+
+    def init_db(self):
+        """Create the database the way a user does: with a command that writes."""
+        self.expect_success("config", "set", "max_retries", "3")
+
+    def add(self, command, **fields):
+        """Enqueue one job from JSON through the CLI; returns its id."""
+        obj = dict(fields, command=command)
+        out = self.expect_success("enqueue", json.dumps(obj))
+        self.assertRegex(out, r"^\S+\n$")
+        return out.strip()
+
+    def job(self, job_id):
+        """The job as `show --json` prints it."""
+        return json.loads(self.expect_success("show", job_id, "--json"))
+
+    def jobs(self, *args):
+        return json.loads(self.expect_success("list", "--limit", "0", "--json", *args))
+
+    def dlq_ids(self):
+        return [j["id"] for j in json.loads(self.expect_success("dlq", "list", "--json"))]
+
+    def ledger(self, name="ledger"):
+        path = os.path.join(self.tmp, name)
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return f.read().split()
+
+    def ledger_command(self, text="$QUEUECTL_JOB_ID", name="ledger"):
+        return "echo %s >> %s" % (text, shlex.quote(os.path.join(self.tmp, name)))
+
+    def marker(self):
+        """A unique sleep duration, so a test can find exactly its own processes."""
+        return "300.%010d" % random.randrange(10 ** 10)
+
+    # -- waiting -----------------------------------------------------------------------
+
+    def wait_until(self, predicate, timeout=DEADLINE, message="condition", interval=0.02):
+        """Poll until predicate() is true; fail with `message` (and the pool logs) at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                text = message() if callable(message) else message
+                self.fail("timed out after %gs waiting for %s%s" % (timeout, text, self.pool_logs()))
+            time.sleep(interval)
+
+    def wait_state(self, job_id, *states, timeout=DEADLINE):
+        box = {}
+
+        def reached():
+            box["job"] = self.job(job_id)
+            return box["job"]["state"] in states
+
+        self.wait_until(reached, timeout, lambda: "job %s to be %s (it is %s)" % (
+            job_id, " or ".join(states), box.get("job", {}).get("state")), interval=0.05)
+        return box["job"]
+
+    # -- real processes ----------------------------------------------------------------
+
+    def env(self, **extra):
+        env = dict(os.environ)
+        env[TAG_ENV] = self.tag
+        env.update(extra)
+        return env
+
+    def script(self, *args, db=True, env=None, stdin=None, cwd=None, timeout=DEADLINE, python_flags=()):
+        """Run `python queuectl.py ARGS` as a real process: (code, stdout bytes, stderr bytes)."""
+        argv = [sys.executable] + list(python_flags) + [QUEUECTL] + (["--db", self.db] if db else [])
+        argv += [str(a) for a in args]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or self.env(),
+                                cwd=cwd or self.tmp, start_new_session=True)
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            self.fail("%s did not finish within %gs\nstdout: %r\nstderr: %r" % (
+                " ".join(argv), timeout, out[-2000:], err[-2000:]))
+        return proc.returncode, out, err
+
+    def run_once(self, count=1, timeout=DEADLINE):
+        """`worker start --once` as a real process; asserts exit 0 and no stdout. Returns its log."""
+        code, out, err = self.script("worker", "start", "--once", "--count", count, timeout=timeout)
+        log = err.decode("utf-8", "replace")
+        self.assertEqual(code, 0, log)
+        self.assertEqual(out, b"", log)
+        self.assertNotIn("Traceback", log)
+        return log
+
+    def start_pool(self, *args, stdin=subprocess.DEVNULL):
+        """Start `worker start ARGS` in the background (its own session), killed at cleanup."""
+        n = len(self.pools) + 1
+        log = open(os.path.join(self.tmp, "pool%d.log" % n), "wb")
+        out = open(os.path.join(self.tmp, "pool%d.out" % n), "wb")
+        proc = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "worker", "start"]
+                                + [str(a) for a in args],
+                                stdin=stdin, stdout=out, stderr=log, env=self.env(), cwd=self.tmp,
+                                start_new_session=True)
+        log.close()
+        out.close()
+        proc.log_path = log.name
+        proc.out_path = out.name
+        self.pools.append(proc)
+        self.addCleanup(self.stop_pool, proc)
+        return proc
+
+    def stop_pool(self, proc):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(10)
+        if proc.stdin:
+            proc.stdin.close()
+
+    def pool_log(self, proc):
+        with open(proc.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def pool_logs(self):
+        return "".join("\n--- pool %d log ---\n%s" % (proc.pid, self.pool_log(proc)[-3000:])
+                       for proc in self.pools)
+
+    def wait_pool(self, proc, timeout=DEADLINE):
+        """Wait for a pool to exit; returns its exit code. Asserts it printed nothing on stdout."""
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.fail("worker pool did not exit within %gs%s" % (timeout, self.pool_logs()))
+        with open(proc.out_path, "rb") as f:
+            self.assertEqual(f.read(), b"", "a worker pool wrote to stdout")
+        self.assertNotIn("Traceback", self.pool_log(proc))
+        return code
+
+    @staticmethod
+    def has_open(pid, path):
+        """Does process `pid` have `path` open (so it is past start-up, inside the command)?"""
+        fds = "/proc/%d/fd" % pid
+        try:
+            return any(os.readlink(os.path.join(fds, fd)) == path for fd in os.listdir(fds))
+        except OSError:
+            return False
+
+    def kill_leftovers(self):
+        """SIGKILL every process that carries this test's tag (pools, workers and their jobs)."""
+        for proc in self.pools:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        needle = ("\0%s=%s\0" % (TAG_ENV, self.tag)).encode()
+        for pid in pids():
+            if needle in b"\0" + read_proc(pid, "environ"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        for proc in self.pools:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+###############################################################################
+# Pure helpers ################################################################
+###############################################################################
+
+class TestHelpers(unittest.TestCase):
+
+    def test_parse_duration(self):
+        cases = {"30": 30, "1.5": 1.5, "30s": 30, "10m": 600, "2h": 7200, "1d": 86400,
+                 " 10M ": 600, "0": 0, 45: 45, 2.5: 2.5}
+        for text, seconds in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(queuectl.parse_duration(text), seconds)
+        for text in ("-5", -1, "abc", "", "10x", "s", "nan", "inf", True, "1e400"):
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                queuectl.parse_duration(text)
+
+    def test_backoff_delay(self):
+        self.assertEqual(queuectl.backoff_delay(1, 2, 3600), 2)
+        self.assertEqual(queuectl.backoff_delay(3, 2, 3600), 8)
+        self.assertEqual(queuectl.backoff_delay(12, 2, 3600), 3600)
+        self.assertEqual(queuectl.backoff_delay(5, 1, 3600), 1)
+        self.assertEqual(queuectl.backoff_delay(2, 3, 3600), 9)
+        self.assertEqual(queuectl.backoff_delay(4, 2, 0), 0)
+        self.assertEqual(queuectl.backoff_delay(10 ** 6, 2, 60), 60)   # no OverflowError
+
+    def test_new_job_id_unique_sortable_short(self):
+        ids = [queuectl.new_job_id() for _ in range(5000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertEqual(ids, sorted(ids))
+        for job_id in ids[:50]:
+            self.assertTrue(queuectl.valid_job_id(job_id), job_id)
+            self.assertLessEqual(len(job_id), 16)
+        later = queuectl.new_job_id()
+        self.assertGreater(later, ids[-1])
+
+    def test_parse_time(self):
+        t = 1893456000.0        # 2030-01-01T00:00:00Z
+        self.assertEqual(queuectl.parse_time("2030-01-01T00:00:00Z"), t)
+        self.assertEqual(queuectl.parse_time("2030-01-01T02:00:00+02:00"), t)
+        self.assertEqual(queuectl.parse_time("2030-01-01T00:00:00.250Z"), t + 0.25)
+        for text in ("tomorrow", "2030-13-01T00:00:00", "", 5):
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                queuectl.parse_time(text)
+
+    def test_parse_time_accepts_iso8601_forms_on_every_python(self):
+        # Valid ISO-8601 that datetime.fromisoformat only accepts from Python 3.11 on: the
+        # contract says ISO-8601, and the same job file must work on every supported Python.
+        t = 1893456000.0
+        for text, expected in (("2030-01-01T00:00:00.5Z", t + 0.5),
+                               ("2030-01-01T02:00:00+0200", t)):
+            with self.subTest(text=text):
+                try:
+                    self.assertEqual(queuectl.parse_time(text), expected)
+                except ValueError as e:
+                    self.fail("rejected on Python %d.%d: %s" % (sys.version_info[:2] + (e,)))
+
+    def test_format_time_is_iso_utc(self):
+        self.assertEqual(iso_to_ts(queuectl.format_time(1893456000.25)), 1893456000.25)
+        self.assertIsNone(queuectl.format_time(None))
+
+    def test_default_db_path(self):
+        home = os.path.expanduser("~")
+        self.assertEqual(queuectl.default_db_path({}),
+                         os.path.join(home, ".local", "share", "queuectl", "queue.db"))
+        self.assertEqual(queuectl.default_db_path({"XDG_DATA_HOME": "/x"}), "/x/queuectl/queue.db")
+        self.assertEqual(queuectl.default_db_path({"XDG_DATA_HOME": "/x", "QUEUECTL_DB": "/y.db"}), "/y.db")
+
+    def test_validate_job(self):
+        now = 1000.0
+        job = queuectl.validate_job({"command": "true", "delay": "10m", "priority": -3}, "/w", now)
+        self.assertEqual(job["command"], "true")
+        self.assertEqual(job["cwd"], "/w")
+        self.assertEqual(job["run_at"], now + 600)
+        self.assertEqual(job["priority"], -3)
+        bad = [{"command": "x", "prio": 1}, {"command": ""}, {}, [], {"command": "x", "max_retries": -1},
+               {"command": "x", "timeout": 0}, {"command": "x", "delay": 1, "run_at": "2030-01-01"},
+               {"command": "a\0b"}, {"command": "x", "id": "has space"}]
+        for obj in bad:
+            with self.subTest(obj=obj), self.assertRaises(ValueError):
+                queuectl.validate_job(obj, "/w", now)
+
+
+###############################################################################
+# Store, with injected time ##################################################
+###############################################################################
+
+class TestStore(QueueTestCase):
+    T = 1800000000.0
+    W = "otherhost:4242:99"      # a worker on another host: only its lease can expire
+
+    def setUp(self):
+        super().setUp()
+        self.store = queuectl.Store(self.db)
+        self.addCleanup(self.store.close)
+
+    def put(self, now=None, **fields):
+        now = self.T if now is None else now
+        fields.setdefault("command", "true")
+        job = queuectl.validate_job(fields, self.tmp, now)
+        return self.store.enqueue([job], now=now)[0]
+
+    def fail_run(self, job, now, code=3):
+        return self.store.finish(job["id"], job["run"], self.W, queuectl.RunResult(code, "exit %d" % code),
+                                 now=now)
+
+    def assert_counts_consistent(self):
+        actual = {s: 0 for s in STATES}
+        for state, n in self.store.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            actual[state] = n
+        self.assertEqual(self.store.counts(), actual)
+
+    def test_schema_version_and_wal(self):
+        self.assertEqual(self.store.conn.execute("PRAGMA user_version").fetchone()[0],
+                         queuectl.SCHEMA_VERSION)
+        self.assertGreaterEqual(queuectl.SCHEMA_VERSION, 1)
+        self.assertEqual(self.store.conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertGreater(self.store.conn.execute("PRAGMA busy_timeout").fetchone()[0], 0)
+
+    def test_claim_order_priority_then_due_time_then_enqueue_order(self):
+        a = self.put(priority=0)
+        b = self.put(priority=5)
+        c = self.put(priority=-1)
+        d = self.put(priority=10, now=self.T + 1)
+        e = self.put(priority=5, now=self.T - 5)   # same priority as b, due earlier
+        f = self.put(priority=5)                   # same priority and due time as b, enqueued later
+        g = self.put(priority=0)
+        order = []
+        while True:
+            job = self.store.claim(self.W, now=self.T + 2)
+            if job is None:
+                break
+            order.append(job["id"])
+        self.assertEqual(order, [d, e, b, f, a, g, c])
+
+    def test_job_not_claimed_before_run_at(self):
+        job_id = self.put(delay=60)
+        self.assertIsNone(self.store.claim(self.W, now=self.T + 59.9))
+        self.assertEqual(self.store.get(job_id)["state"], "pending")
+        self.assertEqual(self.store.claim(self.W, now=self.T + 60)["id"], job_id)
+
+    def test_claim_is_a_lease_and_counts_the_attempt(self):
+        job_id = self.put()
+        job = self.store.claim(self.W, now=self.T)
+        row = self.store.get(job_id)
+        self.assertEqual((row["state"], row["attempts"], row["worker_id"]), ("processing", 1, self.W))
+        self.assertEqual(row["lease_until"], self.T + queuectl.LEASE_SECONDS)
+        self.assertEqual(job["attempts"], 1)
+        self.assertIsNone(self.store.claim("me:1:1", now=self.T), "a processing job was claimed twice")
+        self.assert_counts_consistent()
+
+    def test_backoff_then_dead_after_max_retries_plus_one_runs(self):
+        job_id = self.put(max_retries=3)
+        now, runs = self.T, 0
+        expected_delays = [2, 4, 8]         # backoff_base 2 ** k for failed run k
+        while True:
+            job = self.store.claim(self.W, now=now)
+            if job is None:
+                break
+            runs += 1
+            self.assertEqual(job["attempts"], runs)
+            now += 1
+            state, run_at = self.fail_run(job, now)
+            if runs <= 3:
+                self.assertEqual(state, "failed")
+                self.assertEqual(run_at, now + expected_delays[runs - 1])
+                self.assertEqual(self.store.get(job_id)["state"], "failed")
+                self.assertIsNone(self.store.claim(self.W, now=run_at - 0.01), "retried too early")
+                now = run_at
+            else:
+                self.assertEqual(state, "dead")
+        self.assertEqual(runs, 4)
+        row = self.store.get(job_id)
+        self.assertEqual((row["state"], row["attempts"], row["exit_code"], row["outcome"]),
+                         ("dead", 4, 3, "exit 3"))
+        self.assertEqual([r["outcome"] for r in self.store.runs(job_id)], ["exit 3"] * 4)
+        self.assert_counts_consistent()
+
+    def test_backoff_respects_configured_base_and_max(self):
+        self.store.set_config("backoff_base", 3.0)
+        self.store.set_config("backoff_max", 5.0)
+        self.put(max_retries=5)
+        job = self.store.claim(self.W, now=self.T)
+        self.assertEqual(self.fail_run(job, self.T + 1), ("failed", self.T + 1 + 3))
+        job = self.store.claim(self.W, now=self.T + 10)
+        self.assertEqual(self.fail_run(job, self.T + 11), ("failed", self.T + 11 + 5))
+
+    def test_max_retries_zero_means_one_run(self):
+        self.put(max_retries=0)
+        job = self.store.claim(self.W, now=self.T)
+        self.assertEqual(self.fail_run(job, self.T)[0], "dead")
+
+    def test_success_completes(self):
+        job_id = self.put()
+        job = self.store.claim(self.W, now=self.T)
+        result = queuectl.RunResult(0, "exit 0", b"out", b"err")
+        state, _ = self.store.finish(job_id, job["run"], self.W, result, now=self.T + 1)
+        self.assertEqual(state, "completed")
+        row = self.store.get(job_id)
+        self.assertEqual((row["state"], row["exit_code"], row["worker_id"]), ("completed", 0, None))
+        self.assertEqual(self.store.run_output(job_id), (1, True, b"out", b"err"))
+
+    def test_expired_lease_is_reclaimed_as_a_failed_attempt(self):
+        job_id = self.put(max_retries=1)
+        job = self.store.claim(self.W, now=self.T)
+        [lease] = self.store.leases()
+        self.assertEqual((lease["id"], lease["worker_id"], lease["run"]), (job_id, self.W, 1))
+        self.assertIsNone(self.store.reclaim(job_id, self.W, 1, False, now=self.T + 29))
+        # The holder renews its lease while the command runs.
+        self.store.heartbeat(self.W, job_id, now=self.T + 20)
+        self.assertIsNone(self.store.reclaim(job_id, self.W, 1, False, now=self.T + 31))
+        state, run_at = self.store.reclaim(job_id, self.W, 1, False, now=self.T + 50)
+        self.assertEqual((state, run_at), ("failed", self.T + 50 + 2))
+        row = self.store.get(job_id)
+        self.assertEqual((row["state"], row["attempts"], row["outcome"], row["worker_id"]),
+                         ("failed", 1, "worker lost", None))
+        self.assertEqual(self.store.runs(job_id)[0]["outcome"], "worker lost")
+        # The old holder's late result does not overwrite the truth.
+        self.assertIsNone(self.store.finish(job_id, 1, self.W, queuectl.RunResult(0, "exit 0"),
+                                            now=self.T + 51))
+        self.assertEqual(self.store.get(job_id)["state"], "failed")
+        # A job that keeps losing its worker ends in the DLQ.
+        job = self.store.claim("w2:1:1", now=run_at)
+        self.assertEqual(self.store.reclaim(job_id, "w2:1:1", job["run"], True, now=run_at)[0], "dead")
+        self.assert_counts_consistent()
+
+    def test_holder_is_dead(self):
+        host, boot = queuectl.this_host(), queuectl.this_boot_id()
+        me = os.getpid()
+        self.assertFalse(queuectl.holder_is_dead(host, boot, me, queuectl.process_start(me)))
+        proc = subprocess.Popen(["true"])
+        proc.wait()
+        self.assertTrue(queuectl.holder_is_dead(host, boot, proc.pid, 12345))
+        # Same pid, different start time: the pid was reused, the holder is gone.
+        self.assertTrue(queuectl.holder_is_dead(host, boot, me, queuectl.process_start(me) + 1))
+        # Another host: we cannot tell, only its lease can expire.
+        self.assertFalse(queuectl.holder_is_dead(host + "-other", boot, proc.pid, 12345))
+        if boot:
+            self.assertTrue(queuectl.holder_is_dead(host, "another-boot", me, queuectl.process_start(me)))
+
+    def test_interrupted_run_gives_the_attempt_back(self):
+        job_id = self.put(max_retries=0)
+        job = self.store.claim(self.W, now=self.T)
+        state, _ = self.store.finish(job_id, job["run"], self.W, queuectl.RunResult(None, "interrupted"),
+                                     now=self.T + 1, interrupted=True)
+        self.assertEqual(state, "pending")
+        row = self.store.get(job_id)
+        self.assertEqual((row["state"], row["attempts"]), ("pending", 0))
+        self.assertEqual(self.store.runs(job_id)[0]["outcome"], "interrupted")
+
+    def test_cancel(self):
+        waiting = self.put()
+        running = self.put()
+        done = self.put()
+        for _ in range(2):
+            self.store.claim(self.W, now=self.T)
+        # `running` and `waiting` (first two) are processing; make `done` completed.
+        job = self.store.claim("w3:1:1", now=self.T)
+        self.store.finish(done, job["run"], "w3:1:1", queuectl.RunResult(0, "exit 0"), now=self.T)
+        self.store.finish(waiting, 1, self.W, queuectl.RunResult(1, "exit 1"), now=self.T)  # failed
+        self.assertEqual(self.store.cancel([waiting, running], now=self.T + 1),
+                         {waiting: "dead", running: "cancelling"})
+        self.assertEqual(self.store.get(waiting)["outcome"], "cancelled")
+        self.assertEqual(self.store.heartbeat(self.W, running, now=self.T + 2), (False, True, True))
+        state, _ = self.store.finish(running, 1, self.W, queuectl.RunResult(None, "cancelled"),
+                                     now=self.T + 3)
+        self.assertEqual(state, "dead")
+        with self.assertRaisesRegex(queuectl.QueueError, "already completed"):
+            self.store.cancel([done])
+        self.assert_counts_consistent()
+
+    def test_retry_dead_is_all_or_nothing(self):
+        dead = self.put(max_retries=0)
+        pending = self.put()
+        job = self.store.claim(self.W, now=self.T)
+        self.fail_run(job, self.T)
+        with self.assertRaises(queuectl.QueueError):
+            self.store.retry_dead([dead, pending], now=self.T + 5)
+        self.assertEqual(self.store.get(dead)["state"], "dead")
+        self.assertEqual(self.store.retry_dead([dead], now=self.T + 5), [dead])
+        row = self.store.get(dead)
+        self.assertEqual((row["state"], row["attempts"], row["run_at"]), ("pending", 0, self.T + 5))
+        self.assert_counts_consistent()
+
+    def test_transaction_rolls_back_on_error(self):
+        with self.assertRaises(RuntimeError):
+            with self.store.transaction():
+                self.store._execute("INSERT INTO config (key, value) VALUES ('max_retries', '9')")
+                raise RuntimeError("boom")
+        self.assertEqual(self.store.config()["max_retries"], 3)
+
+    def test_duplicate_id_in_one_enqueue_writes_nothing(self):
+        jobs = [queuectl.validate_job({"id": "x", "command": "true"}, self.tmp, self.T)] * 2
+        with self.assertRaises(queuectl.QueueError):
+            self.store.enqueue(jobs, now=self.T)
+        self.assertEqual(self.store.list_jobs(), [])
+
+
+###############################################################################
+# Database location, files, version, help ###################################
+###############################################################################
+
+class TestDatabaseLocation(QueueTestCase):
+
+    def assert_private_db(self, path):
+        self.assertTrue(os.path.isfile(path), path)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, path)
+        conn = sqlite3.connect(path)
+        try:
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], queuectl.SCHEMA_VERSION)
+        finally:
+            conn.close()
+
+    def test_db_option_creates_directories_and_private_file(self):
+        path = os.path.join(self.tmp, "a", "b", "c", "queue.db")
+        self.db = path
+        self.init_db()
+        self.assert_private_db(path)
+        old_umask = os.umask(0)        # a permissive umask must not widen the file's mode
+        self.addCleanup(os.umask, old_umask)
+        self.db = os.path.join(self.tmp, "other.db")
+        self.init_db()
+        self.assert_private_db(self.db)
+
+    def test_db_option_anywhere_on_the_line(self):
+        out = self.expect_success("enqueue", "--db", self.db, '{"command": "true", "id": "j1"}', db=False)
+        self.assertEqual(out, "j1\n")
+        self.assertEqual(self.expect_success("list", "--db", self.db, "--json", db=False).count('"j1"'), 1)
+
+    def test_queuectl_db_environment_variable(self):
+        path = os.path.join(self.tmp, "env", "queue.db")
+        os.environ["QUEUECTL_DB"] = path
+        self.assertEqual(self.expect_success("enqueue", '{"command": "true", "id": "e1"}', db=False), "e1\n")
+        self.assert_private_db(path)
+        # --db wins over the environment.
+        self.init_db()
+        self.assertEqual(json.loads(self.expect_success("list", "--json"))[:1], [])
+        env_jobs = json.loads(self.expect_success("list", "--json", db=False))
+        self.assertEqual([j["id"] for j in env_jobs], ["e1"])
+
+    def test_xdg_data_home_and_home_defaults(self):
+        xdg = os.path.join(self.tmp, "xdg")
+        os.environ["XDG_DATA_HOME"] = xdg
+        self.expect_success("config", "set", "max_retries", "2", db=False)
+        self.assert_private_db(os.path.join(xdg, "queuectl", "queue.db"))
+        del os.environ["XDG_DATA_HOME"]
+        home = os.path.join(self.tmp, "home")
+        os.environ["HOME"] = home
+        self.expect_success("config", "set", "max_retries", "2", db=False)
+        self.assert_private_db(os.path.join(home, ".local", "share", "queuectl", "queue.db"))
+
+    def test_read_commands_do_not_create_the_database(self):
+        self.db = os.path.join(self.tmp, "new", "queue.db")
+        status = json.loads(self.expect_success("status", "--json"))
+        self.assertEqual((status["counts"], status["workers"]), ({s: 0 for s in STATES}, []))
+        self.assertEqual(json.loads(self.expect_success("list", "--json")), [])
+        self.assertEqual(json.loads(self.expect_success("dlq", "list", "--json")), [])
+        self.assertEqual(self.expect_success("config", "get", "max-retries"), "3\n")
+        self.assertEqual(json.loads(self.expect_success("stats", "--json"))["last_hour"]["completed"], 0)
+        self.expect_success("worker", "stop", err=None)
+        self.expect_failure("show", "x", err="queuectl: error: job 'x' not found")
+        self.expect_failure("wait", "x", err="queuectl: error: job 'x' not found")
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "new")), "a read command created files")
+
+    def test_version(self):
+        self.assertEqual(self.expect_success("--version", db=False), "queuectl %s\n" % queuectl.__version__)
+
+    def test_usage_errors_exit_2(self):
+        self.expect_failure(code=2, db=False)
+        self.expect_failure("bogus", code=2, db=False)
+        self.expect_failure("worker", code=2)
+        self.expect_failure("worker", "start", "--count", "0", code=2)
+        self.expect_failure("list", "--limit", "-1", code=2)
+        self.expect_failure("list", "--limit", "ten", code=2)
+        self.expect_failure("wait", code=2)
+        self.expect_failure("enqueue", "--priority", "high", "--", "true", code=2)
+
+    def test_database_errors_are_one_line(self):
+        os.mkdir(os.path.join(self.tmp, "adir"))
+        self.db = os.path.join(self.tmp, "adir")
+        self.expect_failure("status", err="queuectl: error: cannot open database %s: it is a directory"
+                            % self.db, check_db=False)
+        self.db = os.path.join(self.tmp, "garbage.db")
+        with open(self.db, "wb") as f:
+            f.write(b"this is not sqlite" * 100)
+        self.expect_failure("status", check_db=False,
+                            err="queuectl: error: %s is not a queuectl database (file is not a database)"
+                            % self.db)
+        self.db = os.path.join(self.tmp, "foreign.db")
+        conn = sqlite3.connect(self.db)
+        conn.execute("CREATE TABLE t (x)")
+        conn.commit()
+        conn.close()
+        self.expect_failure("list", err="queuectl: error: %s is not a queuectl database (it has other tables)"
+                            % self.db, check_db=False)
+
+    def test_lock_held_too_long_is_one_clear_error(self):
+        self.add("true", id="before")
+        os.environ["QUEUECTL_BUSY_TIMEOUT"] = "0.3"
+        conn = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(conn.close)
+        conn.execute("BEGIN IMMEDIATE")
+        self.addCleanup(conn.execute, "ROLLBACK")
+        started = time.monotonic()
+        line = self.expect_failure("enqueue", '{"command": "true"}')
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        self.assertTrue(line.startswith("queuectl: error: database %s is locked" % self.db), line)
+        self.assertNotIn("database is locked", line.replace("database %s is locked" % self.db, ""))
+
+    def test_newer_schema_is_refused(self):
+        self.init_db()
+        conn = sqlite3.connect(self.db)
+        conn.execute("PRAGMA user_version = %d" % (queuectl.SCHEMA_VERSION + 1))
+        conn.commit()
+        conn.close()
+        self.expect_failure("list", err="queuectl: error: database %s was written by a newer queuectl "
+                            "(schema %d, this is %d); upgrade queuectl"
+                            % (self.db, queuectl.SCHEMA_VERSION + 1, queuectl.SCHEMA_VERSION))
+
+    def test_contention_waits_instead_of_database_locked(self):
+        self.init_db()
+        conn = sqlite3.connect(self.db, isolation_level=None, check_same_thread=False)
+        self.addCleanup(conn.close)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT OR REPLACE INTO config (key, value) VALUES ('max_retries', '7')")
+        timer = threading.Timer(0.6, conn.execute, ("COMMIT",))
+        timer.start()
+        self.addCleanup(timer.join)
+        started = time.monotonic()
+        job_id = self.add("true")
+        self.assertGreaterEqual(time.monotonic() - started, 0.4, "enqueue did not wait for the lock")
+        self.assertEqual(self.job(job_id)["max_retries"], 7)
+
+
+###############################################################################
+# enqueue #####################################################################
+###############################################################################
+
+class TestEnqueue(QueueTestCase):
+
+    def test_json_object_prints_only_the_id(self):
+        code, out, err = self.run_cli("enqueue", '{"command": "echo hello"}')
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, r"^[0-9a-z]+\n$")
+        job = self.job(out.strip())
+        for field in JOB_JSON_FIELDS:
+            self.assertIn(field, job)
+        self.assertEqual(job["command"], "echo hello")
+        self.assertEqual((job["state"], job["attempts"], job["max_retries"], job["priority"],
+                          job["timeout"], job["exit_code"]), ("pending", 0, 3, 0, None, None))
+        for field in ("run_at", "created_at", "updated_at"):
+            self.assertLess(abs(iso_to_ts(job[field]) - time.time()), 60, field)
+
+    def test_all_fields(self):
+        job_id = self.add("true", id="backup-1", max_retries=1, priority=7, timeout="2m")
+        self.assertEqual(job_id, "backup-1")
+        job = self.job("backup-1")
+        self.assertEqual((job["max_retries"], job["priority"], job["timeout"]), (1, 7, 120))
+        delayed = self.job(self.add("true", delay="10m"))
+        self.assertAlmostEqual(iso_to_ts(delayed["run_at"]) - iso_to_ts(delayed["created_at"]), 600, delta=1)
+        delayed = self.job(self.add("true", delay=90))
+        self.assertAlmostEqual(iso_to_ts(delayed["run_at"]) - iso_to_ts(delayed["created_at"]), 90, delta=1)
+        at = self.job(self.add("true", run_at="2030-01-01T00:00:00Z"))
+        self.assertEqual(iso_to_ts(at["run_at"]), 1893456000)
+        at = self.job(self.add("true", run_at="2030-01-01T03:00:00+03:00"))
+        self.assertEqual(iso_to_ts(at["run_at"]), 1893456000)
+        self.assertIsNone(self.job(self.add("true", timeout=None))["timeout"])
+
+    def test_generated_ids_are_unique_and_sortable(self):
+        ids = [self.add("true") for _ in range(30)]
+        self.assertEqual(len(set(ids)), 30)
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual([j["id"] for j in self.jobs()], ids)
+
+    def test_file_with_object_array_and_json_lines(self):
+        path = os.path.join(self.tmp, "jobs.json")
+        with open(path, "w") as f:
+            f.write('{"id": "o1", "command": "true"}\n')
+        self.assertEqual(self.expect_success("enqueue", "--file", path), "o1\n")
+        with open(path, "w") as f:
+            json.dump([{"id": "a1", "command": "true"}, {"id": "a2", "command": "false", "priority": 2}], f)
+        self.assertEqual(self.expect_success("enqueue", "--file", path), "a1\na2\n")
+        with open(path, "w") as f:
+            f.write('{"id": "l1", "command": "true"}\n\n{"id": "l2", "command": "true"}\n'
+                    '{"command": "true"}\n')
+        out = self.expect_success("enqueue", "-f", path).splitlines()
+        self.assertEqual(out[:2], ["l1", "l2"])
+        self.assertEqual(len(out), 3)
+        self.assertEqual(self.job("a2")["priority"], 2)
+
+    def test_file_from_stdin(self):
+        data = b'{"id": "s1", "command": "true"}\n{"id": "s2", "command": "true"}\n'
+        self.assertEqual(self.expect_success("enqueue", "--file", "-", stdin=data), "s1\ns2\n")
+        self.assertEqual([j["id"] for j in self.jobs()], ["s1", "s2"])
+
+    def test_file_is_all_or_nothing(self):
+        self.add("true", id="existing")
+        path = os.path.join(self.tmp, "jobs.jsonl")
+        lines = ['{"id": "f1", "command": "true"}', '{"id": "f2", "command": "true"}',
+                 '{"id": "f3", "command": ""}', '{"id": "f4", "command": "true"}']
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.expect_failure("enqueue", "--file", path,
+                            err="queuectl: error: line 3: field 'command' must not be empty")
+        with open(path, "w") as f:
+            f.write('{"id": "f1", "command": "true"}\n{"id": "f2", "command": "true"\n')
+        self.expect_failure("enqueue", "--file", path, err_prefix="queuectl: error: line 2: invalid JSON")
+        with open(path, "w") as f:
+            json.dump([{"id": "f1", "command": "true"}, {"id": "f2", "command": "true", "prio": 1}], f)
+        self.expect_failure("enqueue", "--file", path,
+                            err_prefix="queuectl: error: item 2: unknown field 'prio'")
+        with open(path, "w") as f:
+            f.write('{"id": "f1", "command": "true"}\n{"id": "existing", "command": "true"}\n')
+        self.expect_failure("enqueue", "--file", path, err="queuectl: error: job 'existing' already exists")
+        with open(path, "w") as f:
+            f.write('{"id": "f1", "command": "true"}\n{"id": "f1", "command": "true"}\n')
+        self.expect_failure("enqueue", "--file", path,
+                            err="queuectl: error: job 'f1' appears twice in the input")
+        self.assertEqual([j["id"] for j in self.jobs()], ["existing"])
+
+    def test_file_errors(self):
+        self.init_db()
+        missing = os.path.join(self.tmp, "missing.json")
+        self.expect_failure("enqueue", "--file", missing,
+                            err="queuectl: error: cannot read %s: No such file or directory" % missing)
+        path = os.path.join(self.tmp, "bad.json")
+        with open(path, "wb") as f:
+            f.write(b'{"command": "echo \xff"}')
+        self.expect_failure("enqueue", "--file", path, err_prefix="queuectl: error: %s: invalid UTF-8" % path)
+        with open(path, "w") as f:
+            f.write("  \n")
+        self.expect_failure("enqueue", "--file", path, err="queuectl: error: no jobs in input")
+        self.expect_failure("enqueue", "--file", path, '{"command": "true"}', code=2)
+
+    def test_flag_form(self):
+        out = self.expect_success("enqueue", "--priority", "5", "--timeout", "60", "--",
+                                  "tar", "czf", "x.tgz", "dir")
+        job = self.job(out.strip())
+        self.assertEqual((job["command"], job["priority"], job["timeout"]), ("tar czf x.tgz dir", 5, 60))
+        # One argument after -- is a shell command line as it is.
+        job = self.job(self.expect_success("enqueue", "--", "echo a | tr a b > piped.txt").strip())
+        self.assertEqual(job["command"], "echo a | tr a b > piped.txt")
+        # Several arguments are quoted, so they reach the program as they were given.
+        job = self.job(self.expect_success("enqueue", "--id", "words", "--max-retries", "0", "--",
+                                           "printf", "%s\\n", "a b", "$HOME", "--priority").strip())
+        self.assertEqual((job["id"], job["max_retries"], job["priority"]), ("words", 0, 0))
+        job = self.job(self.expect_success("enqueue", "--priority", "-5", "--", "true").strip())
+        self.assertEqual(job["priority"], -5)
+        job = self.job(self.expect_success("enqueue", "--delay", "1h", "--", "true").strip())
+        self.assertAlmostEqual(iso_to_ts(job["run_at"]) - iso_to_ts(job["created_at"]), 3600, delta=1)
+        out = self.expect_success("enqueue", "--run-at", "2030-01-01T00:00:00Z", "--", "true")
+        job = self.job(out.strip())
+        self.assertEqual(iso_to_ts(job["run_at"]), 1893456000)
+        self.run_once()
+        self.assertEqual(self.expect_success("logs", "words"), "a b\n$HOME\n--priority\n")
+        with open(os.path.join(self.tmp, "piped.txt")) as f:
+            self.assertEqual(f.read(), "b\n")
+
+    def test_invalid_jobs_write_nothing(self):
+        self.add("true", id="a")
+        self.expect_success("config", "set", "max_retries", "5")
+        cases = [
+            ('{"command": "x", "id": "a"}', "job 'a' already exists"),
+            ("{}", "field 'command' is required"),
+            ('{"command": ""}', "field 'command' must not be empty"),
+            ('{"command": "   "}', "field 'command' must not be empty"),
+            ('{"command": null}', "field 'command' is required"),
+            ('{"command": 5}', "field 'command' must be a string, not an integer"),
+            ('{"command": ["ls"]}', "field 'command' must be a string, not an array"),
+            ('{"command": "x", "priority": "5"}', "field 'priority' must be an integer, not a string"),
+            ('{"command": "x", "priority": 1.5}', "field 'priority' must be an integer, not a number"),
+            ('{"command": "x", "max_retries": true}',
+             "field 'max_retries' must be an integer, not a boolean"),
+            ('{"command": "x", "max_retries": -1}',
+             "field 'max_retries' must be between 0 and 1000000, not -1"),
+            ('{"command": "x", "comand": "y"}', "unknown field 'comand' (did you mean 'command'?) "
+             "(valid: id, command, max_retries, priority, run_at, delay, timeout)"),
+            ('{"command": "x", "priorty": 1}', "unknown field 'priorty' (did you mean 'priority'?) "
+             "(valid: id, command, max_retries, priority, run_at, delay, timeout)"),
+            ('{"command": "x", "run_at": "tomorrow"}', "field 'run_at': invalid time 'tomorrow' "
+             "(use ISO-8601, e.g. 2026-01-31T14:00:00 or ...+02:00)"),
+            ('{"command": "x", "run_at": 1700000000}', None),
+            ('{"command": "x", "delay": -5}', "field 'delay': duration must not be negative: -5"),
+            ('{"command": "x", "delay": "-5s"}', None),
+            ('{"command": "x", "delay": "soon"}', None),
+            ('{"command": "x", "run_at": "2030-01-01T00:00:00Z", "delay": 5}',
+             "give either 'run_at' or 'delay', not both"),
+            ('{"command": "x", "timeout": 0}', "field 'timeout' must be positive (use null for no timeout)"),
+            ('{"command": "x", "timeout": "-1m"}', None),
+            ('{"command": "x", "id": "no spaces"}', None),
+            ('{"command": "x", "id": 7}', None),
+            ('{"command": "x", "command": "y"}', None),
+            ('{"command": "x", "priority": NaN}', None),
+            ('"echo hi"', "a job must be a JSON object, not a string"),
+            ("[]", "no jobs in input (empty array)"),
+            ('[{"command": "x"}, 3]', "item 2: a job must be a JSON object, not an integer"),
+            (json.dumps({"command": "x" * 200000}), None),
+            ("{bad", None),
+            ('{"command": "x"} trailing', None),
+            ("", None),
+        ]
+        for text, message in cases:
+            with self.subTest(json=text):
+                if message is None:
+                    self.expect_failure("enqueue", text)
+                else:
+                    self.expect_failure("enqueue", text, err="queuectl: error: " + message)
+        self.assertEqual([j["id"] for j in self.jobs()], ["a"])
+
+    def test_command_line_mistakes(self):
+        self.init_db()
+        self.expect_failure("enqueue", code=2)
+        self.expect_failure("enqueue", "--", code=2, err="queuectl: error: no command after --")
+        self.expect_failure("enqueue", "--", "", err="queuectl: error: field 'command' must not be empty")
+        self.expect_failure("enqueue", '{"command": "a"}', '{"command": "b"}', code=2)
+        self.expect_failure("enqueue", "echo", "hi", code=2)
+        line = self.expect_failure("enqueue", "echo hi")
+        self.assertTrue(line.startswith("queuectl: error: invalid JSON"), line)
+        self.assertIn("queuectl enqueue -- COMMAND", line)
+        self.expect_failure("enqueue", "--timeout", "-5", "--", "true", code=2)
+        self.expect_failure("enqueue", "--timeout", "0", "--", "true")
+        self.expect_failure("enqueue", "--delay", "5", "--run-at", "2030-01-01T00:00:00Z", "--", "true")
+        self.expect_failure("enqueue", "--id", "x", "--file", "-", code=2,
+                            stdin=b'{"command": "a"}\n{"command": "b"}\n')
+
+    def test_flags_are_defaults_for_json(self):
+        job = self.job(self.expect_success("enqueue", "--priority", "4", '{"command": "true"}').strip())
+        self.assertEqual(job["priority"], 4)
+        job = self.job(self.expect_success("enqueue", "--priority", "4", '{"command": "true", "priority": 1}')
+                       .strip())
+        self.assertEqual(job["priority"], 1)
+
+
+###############################################################################
+# status, list, show, logs, dlq, cancel, config, stats, wait ##################
+###############################################################################
+
+class TestCommands(QueueTestCase):
+
+    def populate(self):
+        """One job in each state but processing, made by a real `worker start --once`."""
+        self.expect_success("config", "set", "backoff-max", "1h")
+        ids = {
+            "ok": self.add("echo out; echo err >&2", id="ok"),
+            "flaky": self.add("echo try $QUEUECTL_ATTEMPT; exit 4", id="flaky", max_retries=1),
+            "broken": self.add("echo try $QUEUECTL_ATTEMPT; exit 3", id="broken", max_retries=0),
+            "later": self.add("true", id="later", delay="1h"),
+        }
+        self.run_once()
+        return ids
+
+    def status_counts(self, out):
+        counts = {}
+        for line in out.splitlines():
+            m = re.match(r"^(\w+)\s+(\d+)$", line)
+            if m and m.group(1) in STATES:
+                counts[m.group(1)] = int(m.group(2))
+        return counts
+
+    def test_status_empty_shows_all_five_states(self):
+        out = self.expect_success("status")
+        self.assertEqual(self.status_counts(out), {s: 0 for s in STATES})
+        self.assertIn("no active workers", out)
+        data = json.loads(self.expect_success("status", "--json"))
+        self.assertEqual(data["counts"], {s: 0 for s in STATES})
+        self.assertEqual(data["workers"], [])
+
+    def test_status_counts(self):
+        self.populate()
+        expected = {"pending": 1, "processing": 0, "completed": 1, "failed": 1, "dead": 1}
+        self.assertEqual(self.status_counts(self.expect_success("status")), expected)
+        self.assertEqual(json.loads(self.expect_success("status", "--json"))["counts"], expected)
+
+    def test_list(self):
+        self.populate()
+        out = self.expect_success("list")
+        lines = out.splitlines()
+        self.assertTrue(lines[0].startswith("ID"), out)
+        self.assertEqual([line.split()[0] for line in lines[1:]], ["ok", "flaky", "broken", "later"])
+        self.assertEqual(out.count("\n"), 5)
+        self.assertEqual([j["id"] for j in self.jobs("--state", "dead")], ["broken"])
+        self.assertEqual([j["id"] for j in self.jobs("--state", "failed")], ["flaky"])
+        self.assertEqual([j["id"] for j in self.jobs("-s", "processing")], [])
+        self.assertEqual([line.split()[0] for line in self.expect_success("list", "--state", "completed")
+                          .splitlines()[1:]], ["ok"])
+        data = json.loads(self.expect_success("list", "--limit", "2", "--json"))
+        self.assertEqual([j["id"] for j in data], ["broken", "later"])
+        self.assertEqual(self.expect_success("list", "-n", "1").splitlines()[1].split()[0], "later")
+        for job in data:
+            self.assertEqual(set(JOB_JSON_FIELDS) - set(job), set())
+            for field in ("run_at", "created_at", "updated_at"):
+                iso_to_ts(job[field])
+        self.assertEqual(data[0]["exit_code"], 3)
+
+    def test_list_and_show_escape_control_characters(self):
+        job_id = self.add("echo a\necho b\x1b[31m")
+        out = self.expect_success("list")
+        self.assertEqual(len(out.splitlines()), 2, out)
+        self.assertNotIn("\x1b", out)
+        self.assertNotIn("\x1b", self.expect_success("show", job_id))
+        self.assertEqual(self.job(job_id)["command"], "echo a\necho b\x1b[31m")
+
+    def test_list_empty_and_unknown_state(self):
+        self.assertEqual(self.expect_success("list", err=None), "")
+        self.assertEqual(json.loads(self.expect_success("list", "--json")), [])
+        self.expect_failure("list", "--state", "running",
+                            err="queuectl: error: unknown state 'running' "
+                                "(valid: pending, processing, completed, failed, dead)")
+
+    def test_show(self):
+        self.populate()
+        job = self.job("broken")
+        self.assertEqual(set(JOB_JSON_FIELDS) - set(job), set())
+        self.assertEqual((job["id"], job["command"], job["state"], job["attempts"], job["max_retries"],
+                          job["priority"], job["timeout"], job["exit_code"]),
+                         ("broken", "echo try $QUEUECTL_ATTEMPT; exit 3", "dead", 1, 0, 0, None, 3))
+        for field in ("run_at", "created_at", "updated_at"):
+            iso_to_ts(job[field])
+        [run] = job["runs"]
+        started, finished = iso_to_ts(run["started_at"]), iso_to_ts(run["finished_at"])
+        self.assertLessEqual(started, finished)
+        self.assertAlmostEqual(run["duration"], finished - started, delta=0.01)
+        self.assertEqual((run["exit_code"], run["outcome"]), (3, "exit 3"))
+        self.assertEqual(self.job("later")["runs"], [])
+        text = self.expect_success("show", "broken")
+        for needle in ("broken", "dead", "echo try $QUEUECTL_ATTEMPT; exit 3", "exit 3", "1/1"):
+            self.assertIn(needle, text)
+        self.assertIn("no runs yet", self.expect_success("show", "later"))
+        self.expect_failure("show", "nope", err="queuectl: error: job 'nope' not found")
+
+    def test_logs(self):
+        self.populate()
+        code, out, err = self.run_cli_bytes("logs", "ok")
+        self.assertEqual((code, out, err), (0, b"out\n", b"err\n"))
+        self.expect_success("dlq", "retry", "broken", err=None)
+        self.run_once()
+        self.expect_success("dlq", "retry", "broken", err=None)
+        self.run_once()
+        self.assertEqual(self.expect_success("logs", "broken"), "try 1\n")
+        self.assertEqual(len(self.job("broken")["runs"]), 3)
+        self.assertEqual(self.expect_success("logs", "flaky", "--attempt", "1"), "try 1\n")
+        self.assertEqual(self.expect_success("logs", "ok", "-a", "1", err="err\n"), "out\n")
+        self.expect_failure("logs", "flaky", "--attempt", "2",
+                            err="queuectl: error: job 'flaky' has no run 2 (see 'queuectl show flaky')")
+        self.expect_failure("logs", "flaky", "--attempt", "0", code=2)
+        self.expect_failure("logs", "later", err="queuectl: error: job 'later' has not run yet")
+        self.expect_failure("logs", "nope", err="queuectl: error: job 'nope' not found")
+
+    def test_logs_after_retries(self):
+        self.expect_success("config", "set", "backoff-max", "0")
+        self.add("echo try $QUEUECTL_ATTEMPT; echo e$QUEUECTL_ATTEMPT >&2; exit 3", id="r", max_retries=2)
+        self.run_once()
+        self.assertEqual(self.expect_success("logs", "r", err="e3\n"), "try 3\n")
+        for n in (1, 2, 3):
+            out = self.expect_success("logs", "r", "--attempt", n, err="e%d\n" % n)
+            self.assertEqual(out, "try %d\n" % n)
+
+    def test_dlq(self):
+        self.populate()
+        self.assertEqual(self.dlq_ids(), ["broken"])
+        out = self.expect_success("dlq", "list")
+        self.assertEqual([line.split()[0] for line in out.splitlines()[1:]], ["broken"])
+        self.assertIn("exit 3", out)
+        self.expect_failure("dlq", "retry", "ok",
+                            err="queuectl: error: job 'ok' is not in the DLQ (it is completed)")
+        self.expect_failure("dlq", "retry", "later",
+                            err="queuectl: error: job 'later' is not in the DLQ (it is pending)")
+        self.expect_failure("dlq", "retry", "broken", "nope", err="queuectl: error: job 'nope' not found")
+        self.expect_failure("dlq", "retry", code=2)
+        self.expect_failure("dlq", "retry", "--all", "broken", code=2)
+        before = time.time()
+        self.expect_success("dlq", "retry", "broken", err="queuectl: 1 job moved back to pending\n")
+        job = self.job("broken")
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.assertLess(abs(iso_to_ts(job["run_at"]) - before), 5)
+        self.assertEqual(json.loads(self.expect_success("dlq", "list", "--json")), [])
+        self.expect_success("dlq", "list", err=None)
+
+    def test_dlq_retry_all_and_rerun(self):
+        flag = os.path.join(self.tmp, "ready")
+        ids = [self.add("test -f %s" % shlex.quote(flag), max_retries=0) for _ in range(3)]
+        self.run_once()
+        self.assertEqual(sorted(self.dlq_ids()), ids)
+        open(flag, "w").close()
+        self.expect_success("dlq", "retry", "--all", err="queuectl: 3 jobs moved back to pending\n")
+        self.assertEqual({self.job(i)["state"] for i in ids}, {"pending"})
+        self.run_once()
+        for job_id in ids:
+            job = self.job(job_id)
+            self.assertEqual((job["state"], job["attempts"], len(job["runs"])), ("completed", 1, 2))
+        self.expect_success("dlq", "retry", "--all", err="queuectl: 0 jobs moved back to pending\n")
+
+    def test_cancel_waiting_jobs(self):
+        a = self.add("true")
+        b = self.add("true", delay="1h")
+        self.expect_success("cancel", a, b, err="queuectl: job %s cancelled (moved to DLQ)\n"
+                            "queuectl: job %s cancelled (moved to DLQ)\n" % (a, b))
+        for job_id in (a, b):
+            job = self.job(job_id)
+            self.assertEqual((job["state"], job["outcome"]), ("dead", "cancelled"))
+        self.assertEqual(len(json.loads(self.expect_success("dlq", "list", "--json"))), 2)
+        self.expect_failure("cancel", a,
+                            err="queuectl: error: job '%s' cannot be cancelled: it is already dead" % a)
+        c = self.add("true")
+        self.expect_failure("cancel", c, "nope", err="queuectl: error: job 'nope' not found")
+        self.assertEqual(self.job(c)["state"], "pending")
+        self.run_once()
+        self.expect_failure("cancel", c,
+                            err="queuectl: error: job '%s' cannot be cancelled: it is already completed" % c)
+
+    def test_config(self):
+        defaults = {"max_retries": 3, "backoff_base": 2, "backoff_max": 3600, "timeout": None}
+        config = json.loads(self.expect_success("config", "list", "--json"))
+        self.assertEqual({k: config.get(k) for k in defaults}, defaults)   # "at least" these keys
+        out = self.expect_success("config", "list")
+        for key in ("max_retries", "backoff_base", "backoff_max", "timeout"):
+            self.assertIn(key, out)
+        for key, value in (("max_retries", "3"), ("max-retries", "3"), ("backoff_base", "2"),
+                           ("backoff-max", "3600"), ("timeout", "none")):
+            self.assertEqual(self.expect_success("config", "get", key), value + "\n")
+        self.assertEqual(self.expect_success("config", "set", "max-retries", "5"), "")
+        self.assertEqual(self.expect_success("config", "get", "max_retries"), "5\n")
+        self.expect_success("config", "set", "backoff_base", "1.5")
+        self.assertEqual(self.expect_success("config", "get", "backoff-base"), "1.5\n")
+        self.expect_success("config", "set", "backoff-max", "1h")
+        self.assertEqual(self.expect_success("config", "get", "backoff_max"), "3600\n")
+        self.expect_success("config", "set", "backoff-max", "0")
+        self.assertEqual(self.expect_success("config", "get", "backoff_max"), "0\n")
+        self.expect_success("config", "set", "timeout", "30s")
+        self.assertEqual(self.expect_success("config", "get", "timeout"), "30\n")
+        config = json.loads(self.expect_success("config", "list", "--json"))
+        self.assertEqual({k: config.get(k) for k in defaults},
+                         {"max_retries": 5, "backoff_base": 1.5, "backoff_max": 0, "timeout": 30})
+        self.expect_success("config", "set", "timeout", "none")
+        self.assertEqual(self.expect_success("config", "get", "timeout"), "none\n")
+        # Config lives in the database: another process sees it.
+        code, out, err = self.script("config", "get", "max-retries")
+        self.assertEqual((code, out, err), (0, b"5\n", b""))
+
+    def test_config_errors(self):
+        self.expect_success("config", "set", "max_retries", "4")
+        for args in (("set", "retries", "4"), ("get", "max retries"), ("get", "max_retries_")):
+            line = self.expect_failure("config", *args)
+            prefix = "queuectl: error: unknown config key %r (valid: " % args[1]
+            self.assertTrue(line.startswith(prefix), line)
+            valid = re.search(r"\(valid: ([^)]*)\)", line).group(1).split(", ")
+            for key in ("max_retries", "backoff_base", "backoff_max", "timeout"):
+                self.assertIn(key, valid, line)
+        bad = [("max_retries", "-1"), ("max_retries", "abc"), ("max_retries", "1.5"), ("max-retries", ""),
+               ("backoff_base", "0.5"), ("backoff_base", "two"), ("backoff_base", "nan"),
+               ("backoff_max", "-1"), ("backoff-max", "soon"), ("timeout", "-5"), ("timeout", "abc")]
+        for key, value in bad:
+            with self.subTest(key=key, value=value):
+                line = self.expect_failure("config", "set", key, value)
+                self.assertTrue(line.startswith("queuectl: error: invalid value %r for %s: expected "
+                                                % (value, key.replace("-", "_"))), line)
+        self.expect_failure("config", "set", "max_retries", code=2)
+        self.assertEqual(self.expect_success("config", "get", "max_retries"), "4\n")
+
+    def test_config_defaults_apply_to_new_jobs(self):
+        before = self.add("true")
+        self.expect_success("config", "set", "max_retries", "5")
+        self.expect_success("config", "set", "timeout", "90")
+        after = self.job(self.add("true"))
+        self.assertEqual((after["max_retries"], after["timeout"]), (5, 90))
+        explicit = self.job(self.add("true", max_retries=1, timeout=None))
+        self.assertEqual((explicit["max_retries"], explicit["timeout"]), (1, None))
+        self.assertEqual((self.job(before)["max_retries"], self.job(before)["timeout"]), (3, None))
+
+    def test_stats(self):
+        empty = json.loads(self.expect_success("stats", "--json"))
+        fields = {"completed", "failed_runs", "dead", "success_rate", "duration_p50", "duration_p95",
+                  "duration_max", "throughput_per_min"}
+        for window in ("last_hour", "last_day"):
+            self.assertEqual(set(empty[window]), fields)
+            s = empty[window]
+            self.assertEqual((s["completed"], s["failed_runs"], s["dead"], s["success_rate"]),
+                             (0, 0, 0, None))
+        self.populate()
+        stats = json.loads(self.expect_success("stats", "--json"))
+        for window in ("last_hour", "last_day"):
+            s = stats[window]
+            self.assertEqual((s["completed"], s["failed_runs"], s["dead"]), (1, 2, 1), window)
+            self.assertAlmostEqual(s["success_rate"], 1 / 3, places=3)
+            self.assertLessEqual(s["duration_p50"], s["duration_p95"])
+            self.assertLessEqual(s["duration_p95"], s["duration_max"])
+            self.assertGreater(s["throughput_per_min"], 0)
+        out = self.expect_success("stats")
+        for label in ("completed", "failed runs", "dead", "success rate", "p50", "p95", "max", "throughput"):
+            self.assertIn(label, out)
+
+    def test_wait_exit_codes(self):
+        self.populate()
+        self.assertEqual(self.expect_success("wait", "ok"), "")
+        code, out, err = self.run_cli("wait", "ok", "broken")
+        self.assertEqual((code, out, err), (3, "", "queuectl: job broken is dead (exit 3)\n"))
+        cancelled = self.add("true", delay="1h")
+        self.expect_success("cancel", cancelled, err=None)
+        code, out, err = self.run_cli("wait", cancelled)
+        self.assertEqual((code, out), (1, ""))
+        started = time.monotonic()
+        code, out, err = self.run_cli("wait", "ok", "later", "--timeout", "0.3")
+        self.assertEqual((code, out, err), (124, "", "queuectl: timed out waiting for 1 job: later\n"))
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        self.expect_failure("wait", "ok", "nope", err="queuectl: error: job 'nope' not found")
+        self.expect_failure("wait", "ok", "--timeout", "soon", code=2)
+
+    def test_purge(self):
+        self.populate()
+        self.expect_success("purge", "--older-than", "1h", err="queuectl: purged 0 completed jobs\n")
+        self.expect_success("purge", err="queuectl: purged 1 completed job\n")
+        self.assertEqual([j["id"] for j in self.jobs()], ["flaky", "broken", "later"])
+        self.expect_failure("logs", "ok", err="queuectl: error: job 'ok' not found")
+        self.expect_success("purge", "--state", "dead", err="queuectl: purged 1 dead job\n")
+        self.assertEqual([j["id"] for j in self.jobs()], ["flaky", "later"])
+        self.expect_failure("purge", "--state", "pending", code=2)
+        counts = json.loads(self.expect_success("status", "--json"))["counts"]
+        self.assertEqual(counts, {"pending": 1, "processing": 0, "completed": 0, "failed": 1, "dead": 0})
+
+    def test_worker_stop_without_workers(self):
+        self.assertEqual(self.expect_success("worker", "stop", err="queuectl: no workers running\n"), "")
+
+
+###############################################################################
+# Real workers ################################################################
+###############################################################################
+
+class TestWorkers(QueueTestCase):
+
+    def test_once_drains_and_exits_zero(self):
+        self.assertIn("started 1 worker", self.run_once())          # nothing to do: still exit 0
+        ids = [self.add(self.ledger_command()) for _ in range(6)]
+        log = self.run_once(count=2)
+        self.assertEqual(sorted(self.ledger()), ids)
+        for job_id in ids:
+            self.assertEqual(self.job(job_id)["state"], "completed")
+            self.assertRegex(log, r"%s claimed \(attempt 1/4\)" % job_id)
+            self.assertRegex(log, r"%s completed in \d" % job_id)
+        self.assertEqual(json.loads(self.expect_success("status", "--json"))["workers"], [])
+
+    def test_job_completes(self):
+        job_id = self.add("echo hello; echo oops >&2")
+        self.run_once()
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]), ("completed", 1, 0))
+        [run] = job["runs"]
+        self.assertEqual((run["exit_code"], run["outcome"]), (0, "exit 0"))
+        code, out, err = self.run_cli_bytes("logs", job_id)
+        self.assertEqual((code, out, err), (0, b"hello\n", b"oops\n"))
+        self.assertEqual(self.expect_success("wait", job_id), "")
+
+    def test_failing_job_retried_with_backoff_then_dead(self):
+        self.expect_success("config", "set", "backoff-max", "0.3")   # min(2 ** k, 0.3): 0.3 s each
+        job_id = self.add(self.ledger_command("run-$QUEUECTL_ATTEMPT") + "; exit 3", id="flaky",
+                          max_retries=2)
+        pool = self.start_pool()
+        job = self.wait_state(job_id, "dead")
+        self.assertEqual((job["attempts"], job["exit_code"], job["outcome"]), (3, 3, "exit 3"))
+        runs = job["runs"]
+        self.assertEqual([r["attempt"] for r in runs], [1, 2, 3])
+        self.assertEqual([(r["exit_code"], r["outcome"]) for r in runs], [(3, "exit 3")] * 3)
+        for before, after in zip(runs, runs[1:]):
+            gap = iso_to_ts(after["started_at"]) - iso_to_ts(before["finished_at"])
+            self.assertGreaterEqual(gap, 0.29, "retried before its backoff passed")
+        self.assertEqual(self.ledger(), ["run-1", "run-2", "run-3"])
+        self.assertEqual(self.dlq_ids(), ["flaky"])
+        code, _, _ = self.run_cli("wait", job_id)
+        self.assertEqual(code, 3)
+        os.kill(pool.pid, signal.SIGTERM)
+        self.assertEqual(self.wait_pool(pool), 0)
+        log = self.pool_log(pool)
+        self.assertEqual(len(re.findall(r"flaky exit 3, retry at \d\d:\d\d:\d\d", log)), 2, log)
+        self.assertEqual(len(re.findall(r"flaky exit 3, dead", log)), 1, log)
+
+    def test_three_workers_run_three_sleeps_in_parallel(self):
+        ids = [self.add("sleep 1") for _ in range(3)]
+        started = time.monotonic()
+        self.run_once(count=3)
+        elapsed = time.monotonic() - started
+        self.assertLess(elapsed, 2.5, "3 x sleep 1 on 3 workers took %.2fs" % elapsed)
+        runs = [self.job(i)["runs"][0] for i in ids]
+        self.assertEqual({self.job(i)["state"] for i in ids}, {"completed"})
+        first_end = min(iso_to_ts(r["finished_at"]) for r in runs)
+        for run in runs:
+            self.assertLess(iso_to_ts(run["started_at"]), first_end, "the runs did not overlap")
+        self.assertEqual(len({r["worker"] for r in runs}), 3)
+
+    def test_data_survives_restart(self):
+        code, out, err = self.script("enqueue", '{"id": "kept", "command": "echo kept > kept.txt"}')
+        self.assertEqual((code, out, err), (0, b"kept\n", b""))
+        code, out, err = self.script("list", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual([(j["id"], j["state"]) for j in json.loads(out.decode())], [("kept", "pending")])
+        self.run_once()
+        code, out, err = self.script("show", "kept", "--json")
+        self.assertEqual(json.loads(out.decode())["state"], "completed")
+        self.assertTrue(os.path.exists(os.path.join(self.tmp, "kept.txt")))
+
+    def test_invalid_command_fails_gracefully(self):
+        job_id = self.add("nonexistent_cmd_xyz --flag", max_retries=0)
+        after = self.add("echo still alive")
+        log = self.run_once()
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["exit_code"]), ("dead", 127))
+        self.assertIn("not found", job["runs"][0]["outcome"])
+        code, out, err = self.run_cli_bytes("logs", job_id)
+        self.assertIn(b"not found", err)
+        self.assertIn("not found", log)
+        self.assertEqual(self.job(after)["state"], "completed")
+        code, _, err = self.run_cli("wait", job_id)
+        self.assertEqual((code, err), (127, "queuectl: job %s is dead (exit 127)\n" % job_id))
+
+    def test_job_killed_by_a_signal_fails(self):
+        job_id = self.add("echo before; kill -KILL $$; echo after", max_retries=0)
+        self.run_once()
+        job = self.job(job_id)
+        self.assertEqual(job["state"], "dead")
+        self.assertIn("SIGKILL", job["runs"][0]["outcome"])
+        self.assertEqual(self.expect_success("logs", job_id), "before\n")
+        code, _, _ = self.run_cli("wait", job_id)
+        self.assertNotEqual(code, 0)
+
+    def test_job_whose_directory_is_gone_fails_gracefully(self):
+        gone = os.path.join(self.tmp, "gone")
+        os.mkdir(gone)
+        os.chdir(gone)
+        job_id = self.add("true", max_retries=0)
+        os.chdir(self.tmp)
+        os.rmdir(gone)
+        after = self.add("true")
+        self.run_once()
+        job = self.job(job_id)
+        self.assertEqual(job["state"], "dead")
+        self.assertTrue(job["runs"][0]["outcome"] and job["runs"][0]["outcome"] != "exit 0")
+        self.assertEqual(self.job(after)["state"], "completed")
+
+    def test_200_jobs_on_4_workers_run_exactly_once(self):
+        path = os.path.join(self.tmp, "jobs.jsonl")
+        with open(path, "w") as f:
+            for i in range(200):
+                f.write(json.dumps({"id": "j%03d" % i, "command": self.ledger_command()}) + "\n")
+        ids = self.expect_success("enqueue", "--file", path).split()
+        self.assertEqual(len(ids), 200)
+        self.run_once(count=4, timeout=60)
+        ledger = self.ledger()
+        self.assertEqual(len(ledger), 200, "each job must run exactly once")
+        self.assertEqual(sorted(ledger), sorted(ids))
+        counts = json.loads(self.expect_success("status", "--json"))["counts"]
+        self.assertEqual(counts, {"pending": 0, "processing": 0, "completed": 200, "failed": 0, "dead": 0})
+        self.assertEqual({j["attempts"] for j in self.jobs()}, {1})
+        workers = {self.job(i)["runs"][0]["worker"] for i in ids[::10]}
+        self.assertGreater(len(workers), 1, "only one worker did any work")
+
+    def test_priority_order_on_one_worker(self):
+        for job_id, priority in (("a", 0), ("b", 5), ("c", -1), ("d", 10), ("e", 5), ("f", 0)):
+            self.add(self.ledger_command(), id=job_id, priority=priority)
+        self.run_once(count=1)
+        self.assertEqual(self.ledger(), ["d", "b", "e", "a", "f", "c"])
+
+    def test_future_jobs_not_run_early(self):
+        soon_at = time.time() + 1.5
+        soon_iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(soon_at)) + ".%03dZ" % (soon_at % 1 * 1000)
+        now = self.add(self.ledger_command(), id="now")
+        delayed = self.add(self.ledger_command(), id="delayed", delay=1.5)
+        at = self.add(self.ledger_command(), id="at", run_at=soon_iso)
+        far = self.add(self.ledger_command(), id="far", run_at="2099-01-01T00:00:00Z")
+        self.run_once()
+        finished = time.time()
+        self.assertEqual(self.job(now)["state"], "completed")
+        not_due = [far] + ([delayed, at] if finished < soon_at - 0.05 else [])   # unless very slow
+        for job_id in not_due:
+            job = self.job(job_id)
+            self.assertEqual((job["state"], job["attempts"], job["runs"]), ("pending", 0, []), job_id)
+        pool = self.start_pool()
+        for job_id in (delayed, at):
+            job = self.wait_state(job_id, "completed", timeout=15)
+            self.assertGreaterEqual(iso_to_ts(job["runs"][0]["started_at"]), iso_to_ts(job["run_at"]) - 0.001)
+        self.assertEqual(sorted(self.ledger()), ["at", "delayed", "now"])
+        self.assertEqual(self.job(far)["state"], "pending")
+        os.kill(pool.pid, signal.SIGTERM)
+        self.assertEqual(self.wait_pool(pool), 0)
+
+    def test_timeout_kills_the_job_and_its_children(self):
+        m1, m2 = self.marker(), self.marker()
+        # Children in the job's process group (one with an empty environment, so only the group
+        # kill can find it), and one that left the group (setsid) but carries the job's environment.
+        in_group = self.add("env -i sleep %s & wait" % m1, timeout=1, max_retries=0)
+        escaped = self.add("setsid sleep %s & sleep %s; echo never" % (m2, m2), timeout=1, max_retries=0)
+        started = time.monotonic()
+        self.run_once(count=2)
+        self.assertLess(time.monotonic() - started, 1 + queuectl.KILL_GRACE_SECONDS)
+        for job_id in (in_group, escaped):
+            job = self.job(job_id)
+            self.assertEqual((job["state"], job["outcome"], job["runs"][0]["outcome"]),
+                             ("dead", "timeout", "timeout"))
+            self.assertEqual(self.expect_success("logs", job_id), "")
+        for m in (m1, m2):
+            self.wait_until(lambda: not processes_running(m), 2, lambda: "the job's children to be gone: %s"
+                            % processes_running(m))
+
+    def test_timeout_kills_a_job_that_ignores_sigterm(self):
+        m = self.marker()
+        job_id = self.add("trap '' TERM; sleep %s; echo survived" % m, timeout=0.5, max_retries=0)
+        self.run_once()
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["outcome"]), ("dead", "timeout"))
+        self.wait_until(lambda: not processes_running(m), 2, "the job to be gone")
+        self.assertNotIn("survived", self.expect_success("logs", job_id))
+
+    def test_non_utf8_output_round_trips(self):
+        job_id = self.add(r"printf '\377\376abc\n\000end'; printf '\200\201' >&2")
+        self.run_once()
+        code, out, err = self.run_cli_bytes("logs", job_id)
+        self.assertEqual((code, out, err), (0, b"\xff\xfeabc\n\x00end", b"\x80\x81"))
+        code, out, err = self.script("logs", job_id)
+        self.assertEqual((code, out, err), (0, b"\xff\xfeabc\n\x00end", b"\x80\x81"))
+        self.expect_success("show", job_id)
+        self.expect_success("list")
+
+    def test_multi_megabyte_output_is_bounded(self):
+        size = 5 * 1000 * 1000
+        job_id = self.add("printf START; head -c %d /dev/zero | tr '\\000' x; printf END; "
+                          "head -c %d /dev/zero >&2; echo done >> %s"
+                          % (size, size, shlex.quote(os.path.join(self.tmp, "ledger"))))
+        self.run_once(timeout=60)
+        self.assertEqual(self.job(job_id)["state"], "completed")
+        self.assertEqual(self.ledger(), ["done"])
+        code, out, err = self.run_cli_bytes("logs", job_id)
+        self.assertEqual(code, 0)
+        total = len("START") + size + len("END")
+        self.assertTrue(out.startswith(b"STARTxxx") and out.endswith(b"xxxEND"), (out[:20], out[-20:]))
+        self.assertLess(len(out), 2 * 1024 * 1024 + 200, "stdout is not bounded")
+        m = re.search(rb"(\d+) bytes cut", out)
+        self.assertIsNotNone(m, "no cut marker")
+        kept = out.count(b"x") + len("START") + len("END")
+        self.assertEqual(kept + int(m.group(1)), total, "the marker does not say how much was cut")
+        self.assertLess(len(err), 2 * 1024 * 1024 + 200, "stderr is not bounded")
+        m = re.search(rb"(\d+) bytes cut", err)
+        self.assertIsNotNone(m)
+        self.assertEqual(err.count(b"\0") + int(m.group(1)), size)
+        run = self.job(job_id)["runs"][0]
+        self.assertEqual((run["stdout_bytes"], run["stderr_bytes"]), (len(out), len(err)))
+
+    def test_job_environment_cwd_and_stdin(self):
+        workdir = os.path.join(self.tmp, "work dir")
+        os.mkdir(workdir)
+        os.chdir(workdir)
+        job_id = self.add('pwd > where.txt; echo "$QUEUECTL_JOB_ID $QUEUECTL_ATTEMPT" > env.txt; '
+                          'readlink /proc/self/fd/0 > stdin.txt; cat > stdin-data.txt', timeout=10)
+        os.chdir(self.tmp)
+        # The pool's own stdin is a pipe that stays open: a job reading it would hang.
+        pool = self.start_pool("--once", stdin=subprocess.PIPE)
+        self.assertEqual(self.wait_pool(pool), 0)
+        self.assertEqual(self.job(job_id)["state"], "completed")
+
+        def read(name):
+            with open(os.path.join(workdir, name)) as f:
+                return f.read()
+
+        self.assertEqual(read("where.txt"), workdir + "\n")
+        self.assertEqual(read("env.txt"), "%s 1\n" % job_id)
+        self.assertEqual(read("stdin.txt"), "/dev/null\n")
+        self.assertEqual(read("stdin-data.txt"), "")
+
+    def test_wait_blocks_until_the_job_is_done(self):
+        job_id = self.add("sleep 0.3")
+        waiter = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "wait", job_id],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env())
+        self.addCleanup(waiter.wait)
+        self.addCleanup(waiter.kill)
+        self.wait_until(lambda: self.has_open(waiter.pid, self.db), 10, "wait to open the database")
+        time.sleep(0.2)       # not a wait for a result: give `wait` a chance to return early, wrongly
+        self.assertIsNone(waiter.poll(), "wait returned while the job was pending")
+        self.run_once()
+        out, err = waiter.communicate(timeout=DEADLINE)
+        self.assertEqual((waiter.returncode, out, err), (0, b"", b""))
+
+
+###############################################################################
+# Real workers: stopping, signals, crashes ###################################
+###############################################################################
+
+class TestWorkerLifecycle(QueueTestCase):
+
+    def worker_pid(self, job_id):
+        """The pid of the worker running `job_id`, from `status --json`."""
+        status = json.loads(self.expect_success("status", "--json"))
+        [worker] = [w for w in status["workers"] if w["job"] == job_id]
+        return worker["pid"]
+
+    def test_worker_stop_from_another_process(self):
+        a = self.add("sleep 1; " + self.ledger_command(), id="a", priority=1)
+        b = self.add(self.ledger_command(), id="b")
+        pool = self.start_pool()
+        self.wait_state(a, "processing")
+        # While the pool runs, status lists its worker and the job it runs.
+        status = json.loads(self.expect_success("status", "--json"))
+        [worker] = status["workers"]
+        self.assertEqual(worker["job"], a)
+        self.assertNotEqual(worker["pid"], pool.pid)
+        for field in ("pid", "started_at", "heartbeat_at"):
+            self.assertIn(field, worker)
+        self.assertEqual(status["counts"]["processing"], 1)
+        running = self.job(a)
+        self.assertEqual((running["state"], running["attempts"]), ("processing", 1))
+        run = running["runs"][0]
+        self.assertEqual((run["outcome"], run["finished_at"]), ("running", None))
+        code, out, err = self.run_cli("logs", a)
+        self.assertEqual((code, out), (0, ""))
+        self.assertIn("running", err)
+        text = self.expect_success("status")
+        self.assertRegex(text, r"(?m)^%d\s.*\s%s\s" % (worker["pid"], a))
+        code, out, err = self.script("worker", "stop", "--timeout", "20")
+        self.assertEqual((code, out), (0, b""), err)
+        self.assertEqual(err, b"queuectl: asked 1 worker to stop; waiting for running jobs to finish\n"
+                              b"queuectl: stopped 1 worker\n")
+        self.assertEqual(self.wait_pool(pool), 0)
+        self.assertEqual(self.job(a)["state"], "completed")
+        self.assertEqual(self.ledger(), ["a"])
+        job = self.job(b)
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0),
+                         "a worker asked to stop started another job")
+        self.assertEqual(json.loads(self.expect_success("status", "--json"))["workers"], [])
+
+    def test_worker_stop_times_out(self):
+        m = self.marker()
+        job_id = self.add("sleep %s" % m)
+        pool = self.start_pool()
+        self.wait_state(job_id, "processing")
+        pid = self.worker_pid(job_id)
+        started = time.monotonic()
+        code, out, err = self.script("worker", "stop", "--timeout", "0.5")
+        self.assertEqual((code, out), (124, b""))
+        self.assertGreaterEqual(time.monotonic() - started, 0.5)
+        self.assertEqual(err.decode().splitlines()[-1],
+                         "queuectl: timed out: 1 worker still running (pid %d)" % pid)
+        self.assertIsNone(pool.poll())
+        [worker] = json.loads(self.expect_success("status", "--json"))["workers"]
+        self.assertEqual((worker["pid"], worker["job"], worker["stopping"]), (pid, job_id, True))
+
+    def test_sigterm_is_graceful(self):
+        a = self.add("sleep 1; " + self.ledger_command(), id="a", priority=1)
+        b = self.add(self.ledger_command(), id="b")
+        pool = self.start_pool("--count", "1")
+        self.wait_state(a, "processing")
+        os.kill(pool.pid, signal.SIGTERM)
+        self.assertEqual(self.wait_pool(pool), 0)
+        self.assertEqual(self.job(a)["state"], "completed")
+        self.assertEqual(self.ledger(), ["a"])
+        self.assertEqual(self.job(b)["state"], "pending")
+        self.assertIn("stopping", self.pool_log(pool))
+
+    def test_second_sigterm_kills_and_requeues(self):
+        m = self.marker()
+        job_id = self.add("sleep %s; " % m + self.ledger_command(), max_retries=0)
+        pool = self.start_pool()
+        self.wait_state(job_id, "processing")
+        os.kill(pool.pid, signal.SIGTERM)
+        self.wait_until(lambda: "stopping" in self.pool_log(pool), 10, "the pool to log that it is stopping")
+        os.kill(pool.pid, signal.SIGTERM)
+        self.assertEqual(self.wait_pool(pool), 130)
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0), "the attempt was used up")
+        self.assertEqual(job["runs"][-1]["outcome"], "interrupted")
+        self.wait_until(lambda: not processes_running(m), 2, "the job's process group to be killed")
+        self.assertEqual(self.ledger(), [])
+
+    def test_sigint_like_ctrl_c_is_graceful(self):
+        job_id = self.add("sleep 0.5; " + self.ledger_command())
+        pool = self.start_pool("--count", "2")
+        self.wait_state(job_id, "processing")
+        os.killpg(pool.pid, signal.SIGINT)       # Ctrl-C reaches the whole process group
+        self.assertEqual(self.wait_pool(pool), 0)
+        self.assertEqual(self.job(job_id)["state"], "completed")
+
+    def test_sigkilled_worker_does_not_leave_its_job_stuck(self):
+        self.expect_success("config", "set", "backoff-max", "0")
+        m = self.marker()
+        job_id = self.add('if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep %s; fi; ' % m
+                          + self.ledger_command("attempt-$QUEUECTL_ATTEMPT"))
+        pool = self.start_pool()
+        self.wait_state(job_id, "processing")
+        self.wait_until(lambda: processes_running(m), 10, "the job's command to start")
+        os.kill(self.worker_pid(job_id), signal.SIGKILL)
+        job = self.wait_state(job_id, "completed")
+        self.assertEqual(job["attempts"], 2)
+        self.assertEqual([r["outcome"] for r in job["runs"]], ["worker lost", "exit 0"])
+        self.assertEqual(self.ledger(), ["attempt-2"])
+        self.wait_until(lambda: not processes_running(m), 2, "the lost run's command to be killed")
+        self.assertIsNone(pool.poll(), "the pool died with its worker")
+        os.kill(pool.pid, signal.SIGTERM)
+        self.assertEqual(self.wait_pool(pool), 0)
+
+    def test_killed_pool_job_reclaimed_by_worker_once(self):
+        self.expect_success("config", "set", "backoff-max", "0")
+        m = self.marker()
+        job_id = self.add('if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep %s; fi; ' % m
+                          + self.ledger_command("attempt-$QUEUECTL_ATTEMPT"))
+        pool = self.start_pool()
+        self.wait_state(job_id, "processing")
+        self.wait_until(lambda: processes_running(m), 10, "the job's command to start")
+        os.killpg(pool.pid, signal.SIGKILL)       # the whole pool: a reboot or the OOM killer
+        pool.wait(DEADLINE)
+        self.assertEqual(self.job(job_id)["state"], "processing")
+        started = time.monotonic()
+        self.run_once()                          # cron: must not wait for the lease to expire
+        self.assertLess(time.monotonic() - started, queuectl.LEASE_SECONDS / 2)
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 2))
+        self.assertEqual([r["outcome"] for r in job["runs"]], ["worker lost", "exit 0"])
+        self.assertEqual(self.ledger(), ["attempt-2"])
+        self.wait_until(lambda: not processes_running(m), 2, "the lost run's command to be killed")
+
+    def test_cancel_survives_a_lost_worker(self):
+        m = self.marker()
+        job_id = self.add("sleep %s; " % m + self.ledger_command(), max_retries=3)
+        pool = self.start_pool()
+        self.wait_state(job_id, "processing")
+        self.wait_until(lambda: processes_running(m), 10, "the job's command to start")
+        self.expect_success("cancel", job_id, err=None)
+        os.killpg(pool.pid, signal.SIGKILL)       # the worker dies before it acts on the cancel
+        pool.wait(DEADLINE)
+        self.run_once()
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["outcome"], job["attempts"]), ("dead", "cancelled", 1))
+        self.wait_until(lambda: not processes_running(m), 2, "the cancelled job to be killed")
+        self.assertEqual(self.ledger(), [])
+
+    def test_cancel_running_job(self):
+        m = self.marker()
+        job_id = self.add("sleep %s; " % m + self.ledger_command())
+        pool = self.start_pool()
+        self.wait_state(job_id, "processing")
+        self.expect_success("cancel", job_id, err="queuectl: job %s is running: its worker will kill it "
+                                                  "and move it to the DLQ\n" % job_id)
+        job = self.wait_state(job_id, "dead", timeout=15)
+        self.assertEqual(job["outcome"], "cancelled")
+        self.wait_until(lambda: not processes_running(m), 2, "the cancelled job to be killed")
+        self.assertEqual(self.ledger(), [])
+        after = self.add("true")
+        self.wait_state(after, "completed")
+        os.kill(pool.pid, signal.SIGTERM)
+        self.assertEqual(self.wait_pool(pool), 0)
+
+
+###############################################################################
+# The script as a program ######################################################
+###############################################################################
+
+class TestScript(QueueTestCase):
+
+    def test_runs_with_nothing_installed(self):
+        # -I: no user site, no PYTHONPATH; -S: no site-packages at all.
+        flags = ("-I", "-S")
+        elsewhere = os.path.join(self.tmp, "elsewhere")
+        os.mkdir(elsewhere)
+        code, out, err = self.script("--version", db=False, python_flags=flags, cwd=elsewhere)
+        self.assertEqual((code, out, err), (0, ("queuectl %s\n" % queuectl.__version__).encode(), b""))
+        code, out, err = self.script("enqueue", "--", "echo ran > ran.txt", python_flags=flags, cwd=elsewhere)
+        self.assertEqual(code, 0, err)
+        job_id = out.decode().strip()
+        code, out, err = self.script("worker", "start", "--once", python_flags=flags, cwd=elsewhere)
+        self.assertEqual(code, 0, err)
+        code, out, err = self.script("wait", job_id, "--timeout", "10", python_flags=flags)
+        self.assertEqual((code, out, err), (0, b"", b""))
+        self.assertTrue(os.path.exists(os.path.join(elsewhere, "ran.txt")))
+
+    def test_executable_with_shebang(self):
+        self.assertTrue(os.access(QUEUECTL, os.X_OK), "queuectl.py is not executable")
+        with open(QUEUECTL, "rb") as f:
+            self.assertTrue(f.readline().startswith(b"#!"))
+        # `#!/usr/bin/env python3` finds python3 on PATH: make that the Python under test.
+        bindir = os.path.join(self.tmp, "bin")
+        os.mkdir(bindir)
+        os.symlink(sys.executable, os.path.join(bindir, "python3"))
+        env = self.env(PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+        proc = subprocess.run([QUEUECTL, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env, timeout=DEADLINE)
+        self.assertEqual((proc.returncode, proc.stderr), (0, b""))
+        self.assertEqual(proc.stdout, ("queuectl %s\n" % queuectl.__version__).encode())
+
+    def test_exit_codes_and_no_tracebacks(self):
+        self.script("enqueue", '{"id": "x", "command": "exit 5", "max_retries": 0}')
+        cases = [
+            (("enqueue", "{bad"), 1),
+            (("enqueue", '{"command": "x", "id": "x"}'), 1),
+            (("show", "nope"), 1),
+            (("list", "--state", "nope"), 1),
+            (("config", "set", "nope", "1"), 1),
+            (("bogus",), 2),
+            (("list", "--limit", "x"), 2),
+            ((), 2),
+        ]
+        for args, expected in cases:
+            with self.subTest(args=args):
+                code, out, err = self.script(*args)
+                self.assertEqual(code, expected, err)
+                self.assertEqual(out, b"")
+                self.assertNotIn(b"Traceback", err)
+                self.assertEqual(len(err.splitlines()), 1, err)
+                self.assertTrue(err.startswith(b"queuectl: error: "), err)
+        code, out, err = self.script("wait", "x", "--timeout", "0.1")
+        self.assertEqual((code, out), (124, b""))
+        self.run_once()
+        self.assertEqual(self.script("wait", "x")[0], 5)
+        code, out, err = self.script("-h", db=False)
+        self.assertEqual((code, err), (0, b""))
+        self.assertTrue(out.startswith(b"usage: queuectl"))
+
+    def test_debug_shows_the_traceback(self):
+        self.init_db()
+        code, out, err = self.script("--debug", "show", "nope")
+        self.assertEqual((code, out), (1, b""))
+        self.assertIn(b"queuectl: error: job 'nope' not found", err)
+        self.assertIn(b"Traceback", err)
+
+    def test_worker_start_on_a_bad_database_is_one_error(self):
+        os.mkdir(os.path.join(self.tmp, "adir"))
+        self.db = os.path.join(self.tmp, "adir")
+        code, out, err = self.script("worker", "start", "--once", "--count", "2")
+        self.assertEqual((code, out), (1, b""))
+        self.assertEqual(err.decode(),
+                         "queuectl: error: cannot open database %s: it is a directory\n" % self.db)
+
+    def test_ctrl_c_during_wait_exits_130(self):
+        job_id = self.add("true")
+        # A shell starts background jobs with SIGINT ignored, and Python keeps it so: give
+        # `wait` the default disposition a terminal would, whoever runs the tests.
+        proc = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "wait", job_id],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env(),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        self.wait_until(lambda: self.has_open(proc.pid, self.db), 10, "wait to open the database")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=DEADLINE)
+        self.assertEqual((proc.returncode, out), (130, b""))
+        self.assertNotIn(b"Traceback", err)
+
+    def test_non_utf8_arguments_are_one_error_line(self):
+        self.init_db()
+        before = self.db_dump()
+        for args in ([b"enqueue", b"--", b"echo \xff"], [b"enqueue", b'{"command": "echo \xff"}'],
+                     [b"show", b"\xff"], [b"enqueue", b"--id", b"a\xff", b"--", b"true"],
+                     [b"list", b"--state", b"\xff"]):
+            with self.subTest(args=args):
+                argv = [os.fsencode(sys.executable), os.fsencode(QUEUECTL), b"--db", os.fsencode(self.db)]
+                proc = subprocess.run(argv + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      env=self.env(), timeout=DEADLINE)
+                self.assertEqual((proc.returncode, proc.stdout), (1, b""), proc.stderr)
+                self.assertEqual(len(proc.stderr.splitlines()), 1, proc.stderr)
+                self.assertTrue(proc.stderr.startswith(b"queuectl: error: "), proc.stderr)
+        self.assertEqual(self.db_dump(), before)
+
+    def test_broken_pipe_is_quiet(self):
+        path = os.path.join(self.tmp, "jobs.jsonl")
+        with open(path, "w") as f:
+            for i in range(3000):
+                f.write('{"command": "echo a fairly long command line to fill the pipe %d"}\n' % i)
+        self.expect_success("enqueue", "--file", path)
+        command = "%s %s --db %s list --limit 0 | head -n 1" % (
+            shlex.quote(sys.executable), shlex.quote(QUEUECTL), shlex.quote(self.db))
+        proc = subprocess.run(["sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=self.env(), timeout=DEADLINE)
+        self.assertEqual(proc.stderr, b"")
+        self.assertTrue(proc.stdout.startswith(b"ID"), proc.stdout)
+
+    def test_run_at_without_offset_is_local_time(self):
+        # JST-9 is a POSIX TZ string (UTC+9, no DST): it needs no tz database.
+        env = self.env(TZ="JST-9")
+        job = '{"id": "tz", "command": "true", "run_at": "2030-01-01T12:00:00"}'
+        code, out, err = self.script("enqueue", job, env=env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(iso_to_ts(self.job("tz")["run_at"]), 1893456000 + 3 * 3600)
+        code, out, err = self.script("enqueue", "--run-at", "2030-01-01T12:00:00", "--id", "tz2",
+                                     "--", "true", env=env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(iso_to_ts(self.job("tz2")["run_at"]), 1893456000 + 3 * 3600)
+
+
+###############################################################################
+# Schema migration ############################################################
+###############################################################################
+
+class TestMigration(QueueTestCase):
+    FIXTURE = os.path.join(HERE, "test_fixtures", "schema-v1.db")
+
+    def test_v1_database_is_migrated(self):
+        if not os.path.exists(self.FIXTURE):
+            self.skipTest("no schema-v1 fixture")
+        with open(self.FIXTURE, "rb") as src, open(self.db, "wb") as dst:
+            dst.write(src.read())
+        os.chmod(self.db, 0o600)
+        jobs = {j["id"]: j for j in self.jobs()}
+        self.assertEqual(sorted(jobs), ["dead-1", "done-1", "fail-1", "pending-1", "sched-1"])
+        self.assertEqual((jobs["dead-1"]["state"], jobs["dead-1"]["attempts"]), ("dead", 2))
+        conn = sqlite3.connect(self.db)
+        try:
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], queuectl.SCHEMA_VERSION)
+        finally:
+            conn.close()
+        self.assertEqual(json.loads(self.expect_success("status", "--json"))["counts"],
+                         {"pending": 2, "processing": 0, "completed": 1, "failed": 1, "dead": 1})
+        self.assertEqual(self.expect_success("config", "get", "max_retries"), "5\n")
+        self.assertEqual(self.expect_success("logs", "done-1"), "done one\n")
+        self.assertEqual([r["run"] for r in self.job("dead-1")["runs"]], [1, 2])
+        # The old jobs keep working: a retried one continues its run numbering.
+        self.expect_success("dlq", "retry", "dead-1", err=None)
+        self.expect_success("cancel", "pending-1", "sched-1", "fail-1", err=None)
+        new = self.add("true")
+        self.run_once()
+        self.assertEqual(self.job(new)["state"], "completed")
+        self.assertEqual([r["run"] for r in self.job("dead-1")["runs"]], [1, 2, 3])
+        counts = json.loads(self.expect_success("status", "--json"))["counts"]
+        self.assertEqual(sum(counts.values()), 6)
+        self.assertEqual(counts["completed"], 2)
+
+
+###############################################################################
+# Meta: help and documentation ################################################
+###############################################################################
+
+class TestMeta(QueueTestCase):
+
+    def test_every_command_has_help(self):
+        paths = command_paths()
+        for command in CONTRACT_COMMANDS:
+            self.assertIn(list(command), paths, "command missing: %s" % " ".join(command))
+        for path in [[]] + paths:
+            for flag in ("--help", "-h"):
+                with self.subTest(command=" ".join(path), flag=flag):
+                    out = self.expect_success(*(path + [flag]), db=False)
+                    self.assertTrue(out.startswith("usage: " + " ".join(["queuectl"] + path)), out[:200])
+        top = self.expect_success("--help", db=False)
+        self.assertIn("QUEUECTL_DB", top)
+        for path in paths:
+            if len(path) == 1:
+                self.assertIn(path[0], top)
+
+    def test_expected_sqlite_is_loaded(self):
+        # .ci/run preloads old SQLite builds and says which one in QUEUECTL_EXPECT_SQLITE.
+        expected = os.environ.get("QUEUECTL_EXPECT_SQLITE")
+        if not expected:
+            self.skipTest("QUEUECTL_EXPECT_SQLITE is not set (only .ci/run sets it)")
+        self.assertEqual(sqlite3.sqlite_version, expected)
+
+    def test_every_command_is_in_the_readme(self):
+        readme = os.path.join(HERE, "README.md")
+        if not os.path.exists(readme):
+            self.skipTest("README.md does not exist yet (it is being written separately)")
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        missing = [" ".join(p) for p in command_paths() if " ".join(p) not in text]
+        self.assertEqual(missing, [], "commands missing from README.md")
+        self.assertIn("QUEUECTL_DB", text)
+
+
+if __name__ == "__main__":
+    unittest.main()
