@@ -559,6 +559,19 @@ def _json_loads(text):
     return json.loads(text)
 
 
+def _not_utf8(params):
+    bad = next((p for p in params if isinstance(p, str) and not _encodable(p)), "")
+    return QueueError("%s is not valid UTF-8 text" % printable(repr(bad))[:200])
+
+
+def _encodable(text):
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 class Store:
     """All access to the SQLite file. Every state change is one transaction.
 
@@ -671,7 +684,7 @@ class Store:
         except sqlite3.Error as e:
             raise self._error(e)
         except UnicodeEncodeError:
-            raise QueueError("text that is not valid UTF-8: %s" % printable(params)[:200])
+            raise _not_utf8(params)
 
     def _all(self, sql, params=()):
         try:
@@ -679,7 +692,7 @@ class Store:
         except sqlite3.Error as e:
             raise self._error(e)
         except UnicodeEncodeError:
-            raise QueueError("text that is not valid UTF-8: %s" % printable(params)[:200])
+            raise _not_utf8(params)
 
     def _one(self, sql, params=()):
         rows = self._all(sql, params)
