@@ -64,6 +64,8 @@ LEASE_SECONDS = 30.0
 HEARTBEAT_SECONDS = 2.0
 #: A worker not heard of for this long is removed from the workers table.
 FORGET_WORKER_SECONDS = 600.0
+#: How long a heartbeat waits for the write lock before trying again later.
+HEARTBEAT_BUSY_MS = 200
 #: After SIGTERM to a job's process group, SIGKILL follows after this long.
 KILL_GRACE_SECONDS = 5.0
 #: After a job's shell exits, how long to keep reading output that leftover
@@ -443,14 +445,24 @@ def this_host():
 
 
 def this_boot_id():
-    """The kernel's boot id ('' where there is none): a reboot kills every worker."""
+    """'<kernel boot id>/<pid namespace>' ('' parts where there are none).
+
+    A different boot id means every worker of the old boot is dead; a
+    different pid namespace (another container on the same kernel and host
+    name) means its pids cannot be checked from here.
+    """
     global _BOOT_ID
     if _BOOT_ID is None:
         try:
             with open("/proc/sys/kernel/random/boot_id") as f:
-                _BOOT_ID = f.read().strip()
+                boot = f.read().strip()
         except OSError:
-            _BOOT_ID = ""
+            boot = ""
+        try:
+            namespace = os.readlink("/proc/self/ns/pid")
+        except OSError:
+            namespace = ""
+        _BOOT_ID = "%s/%s" % (boot, namespace)
     return _BOOT_ID
 
 
@@ -492,8 +504,12 @@ def holder_is_dead(host, boot_id, pid, start):
     """True only if the lease holder is provably dead: same host, and gone."""
     if host != this_host():
         return False
-    if boot_id and this_boot_id() and boot_id != this_boot_id():
+    boot, _, namespace = (boot_id or "").partition("/")
+    my_boot, _, my_namespace = this_boot_id().partition("/")
+    if boot and my_boot and boot != my_boot:
         return True
+    if namespace != my_namespace:
+        return False        # another container: its pids are not ours to check
     return not process_alive(pid, start)
 
 
@@ -509,7 +525,7 @@ def kill_job_processes(job_id, worker_id, db_path):
     import signal
     marks = (b"\0QUEUECTL_JOB_ID=" + job_id.encode() + b"\0",
              b"\0QUEUECTL_WORKER_ID=" + worker_id.encode() + b"\0",
-             b"\0QUEUECTL_DB=" + os.path.abspath(db_path).encode() + b"\0")
+             b"\0QUEUECTL_DB=" + os.path.realpath(db_path).encode() + b"\0")
     killed = 0
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -780,10 +796,6 @@ class Store:
         with self.transaction():
             config = self.config()
             given = [job["id"] for job in jobs if job.get("id") is not None]
-            if len(set(given)) != len(given):
-                seen = set()
-                dup = next(i for i in given if i in seen or seen.add(i))
-                raise QueueError("job %r appears twice in the input" % dup)
             for i in range(0, len(given), 500):
                 chunk = given[i:i + 500]
                 rows = self._all("SELECT id FROM jobs WHERE id IN (%s)" % ",".join("?" * len(chunk)),
@@ -874,6 +886,15 @@ class Store:
         Returns (stop_requested, cancel_requested, lease_held).
         """
         now = time.time() if now is None else now
+        # Wait only briefly for the lock: the lease has time to spare, and the
+        # runner must keep enforcing timeouts and stops meanwhile.
+        self._execute("PRAGMA busy_timeout = %d" % HEARTBEAT_BUSY_MS)
+        try:
+            return self._heartbeat(worker_id, job_id, now, lease, stopping)
+        finally:
+            self._execute("PRAGMA busy_timeout = %d" % int(self.busy_timeout * 1000))
+
+    def _heartbeat(self, worker_id, job_id, now, lease, stopping):
         with self.transaction():
             cur = self._execute("""
                 UPDATE workers SET heartbeat_at = ?, stop_requested = MAX(stop_requested, ?)
@@ -942,7 +963,9 @@ class Store:
                     UPDATE runs SET stdout = ?, stderr = ?
                     WHERE job_id = ? AND run = ?""", (result.stdout, result.stderr, job_id, run))
                 return None
-            outcome = "cancelled" if job["cancel_requested"] and not result.ok else result.outcome
+            outcome = result.outcome
+            if job["cancel_requested"] and not result.ok:
+                outcome, interrupted = "cancelled", False    # a cancel wins over a hard stop
             return self._settle(job, run, outcome, result.exit_code, result.ok, now,
                                 result.stdout, result.stderr, interrupted=interrupted)
 
@@ -994,10 +1017,13 @@ class Store:
             LEFT JOIN workers w ON w.id = j.worker_id
             WHERE j.state = 'processing'""")]
 
-    def reclaim(self, job_id, worker_id, run, holder_dead, now=None):
+    def reclaim(self, job_id, worker_id, run, holder_dead, now=None, before=None):
         """Take back a job whose worker died or whose lease expired: the lost
         run counts as a failed attempt. Returns (state, run_at) or None if the
-        job was not (or no longer) claimable this way.
+        job was not (or no longer) claimable this way. `before()` is called
+        inside the transaction once the job is known to be taken back (the
+        worker kills the lost run's processes there: the holder cannot renew
+        its lease meanwhile, and no new run can start yet).
         """
         now = time.time() if now is None else now
         with self.transaction():
@@ -1007,6 +1033,8 @@ class Store:
                             (job_id, worker_id, 1 if holder_dead else 0, now))
             if job is None:
                 return None
+            if before is not None:
+                before()
             outcome = "cancelled" if job["cancel_requested"] else "worker lost"
             return self._settle(dict(job), run, outcome, None, False, now)
 
@@ -1315,9 +1343,8 @@ class _Capture:
                 del self.tail[:-self.half]
 
     def value(self):
-        kept = len(self.head) + len(self.tail)
-        if kept >= self.total:
-            return bytes(self.head + self.tail)
+        if self.total <= 2 * self.half:
+            return bytes(self.head + self.tail)     # nothing was dropped
         tail = self.tail[-self.half:]
         cut = self.total - len(self.head) - len(tail)
         return bytes(self.head) + b"\n[... queuectl: %d bytes cut ...]\n" % cut + bytes(tail)
@@ -1395,7 +1422,7 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
                 exited_at = now
             if exited_at is not None and (not open_pipes or now - exited_at > EXIT_GRACE_SECONDS):
                 break
-            if reason is None:
+            if reason is None and exited_at is None:
                 if deadline is not None and now >= deadline:
                     reason = "timeout"
                 elif check is not None:
@@ -1507,6 +1534,9 @@ class Worker:
             pause = 1.0
             while self.stop_level == 0:
                 try:
+                    self._check_parent()
+                    if self.stop_level:
+                        break
                     job = self.store.claim(self.id)
                     if job is not None:
                         self.process(job)
@@ -1548,10 +1578,7 @@ class Worker:
         if stop and self.stop_level == 0:
             self.log("%s stop requested" % self.name)
             self.stop_level = 1
-        if os.getppid() != self._parent and self.stop_level == 0:
-            # Our supervisor was killed: finish the job at hand, then go too.
-            self.log("%s supervisor gone; stopping" % self.name)
-            self.stop_level = 1
+        self._check_parent()
         if job_id is None:
             self.reclaim_lost()
             if now >= self._next_retention:
@@ -1566,6 +1593,12 @@ class Worker:
             n = self.store.purge(["completed"], time.time() - retention)
             if n:
                 self.log("%s retention: deleted %d completed job%s" % (self.name, n, "" if n == 1 else "s"))
+
+    def _check_parent(self):
+        """If our supervisor was killed, finish the job at hand, then go too."""
+        if self.stop_level == 0 and os.getppid() != self._parent:
+            self.log("%s supervisor gone; stopping" % self.name)
+            self.stop_level = 1
 
     def _stop_requested(self):
         if self.stop_level == 0 and self.store.stop_requested(self.id):
@@ -1615,9 +1648,11 @@ class Worker:
             if not dead and (lease["lease_until"] or 0) > now:
                 continue
             host = lease["host"] or lease["worker_id"].rsplit(":", 2)[0]
+            kill = None
             if host == this_host():
-                kill_job_processes(lease["id"], lease["worker_id"], self.db_path)
-            result = self.store.reclaim(lease["id"], lease["worker_id"], lease["run"], dead, now)
+                def kill(lease=lease):
+                    kill_job_processes(lease["id"], lease["worker_id"], self.db_path)
+            result = self.store.reclaim(lease["id"], lease["worker_id"], lease["run"], dead, now, before=kill)
             if result is not None:
                 self.log("%s %s worker lost (%s)%s" % (
                     self.name, lease["id"], lease["worker_id"], self._next_step(result)))
@@ -1638,7 +1673,7 @@ class Worker:
     def _environ(self, job):
         if self._base_env is None:
             self._base_env = dict(os.environ)
-            self._base_env["QUEUECTL_DB"] = os.path.abspath(self.db_path)
+            self._base_env["QUEUECTL_DB"] = os.path.realpath(self.db_path)
             self._base_env["QUEUECTL_WORKER_ID"] = self.id
         env = dict(self._base_env)
         env["QUEUECTL_JOB_ID"] = job["id"]
@@ -1714,7 +1749,12 @@ def _worker_main(db_path, name, once):
     def term(signum, frame):
         worker.stop_level = min(worker.stop_level + 1, 2)
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def ignore(signum, frame):
+        pass
+
+    # A handler, not SIG_IGN: an ignored signal stays ignored across exec, and
+    # the jobs must get SIGINT's default action.
+    signal.signal(signal.SIGINT, ignore)
     signal.signal(signal.SIGUSR1, graceful)
     signal.signal(signal.SIGUSR2, hard)
     signal.signal(signal.SIGTERM, term)
@@ -2159,6 +2199,10 @@ def cmd_enqueue(args):
             raise QueueError("%s%s" % (where, e))
     if len(jobs) > 1 and "id" in flags:
         raise UsageError("--id cannot be used with several jobs")
+    given = [job["id"] for job in jobs if "id" in job]
+    if len(set(given)) != len(given):
+        seen = set()
+        raise QueueError("job %r appears twice in the input" % next(i for i in given if i in seen or seen.add(i)))
     with _open_store(args, create=True) as store:
         ids = store.enqueue(jobs, now=now)
     sys.stdout.write("".join(i + "\n" for i in ids))
@@ -2534,7 +2578,9 @@ def main(argv=None):
         except SystemExit as e:          # --help and --version
             return e.code if isinstance(e.code, int) else EXIT_OK
         args.command_form = "--" in argv
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()      # inside the try: a write error is ours to report
+        return code
     except QueueError as e:
         sys.stderr.write("queuectl: error: %s\n" % str(e).replace("\n", " "))
         if debug:
@@ -2546,12 +2592,21 @@ def main(argv=None):
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `queuectl list | head`: the reader left; say nothing more.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except OSError:
-            pass
+        _silence_stdout()
         return EXIT_ERROR
+    except OSError as e:
+        # stdout on a full disk, say: one line, and no second failure at exit.
+        sys.stderr.write("queuectl: error: cannot write output: %s\n" % (e.strerror or e))
+        _silence_stdout()
+        return EXIT_ERROR
+
+
+def _silence_stdout():
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

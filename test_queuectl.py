@@ -2328,6 +2328,25 @@ class ShutdownTest(ReliabilityTestCase):
     def ends(self):
         return [line.split()[1] for line in self.ledger_lines() if line.startswith("end ")]
 
+    def test_supervisor_killed_alone_workers_finish_and_leave(self):
+        # SIGKILL of the supervisor only: its worker notices (its parent
+        # changed), finishes the job at hand, claims nothing more and exits.
+        a = self.enqueue(self.ledger_job("sleep 1"))
+        b = self.enqueue(self.ledger_job("true"))
+        pool = self.start_pool(count=1)
+        wait_until(lambda: self.starts() == [a], 15, "the first job to start")
+        worker_pids = children(pool.pid)
+        self.assertEqual(len(worker_pids), 1)
+        os.kill(pool.pid, signal.SIGKILL)
+        pool.wait(timeout=10)
+        wait_until(lambda: not os.path.exists("/proc/%d" % worker_pids[0]) or
+                   open("/proc/%d/stat" % worker_pids[0]).read().rsplit(")", 1)[1].split()[0] == "Z",
+                   15, "the orphaned worker to exit")
+        jobs = db_jobs(self.db)
+        self.assertEqual((jobs[a]["state"], jobs[a]["attempts"]), ("completed", 1))
+        self.assertEqual((jobs[b]["state"], jobs[b]["attempts"]), ("pending", 0))
+        self.assertIn("supervisor gone; stopping", self.pool_log(pool))
+
     def test_graceful_stop_finishes_running_jobs(self):
         a = self.enqueue(self.ledger_job("sleep 1.5"))
         b = self.enqueue(self.ledger_job("sleep 1.5"))
