@@ -171,9 +171,12 @@ class Chaos:
         ledger = shlex.quote(self.ledger)
         for n in range(self.args.jobs):
             job_id = "c%s-%04d" % (self.tag, n)
-            # $PPID is the worker; the attempt number names the run (attempts
-            # only go up here: nothing gives one back but a hard stop).
-            parts = ['echo "start $QUEUECTL_JOB_ID $$ $PPID $QUEUECTL_ATTEMPT" >> %s' % ledger]
+            # The worker's pid comes from QUEUECTL_WORKER_ID (host:pid:start),
+            # not $PPID, which is 1 if the worker died before the shell
+            # started; the attempt number names the run (attempts only go up
+            # here: nothing gives one back but a hard stop).
+            parts = ['w=${QUEUECTL_WORKER_ID%%:*}; echo "start $QUEUECTL_JOB_ID $$ ${w##*:} $QUEUECTL_ATTEMPT" >> %s'
+                     % ledger]
             kind = self.rng.random()
             if kind < 0.15:
                 # A grandchild that keeps the job's stdout/stderr open.
