@@ -855,27 +855,31 @@ class Store:
         """
         now = time.time() if now is None else now
         with self.transaction():
-            if self.stop_requested(worker_id):
-                return None
-            job = self._one("""
-                SELECT * FROM jobs INDEXED BY jobs_due
-                WHERE state IN ('pending', 'failed') AND run_at <= ?
-                ORDER BY priority DESC, run_at, seq
-                LIMIT 1""", (now,))
-            if job is None:
-                return None
-            job = dict(job)
-            job["attempts"] += 1
-            job["run_count"] += 1
-            job["run"] = job["run_count"]
-            self._execute("""
-                UPDATE jobs
-                SET state = 'processing', attempts = ?, run_count = ?, worker_id = ?, lease_until = ?,
-                    updated_at = ?
-                WHERE seq = ?""", (job["attempts"], job["run"], worker_id, now + lease, now, job["seq"]))
-            self._execute("""
-                INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
-                VALUES (?, ?, ?, ?, ?)""", (job["id"], job["run"], job["attempts"], worker_id, now))
+            return self._claim(worker_id, now, lease)
+
+    def _claim(self, worker_id, now, lease):
+        """The body of claim(); the caller holds the transaction."""
+        if self.stop_requested(worker_id):
+            return None
+        job = self._one("""
+            SELECT * FROM jobs INDEXED BY jobs_due
+            WHERE state IN ('pending', 'failed') AND run_at <= ?
+            ORDER BY priority DESC, run_at, seq
+            LIMIT 1""", (now,))
+        if job is None:
+            return None
+        job = dict(job)
+        job["attempts"] += 1
+        job["run_count"] += 1
+        job["run"] = job["run_count"]
+        self._execute("""
+            UPDATE jobs
+            SET state = 'processing', attempts = ?, run_count = ?, worker_id = ?, lease_until = ?,
+                updated_at = ?
+            WHERE seq = ?""", (job["attempts"], job["run"], worker_id, now + lease, now, job["seq"]))
+        self._execute("""
+            INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
+            VALUES (?, ?, ?, ?, ?)""", (job["id"], job["run"], job["attempts"], worker_id, now))
         job["state"] = "processing"
         return job
 
@@ -945,29 +949,40 @@ class Store:
                       (now, exit_code, outcome, state, stdout, stderr, job["id"], run))
         return state, run_at
 
-    def finish(self, job_id, run, worker_id, result, now=None, interrupted=False):
+    def finish(self, job_id, run, worker_id, result, now=None, interrupted=False, claim_next=False,
+               lease=LEASE_SECONDS):
         """Record a run's result and move the job on, if `worker_id` still holds it.
 
         Returns (state, run_at), or None when the lease was lost (the job was
         reclaimed meanwhile): then only the run's own record is completed.
+        With claim_next, the worker's next job is claimed in the same
+        transaction (half the commits and lock waits of a busy worker) and
+        ((state, run_at) or None, next job or None) is returned.
         """
         now = time.time() if now is None else now
         with self.transaction():
-            job = self._one("""
-                SELECT * FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ?""",
-                            (job_id, worker_id))
-            if job is None:
-                # Reclaimed meanwhile: keep the reclaimer's record of the run,
-                # but save the output, which only we have.
-                self._execute("""
-                    UPDATE runs SET stdout = ?, stderr = ?
-                    WHERE job_id = ? AND run = ?""", (result.stdout, result.stderr, job_id, run))
-                return None
-            outcome = result.outcome
-            if job["cancel_requested"] and not result.ok:
-                outcome, interrupted = "cancelled", False    # a cancel wins over a hard stop
-            return self._settle(job, run, outcome, result.exit_code, result.ok, now,
-                                result.stdout, result.stderr, interrupted=interrupted)
+            settled = self._finish(job_id, run, worker_id, result, now, interrupted)
+            if not claim_next:
+                return settled
+            return settled, self._claim(worker_id, now, lease)
+
+    def _finish(self, job_id, run, worker_id, result, now, interrupted):
+        """The body of finish(); the caller holds the transaction."""
+        job = self._one("""
+            SELECT * FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ?""",
+                        (job_id, worker_id))
+        if job is None:
+            # Reclaimed meanwhile: keep the reclaimer's record of the run,
+            # but save the output, which only we have.
+            self._execute("""
+                UPDATE runs SET stdout = ?, stderr = ?
+                WHERE job_id = ? AND run = ?""", (result.stdout, result.stderr, job_id, run))
+            return None
+        outcome = result.outcome
+        if job["cancel_requested"] and not result.ok:
+            outcome, interrupted = "cancelled", False    # a cancel wins over a hard stop
+        return self._settle(job, run, outcome, result.exit_code, result.ok, now,
+                            result.stdout, result.stderr, interrupted=interrupted)
 
     # -- workers and reclaiming lost jobs ---------------------------------------
 
@@ -1532,14 +1547,19 @@ class Worker:
             self.reclaim_lost()
             self.apply_retention()
             pause = 1.0
+            job = None
             while self.stop_level == 0:
                 try:
                     self._check_parent()
                     if self.stop_level:
                         break
-                    job = self.store.claim(self.id)
+                    if job is None:
+                        job = self.store.claim(self.id)
                     if job is not None:
-                        self.process(job)
+                        # process() records the result and claims the next
+                        # job in the same transaction.
+                        current, job = job, None
+                        job = self.process(current)
                     elif self._stop_requested():
                         break
                     elif self.once:
@@ -1555,6 +1575,12 @@ class Worker:
                     while self.stop_level == 0 and time.monotonic() < end:
                         time.sleep(0.05)
                     pause = min(pause * 2, 30.0)
+            if job is not None:
+                # Claimed with the last result, then told to stop before it
+                # started: give it back, attempt and all.
+                self.store.finish(job["id"], job["run"], self.id, RunResult(None, "interrupted"),
+                                  interrupted=True)
+                self.log("%s %s not started, back to pending" % (self.name, job["id"]))
             return EXIT_INTERRUPTED if self.stop_level >= 2 else EXIT_OK
         finally:
             try:
@@ -1681,6 +1707,8 @@ class Worker:
         return env
 
     def process(self, job):
+        """Run a claimed job and record the result; returns the next job,
+        claimed in the same transaction, or None."""
         self.log("%s %s claimed (attempt %d/%d): %s" % (
             self.name, job["id"], job["attempts"], job["max_retries"] + 1, job["command"]))
 
@@ -1692,7 +1720,7 @@ class Worker:
             # Killing the process group misses what left it (setsid, daemons);
             # their environment still names this run.
             kill_job_processes(job["id"], self.id, self.db_path)
-        settled = self._finish(job, result, interrupted)
+        settled, next_job = self._finish(job, result, interrupted)
         if settled is None:
             self.log("%s %s lease lost: another worker took the job back (%s)" % (
                 self.name, job["id"], result.outcome))
@@ -1702,16 +1730,21 @@ class Worker:
             self.log("%s %s interrupted, back to pending" % (self.name, job["id"]))
         else:
             self.log("%s %s %s%s" % (self.name, job["id"], result.outcome, self._next_step(settled)))
+        return next_job
 
     def _finish(self, job, result, interrupted):
         """Record the result; if the database is unwritable for a while (disk
         full, a lock held too long), keep trying for about a lease, so that
         the run is not lost to a passing problem. After that the job will be
-        reclaimed as 'worker lost' and run again."""
+        reclaimed as 'worker lost' and run again. Returns (settled, next job)."""
         give_up = time.monotonic() + LEASE_SECONDS
         while True:
+            self._check_parent()
+            claim_next = self.stop_level == 0
             try:
-                return self.store.finish(job["id"], job["run"], self.id, result, interrupted=interrupted)
+                done = self.store.finish(job["id"], job["run"], self.id, result, interrupted=interrupted,
+                                         claim_next=claim_next)
+                return done if claim_next else (done, None)
             except StoreError as e:
                 if time.monotonic() >= give_up or self.stop_level >= 2:
                     raise

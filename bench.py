@@ -1,0 +1,1395 @@
+#!/usr/bin/env python3
+"""bench.py: measure queuectl against this machine's limits and its peers.
+
+Runs, side by side in one process and one run (issue 4):
+
+* the limit: a minimal loop in this same Python that starts `sh -c true`
+  with its output captured (1 and 2 processes), and a minimal
+  claim -> run -> complete loop on SQLite (WAL, synchronous=NORMAL);
+* drain: N `true` jobs through `queuectl worker start --once --count 1/2/4`,
+  and `sleep 0.05` jobs with 4 workers (parallel efficiency);
+* enqueue: one CLI call (median) next to `python3 -c 'import sqlite3'`,
+  and a bulk JSON Lines file through `enqueue --file`;
+* pickup latency: enqueue -> the job's first instruction, with an idle
+  worker already running (p50/p95), and that worker's CPU use while idle;
+* scale: claim cost and `status` / `list --limit 20` with 1,000 and with
+  1,000,000 jobs stored (most completed, some pending);
+* memory: a worker's peak RSS idle and while a job prints 100 MB;
+* task-spooler (`tsp`), when installed, on the same drain workload.
+
+It then checks the targets of the issue, each a ratio or a bound taken from
+this same run, and prints PASS/FAIL for each.
+
+Reading the table: jobs/s is jobs over wall time from the command's start to
+its exit (the limit loops: first job to last). "CPU ms/job" is the CPU time
+of everything the measurement started, per job: on a machine busy with
+other work it is steadier than wall time. The throughput measurements
+(limit, drain, sleep, tsp) run in rounds, each once per round, and the best
+run counts, so that load from elsewhere hits the queue and its references
+alike. For a drain, "start" is the time from the command's start to its
+first job, "run" the mean time from claim to recorded result, "gap" the
+mean time from a result to the same worker's next claim, "exit" from the
+last result to the command's exit. enqueue is timed as installed (pip's
+console-script wrapper over cached bytecode) and as `python3 queuectl.py`
+(which compiles the whole file on every run); the -S rows leave out the
+site-packages .pth hooks some machines run at every Python start-up.
+
+    python3 bench.py                    # full run, a few minutes
+    python3 bench.py --quick            # tiny sizes (under ~20 s), for the tests
+    python3 bench.py --only drain,limit --repeat 3
+    python3 bench.py --json out.json    # default: bench-results.json
+
+Standard library only. Everything runs in temporary directories that are
+removed at exit; every child process is started in its own session and
+killed (by its process group) at exit, on error or on timeout. The
+1,000,000-job database is cached in $QUEUECTL_BENCH_CACHE (default
+/tmp/queuectl-bench-cache) and rebuilt when queuectl's SCHEMA changes.
+
+Exit status: 0 when every section ran (targets may still fail; add
+--strict to exit 1 on a failed target), 1 when a section broke.
+"""
+
+import argparse
+import atexit
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import py_compile
+import random
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+SECTIONS = ("limit", "drain", "sleep", "enqueue", "bulk", "pickup", "scale", "tsp")
+BUILDER_VERSION = "2"   # bump when build_db() changes what it writes
+
+
+class BenchError(Exception):
+    pass
+
+
+###############################################################################
+# Sizes ########################################################################
+###############################################################################
+
+FULL = {
+    "limit_jobs": 2000,
+    "drain_jobs": 2000,
+    "drain_workers": (1, 2, 4),
+    "sleep_jobs": 200,
+    "sleep_seconds": 0.05,
+    "sleep_workers": 4,
+    "enqueue_runs": 20,
+    "enqueue_variants": True,
+    "bulk_jobs": 100000,
+    "pickup_samples": 30,
+    "idle_seconds": 5.0,
+    "big_output": 100 * 1000 * 1000,
+    "scale_sizes": (1000, 1000000),
+    "scale_claims": 200,
+    "scale_cli_runs": 7,
+    "scale_cache": True,
+    "tsp_jobs": 2000,
+    "tsp_slots": (1, 2),
+    "repeat": 3,
+}
+
+QUICK = {
+    "limit_jobs": 60,
+    "drain_jobs": 60,
+    "drain_workers": (1, 2, 4),
+    "sleep_jobs": 16,
+    "sleep_seconds": 0.05,
+    "sleep_workers": 4,
+    "enqueue_runs": 3,
+    "enqueue_variants": False,
+    "bulk_jobs": 3000,
+    "pickup_samples": 3,
+    "idle_seconds": 0.5,
+    "big_output": 5 * 1000 * 1000,
+    "scale_sizes": (1000, 10000),
+    "scale_claims": 30,
+    "scale_cli_runs": 1,
+    "scale_cache": False,
+    "tsp_jobs": 30,
+    "tsp_slots": (1, 2),
+    "repeat": 1,
+}
+
+
+###############################################################################
+# Processes and files ##########################################################
+###############################################################################
+
+class Procs:
+    """Every child we start, so that all of them can be killed at exit.
+
+    Children get their own session (process group), so killing the group
+    takes down what they forked too (a supervisor's workers)."""
+
+    def __init__(self):
+        self.live = []
+        self.atexit = []     # callables run at cleanup (e.g. `tsp -K`)
+
+    def popen(self, args, **kw):
+        kw.setdefault("start_new_session", True)
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen(args, **kw)
+        self.live.append(proc)
+        return proc
+
+    def kill(self, proc):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if proc in self.live:
+            self.live.remove(proc)
+
+    def run(self, args, timeout, **kw):
+        """Run to completion within `timeout` seconds: (returncode, stdout, stderr, seconds)."""
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        t0 = time.perf_counter()
+        proc = self.popen(args, **kw)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            raise BenchError("timed out after %ss: %s" % (timeout, " ".join(map(str, args))[:200]))
+        elapsed = time.perf_counter() - t0
+        self.live.remove(proc)
+        return proc.returncode, out, err, elapsed
+
+    def cleanup(self):
+        for fn in self.atexit:
+            try:
+                fn()
+            except Exception:
+                pass
+        self.atexit = []
+        for proc in list(self.live):
+            self.kill(proc)
+
+
+PROCS = Procs()
+
+
+def wait_until(pred, timeout, interval=0.002):
+    """Poll pred() until true; False if `timeout` passes first."""
+    end = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(interval)
+
+
+def proc_stat(pid):
+    """(ppid, utime+stime ticks) of a process, or None if it is gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def children(pid):
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = proc_stat(int(name))
+            if st is not None and st[0] == pid:
+                out.append(int(name))
+    return out
+
+
+def descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def vm_kb(pid, field):
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def percentile(values, q):
+    """Nearest-rank percentile of a list (q in 0..1)."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(-(-q * len(s) // 1)) - 1))
+    return s[k]
+
+
+def children_cpu():
+    """CPU seconds (user + system) of all our waited-for descendants so far."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def child_env(**extra):
+    env = dict(os.environ)
+    env.pop("QUEUECTL_DB", None)
+    env.update(extra)
+    return env
+
+
+###############################################################################
+# The queuectl under test ######################################################
+###############################################################################
+
+class Q:
+    """queuectl.py: its path, the command line to run it, and the module."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        if not os.path.isfile(self.path):
+            raise SystemExit("bench.py: %s not found (use --queuectl PATH)" % self.path)
+        spec = importlib.util.spec_from_file_location("queuectl_bench_copy", self.path)
+        self.mod = importlib.util.module_from_spec(spec)
+        dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True   # leave no __pycache__
+        try:
+            spec.loader.exec_module(self.mod)
+        finally:
+            sys.dont_write_bytecode = dont_write
+
+    def cli(self, db, *args):
+        return [PY, self.path, "--db", db] + [str(a) for a in args]
+
+    def enqueue(self, db, commands, cwd):
+        """Enqueue through the library (fast, not what is being timed)."""
+        now = time.time()
+        jobs = [self.mod.validate_job({"command": c}, cwd, now) for c in commands]
+        with self.mod.Store(db) as store:
+            return store.enqueue(jobs, now=now)
+
+    def counts(self, db):
+        with self.mod.Store(db) as store:
+            return store.counts()
+
+
+###############################################################################
+# The limit ####################################################################
+###############################################################################
+
+SPAWN_LOOP = r"""
+import json, subprocess, sys, time
+n, start_at = int(sys.argv[1]), float(sys.argv[2])
+while time.time() < start_at:
+    time.sleep(0.0005)
+t0 = time.time()
+for _ in range(n):
+    subprocess.run(["/bin/sh", "-c", "true"], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+print(json.dumps({"start": t0, "end": time.time(), "n": n}))
+"""
+
+# The least a queue must do per job: claim in one write transaction, run the
+# command with its output captured, record the result in another.
+QUEUE_LOOP = r"""
+import json, sqlite3, subprocess, sys, time
+db, start_at = sys.argv[1], float(sys.argv[2])
+conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+conn.execute("PRAGMA synchronous = NORMAL")
+while time.time() < start_at:
+    time.sleep(0.0005)
+t0 = time.time()
+n = 0
+while True:
+    conn.execute("BEGIN IMMEDIATE")
+    row = conn.execute("SELECT id, command FROM q WHERE state = 0 ORDER BY id LIMIT 1").fetchone()
+    if row is None:
+        conn.execute("COMMIT")
+        break
+    conn.execute("UPDATE q SET state = 1 WHERE id = ?", (row[0],))
+    conn.execute("COMMIT")
+    p = subprocess.run(["/bin/sh", "-c", row[1]], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("UPDATE q SET state = 2, exit_code = ?, stdout = ?, stderr = ? WHERE id = ?",
+                 (p.returncode, p.stdout, p.stderr, row[0]))
+    conn.execute("COMMIT")
+    n += 1
+print(json.dumps({"start": t0, "end": time.time(), "n": n}))
+"""
+
+
+def run_parallel(code, argv_per_proc, timeout):
+    """Start one `python -c code` per argv, all starting work at the same
+    moment; returns total items / (last end - first start)."""
+    start_at = time.time() + 0.3 + 0.05 * len(argv_per_proc)
+    procs = [PROCS.popen([PY, "-c", code] + [str(a) for a in argv] + [repr(start_at)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for argv in argv_per_proc]
+    results = []
+    cpu0 = children_cpu()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                PROCS.kill(q)
+            raise BenchError("limit loop timed out after %ss" % timeout)
+        PROCS.live.remove(p)
+        if p.returncode != 0:
+            raise BenchError("limit loop failed: %s" % err.decode(errors="replace")[-500:])
+        results.append(json.loads(out))
+    n = sum(r["n"] for r in results)
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return {"jobs": n, "seconds": round(span, 4), "jobs_per_s": round(n / span, 1),
+            "cpu_ms_per_job": round((children_cpu() - cpu0) / n * 1000, 3)}
+
+
+def tasks_limit(ctx):
+    n = ctx.size["limit_jobs"]
+    tasks = []
+    for procs in (1, 2):
+        tasks.append(("spawn_%dp" % procs,
+                      lambda procs=procs: run_parallel(SPAWN_LOOP, [(n // procs,)] * procs, timeout=60 + n / 20)))
+
+    def queue_loop(procs):
+        db = os.path.join(ctx.tmp("limit"), "q.db")
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("""CREATE TABLE q (id INTEGER PRIMARY KEY, command TEXT NOT NULL,
+                        state INTEGER NOT NULL, exit_code INTEGER, stdout BLOB, stderr BLOB)""")
+        conn.execute("CREATE INDEX q_pending ON q (id) WHERE state = 0")
+        conn.executemany("INSERT INTO q (command, state) VALUES ('true', 0)", [()] * n)
+        conn.close()
+        r = run_parallel(QUEUE_LOOP, [(db,)] * procs, timeout=60 + n / 20)
+        conn = sqlite3.connect(db)
+        done = conn.execute("SELECT count(*) FROM q WHERE state = 2").fetchone()[0]
+        conn.close()
+        if done != n:
+            raise BenchError("minimal queue loop completed %d of %d jobs" % (done, n))
+        shutil.rmtree(os.path.dirname(db), ignore_errors=True)
+        return r
+    for procs in (1, 2):
+        tasks.append(("queue_%dp" % procs, lambda procs=procs: queue_loop(procs)))
+    return tasks, None
+
+
+def best(runs):
+    """The run with the highest throughput, with every run's figure kept."""
+    top = max(runs, key=lambda r: r["jobs_per_s"])
+    out = dict(top)
+    if len(runs) > 1:
+        out["all_jobs_per_s"] = [r["jobs_per_s"] for r in runs]
+    return out
+
+
+###############################################################################
+# Drain ########################################################################
+###############################################################################
+
+def drain(ctx, name, command, n, workers):
+    """Time `worker start --once --count workers` over n copies of command."""
+    d = ctx.tmp(name)
+    db = os.path.join(d, "queue.db")
+    ctx.q.enqueue(db, [command] * n, d)
+    log = open(os.path.join(d, "worker.log"), "wb")
+    cpu0 = children_cpu()
+    wall0 = time.time()
+    try:
+        code, _, _, secs = PROCS.run(ctx.q.cli(db, "worker", "start", "--once", "--count", workers),
+                                     timeout=60 + n * 0.5, cwd=d, env=child_env(),
+                                     stdout=log, stderr=log)
+    finally:
+        log.close()
+    counts = ctx.q.counts(db)
+    if code != 0 or counts["completed"] != n:
+        with open(os.path.join(d, "worker.log"), "rb") as f:
+            tail = f.read()[-800:].decode(errors="replace")
+        raise BenchError("drain (%d workers) exited %s with counts %s: %s" % (workers, code, counts, tail))
+    wall1 = time.time()
+    cpu = children_cpu() - cpu0
+    out = {"jobs": n, "workers": workers, "seconds": round(secs, 4), "jobs_per_s": round(n / secs, 1),
+           "cpu_ms_per_job": round(cpu / n * 1000, 3)}
+    out.update(run_timeline(db, wall0, wall1))
+    shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+def run_timeline(db, wall0, wall1):
+    """Where a drain's time went, from the runs table: start-up (command
+    started -> first run), shutdown (last run finished -> exit), the mean
+    recorded run (claim -> result) and the mean gap between one run's end and
+    the same worker's next claim."""
+    try:
+        conn = sqlite3.connect(db)
+        try:
+            rows = conn.execute("SELECT worker_id, started_at, finished_at FROM runs "
+                                "ORDER BY worker_id, started_at").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return {}
+    if not rows:
+        return {}
+    gaps = [b[1] - a[2] for a, b in zip(rows, rows[1:]) if a[0] == b[0] and a[2] is not None]
+    return {
+        "startup_s": round(min(r[1] for r in rows) - wall0, 4),
+        "shutdown_s": round(wall1 - max(r[2] for r in rows), 4),
+        "run_ms": round(statistics.mean(r[2] - r[1] for r in rows) * 1000, 3),
+        "gap_ms": round(statistics.mean(gaps) * 1000, 3) if gaps else None,
+    }
+
+
+def tasks_drain(ctx):
+    n = ctx.size["drain_jobs"]
+    return [("workers_%d" % w, lambda w=w: drain(ctx, "drain%d" % w, "true", n, w))
+            for w in ctx.size["drain_workers"]], None
+
+
+def tasks_sleep(ctx):
+    n, s, w = ctx.size["sleep_jobs"], ctx.size["sleep_seconds"], ctx.size["sleep_workers"]
+    # What one such command costs on its own (shell, exec, the sleep itself),
+    # started the minimal way: no queue can run it faster.
+    own = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        subprocess.run(["/bin/sh", "-c", "sleep %g" % s], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        own.append(time.perf_counter() - t0)
+
+    def one():
+        r = drain(ctx, "sleep", "sleep %g" % s, n, w)
+        r["ideal_seconds"] = round(n * s / w, 4)
+        r["efficiency"] = round(n * s / w / r["seconds"], 3)
+        return r
+
+    def finish(res):
+        out = res["sleep"]
+        out["command_alone_ms"] = round(median(own) * 1000, 2)
+        # The same, against the command's own run time instead of the nominal sleep.
+        out["efficiency_vs_command"] = round(n * median(own) / w / out["seconds"], 3)
+    return [("sleep", one)], finish
+
+
+###############################################################################
+# Enqueue ######################################################################
+###############################################################################
+
+def timed_runs(variants, runs, cwd):
+    """Median wall time (ms) of each command, the variants interleaved so
+    that load from elsewhere on the machine hits them alike."""
+    times = {k: [] for k in variants}
+    for _ in range(runs):
+        for k, (args, env) in variants.items():
+            code, _, err, secs = PROCS.run(args, timeout=60, cwd=cwd, env=env, stdout=subprocess.DEVNULL)
+            if code != 0:
+                raise BenchError("%s exited %d: %s" % (k, code, err.decode(errors="replace")[-300:]))
+            times[k].append(secs * 1000)
+    return {k: {"median_ms": round(median(v), 2), "min_ms": round(min(v), 2), "runs": len(v)}
+            for k, v in times.items()}
+
+
+def import_profile(args, cwd, env, runs=3):
+    """Modules a command imports (from -X importtime), and the cumulative ms of
+    each top-level import (the least over `runs` runs: start-up times are noisy)."""
+    mods, top = set(), {}
+    for _ in range(runs):
+        code, _, err, _ = PROCS.run([args[0], "-X", "importtime"] + args[1:], timeout=60, cwd=cwd, env=env,
+                                    stdout=subprocess.DEVNULL)
+        this = {}
+        for line in err.decode(errors="replace").splitlines():
+            if not line.startswith("import time:") or "|" not in line:
+                continue
+            parts = line[len("import time:"):].split("|")
+            try:
+                cumulative = int(parts[1])
+            except ValueError:
+                continue
+            raw = parts[2]
+            name = raw.strip()
+            mods.add(name)
+            if (len(raw) - len(raw.lstrip()) - 1) // 2 == 0:
+                this[name] = this.get(name, 0) + cumulative / 1000.0
+        for name, ms in this.items():
+            top[name] = min(top.get(name, ms), ms)
+    return mods, top
+
+
+#: What pip writes as the `queuectl` console script ([project.scripts] in
+#: pyproject.toml): the module is imported, so its bytecode is cached.
+PIP_WRAPPER = """# -*- coding: utf-8 -*-
+import re
+import sys
+from queuectl import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+
+
+def installed_copy(ctx, d):
+    """A copy of queuectl.py with its bytecode compiled and pip's console-script
+    wrapper beside it: `python3 WRAPPER` runs like the installed `queuectl`."""
+    mod = os.path.join(d, "installed")
+    os.makedirs(mod)
+    target = os.path.join(mod, "queuectl.py")
+    shutil.copy(ctx.q.path, target)
+    py_compile.compile(target, cfile=importlib.util.cache_from_source(target), doraise=True)
+    wrapper = os.path.join(mod, "queuectl")
+    with open(wrapper, "w") as f:
+        f.write(PIP_WRAPPER)
+    return wrapper
+
+
+def section_enqueue(ctx):
+    d = ctx.tmp("enqueue")
+    db = os.path.join(d, "queue.db")
+    env = child_env()
+    ctx.q.enqueue(db, ["true"], d)          # the schema exists, as on any real call
+    wrapper = installed_copy(ctx, d)
+    variants = {
+        "floor": ([PY, "-c", "import sqlite3"], env),
+        "enqueue": ([PY, wrapper, "--db", db, "enqueue", "--", "true"], env),
+        "enqueue_script": (ctx.q.cli(db, "enqueue", "--", "true"), env),
+    }
+    if ctx.size["enqueue_variants"]:
+        # Without site hooks: the .pth files of some site-packages import
+        # modules at every start-up, which hides what queuectl itself imports.
+        variants["floor_nosite"] = ([PY, "-S", "-c", "import sqlite3"], env)
+        variants["enqueue_nosite"] = ([PY, "-S", wrapper, "--db", db, "enqueue", "--", "true"], env)
+    res = timed_runs(variants, ctx.size["enqueue_runs"], d)
+    floor_mods, _ = import_profile([PY, "-S", "-c", "import sqlite3"], d, env, runs=1)
+    mods, top = import_profile([PY, "-S", wrapper, "--db", db, "enqueue", "--", "true"], d, env,
+                               runs=3 if ctx.size["enqueue_variants"] else 1)
+    extra = {k: round(v, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1]) if k not in floor_mods}
+    res["imports"] = {
+        "measured_with": "-S (no site hooks), installed form",
+        "multiprocessing": any(m == "multiprocessing" or m.startswith("multiprocessing.") for m in mods),
+        "extra_modules": sorted(mods - floor_mods),
+        "extra_top_level_ms": dict(list(extra.items())[:8]),
+    }
+    # The cost of compiling the script, which `python3 queuectl.py` pays on every run.
+    with open(ctx.q.path, "rb") as f:
+        src = f.read()
+    t = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        compile(src, ctx.q.path, "exec")
+        t.append((time.perf_counter() - t0) * 1000)
+    res["compile_script_ms"] = round(min(t), 2)
+    # The enqueue transaction alone, in-process: durable (FULL, as the CLI
+    # commits: one fsync) and, for comparison, NORMAL.
+    now = time.time()
+    job = [ctx.q.mod.validate_job({"command": "true"}, d, now)]
+    for name, durable in (("commit_full_ms", True), ("commit_normal_ms", False)):
+        t = []
+        with ctx.q.mod.Store(db, durable=durable) as store:
+            for _ in range(max(5, ctx.size["enqueue_runs"])):
+                t0 = time.perf_counter()
+                store.enqueue(job)
+                t.append((time.perf_counter() - t0) * 1000)
+        res[name] = round(median(t), 3)
+    shutil.rmtree(d, ignore_errors=True)
+    return res
+
+
+def section_bulk(ctx):
+    n = ctx.size["bulk_jobs"]
+    d = ctx.tmp("bulk")
+    db = os.path.join(d, "queue.db")
+    path = os.path.join(d, "jobs.jsonl")
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write('{"command": "echo %d"}\n' % i)
+    ctx.q.enqueue(db, ["true"], d)
+    with open(os.path.join(d, "ids.txt"), "wb") as out:
+        code, _, err, secs = PROCS.run(ctx.q.cli(db, "enqueue", "--file", path), timeout=60 + n / 500,
+                                       cwd=d, env=child_env(), stdout=out)
+    if code != 0:
+        raise BenchError("enqueue --file exited %d: %s" % (code, err.decode(errors="replace")[-300:]))
+    pending = ctx.q.counts(db)["pending"]
+    if pending != n + 1:
+        raise BenchError("enqueue --file: %d pending, expected %d" % (pending, n + 1))
+    shutil.rmtree(d, ignore_errors=True)
+    return {"bulk": {"jobs": n, "seconds": round(secs, 4), "jobs_per_s": round(n / secs, 1)}}
+
+
+###############################################################################
+# An idle worker: pickup latency, CPU, memory ##################################
+###############################################################################
+
+class RunningWorker:
+    """`queuectl worker start` in the background, stopped at the end."""
+
+    def __init__(self, ctx, d, db):
+        self.ctx, self.db = ctx, db
+        self.log = open(os.path.join(d, "worker.log"), "wb")
+        self.proc = PROCS.popen(ctx.q.cli(db, "worker", "start"), cwd=d, env=child_env(),
+                                stdout=self.log, stderr=self.log)
+
+        def registered():
+            if self.proc.poll() is not None:
+                raise BenchError("worker exited at start (%s)" % self.proc.returncode)
+            with ctx.q.mod.Store(db) as s:
+                return len(s.workers()) == 1 and len(children(self.proc.pid)) == 1
+        if not wait_until(registered, 20, 0.02):
+            raise BenchError("worker did not register within 20 s")
+        self.worker_pid = children(self.proc.pid)[0]
+
+    def pids(self):
+        return [self.proc.pid] + descendants(self.proc.pid)
+
+    def cpu_ticks(self):
+        """(supervisor, everything below it) CPU ticks so far."""
+        sup = proc_stat(self.proc.pid)
+        rest = 0
+        for pid in descendants(self.proc.pid):
+            st = proc_stat(pid)
+            if st is not None:
+                rest += st[1]
+        return (sup[1] if sup else 0), rest
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        PROCS.kill(self.proc)
+        self.log.close()
+
+
+def section_pickup(ctx):
+    d = ctx.tmp("pickup")
+    db = os.path.join(d, "queue.db")
+    ctx.q.enqueue(db, ["true"], d)
+    w = RunningWorker(ctx, d, db)
+    res = {}
+    try:
+        wait_until(lambda: ctx.q.counts(db)["completed"] == 1, 10, 0.01)
+        # Pickup latency: enqueue returns (committed) -> the job's first command runs.
+        lat = []
+        store = ctx.q.mod.Store(db)
+        rng = random.Random(4)
+        try:
+            for i in range(ctx.size["pickup_samples"]):
+                time.sleep(rng.uniform(0.1, 0.25))       # let the worker go idle again
+                stamp = os.path.join(d, "t%d" % i)
+                job = ctx.q.mod.validate_job(
+                    {"command": "date +%%s%%N > %s.tmp && mv %s.tmp %s" % (stamp, stamp, stamp)},
+                    d, time.time())
+                store.enqueue([job])
+                returned = time.time()
+                if not wait_until(lambda: os.path.exists(stamp), 10, 0.001):
+                    raise BenchError("job %d did not start within 10 s" % i)
+                with open(stamp) as f:
+                    started = int(f.read().strip()) / 1e9
+                lat.append((started - returned) * 1000)
+        finally:
+            store.close()
+        res["pickup"] = {"samples": len(lat), "p50_ms": round(percentile(lat, 0.5), 2),
+                         "p95_ms": round(percentile(lat, 0.95), 2), "max_ms": round(max(lat), 2),
+                         "min_ms": round(min(lat), 2)}
+        # Idle CPU of the supervisor and its workers.
+        time.sleep(1.0)
+        secs = ctx.size["idle_seconds"]
+        t0, (s0, w0) = time.monotonic(), w.cpu_ticks()
+        time.sleep(secs)
+        t1, (s1, w1) = time.monotonic(), w.cpu_ticks()
+
+        def pct(ticks):
+            return round(ticks / CLK_TCK / (t1 - t0) * 100, 2)
+        res["idle_cpu"] = {"seconds": round(t1 - t0, 2), "cpu_percent": pct(s1 - s0 + w1 - w0),
+                           "supervisor_percent": pct(s1 - s0), "worker_percent": pct(w1 - w0),
+                           "tick_ms": round(1000.0 / CLK_TCK, 1)}
+        # Memory: peak RSS of the worker process, idle, then after a job printed a lot.
+        idle_kb = vm_kb(w.worker_pid, "VmHWM")
+        sup_kb = vm_kb(w.proc.pid, "VmHWM")
+        size = ctx.size["big_output"]
+        (job_id,) = ctx.q.enqueue(db, ["head -c %d /dev/zero" % size], d)
+
+        def done():
+            with ctx.q.mod.Store(db) as s:
+                return s.get(job_id)["state"] == "completed"
+        if not wait_until(done, 120, 0.02):
+            raise BenchError("the %d-byte job did not complete within 120 s" % size)
+        big_kb = vm_kb(w.worker_pid, "VmHWM")
+        conn = sqlite3.connect(db)
+        try:
+            kept = conn.execute("SELECT length(stdout) FROM runs WHERE job_id = ? ORDER BY run DESC LIMIT 1",
+                                (job_id,)).fetchone()[0] or 0
+        finally:
+            conn.close()
+        res["memory"] = {"worker_idle_mb": round(idle_kb / 1024.0, 1), "worker_after_mb": round(big_kb / 1024.0, 1),
+                         "growth_mb": round((big_kb - idle_kb) / 1024.0, 1),
+                         "supervisor_mb": round(sup_kb / 1024.0, 1),
+                         "output_bytes": size, "stdout_kept_bytes": kept}
+    finally:
+        w.stop()
+    shutil.rmtree(d, ignore_errors=True)
+    return res
+
+
+###############################################################################
+# Scale ########################################################################
+###############################################################################
+
+def build_db(q, path, n, pending):
+    """A queuectl database with n jobs: the newest `pending` pending, the rest
+    completed with one run each, spread over the last 30 days. Created by
+    queuectl's own Store (so SCHEMA and triggers are queuectl's), filled by SQL."""
+    q.mod.Store(path, durable=False).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+    # Columns of newer schemas, when present: name -> value for a completed job / a pending one.
+    extra = [(c, v) for c, v in (("run_count", "CASE WHEN x > :n - :p THEN 0 ELSE 1 END"),) if c in columns]
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("PRAGMA cache_size = -200000")
+    now = time.time()
+    span = 30 * 86400.0
+    conn.execute("BEGIN")
+    conn.execute("""
+        WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < :n)
+        INSERT INTO jobs (seq, id, command, cwd, state, priority, attempts, max_retries, timeout,
+                          run_at, created_at, updated_at, exit_code, outcome%s)
+        SELECT x, printf('bench%%010d', x), 'echo ' || x, '/tmp',
+               CASE WHEN x > :n - :p THEN 'pending' ELSE 'completed' END, 0,
+               CASE WHEN x > :n - :p THEN 0 ELSE 1 END, 3, NULL,
+               :now - :span + x * :step, :now - :span + x * :step, :now - :span + x * :step + 0.01,
+               CASE WHEN x > :n - :p THEN NULL ELSE 0 END,
+               CASE WHEN x > :n - :p THEN NULL ELSE 'exit 0' END%s
+        FROM c""" % ("".join(", " + c for c, _ in extra), "".join(", " + v for _, v in extra)), {"n": n, "p": pending, "now": now, "span": span, "step": span / n})
+    conn.execute("""
+        INSERT INTO runs (job_id, run, attempt, worker_id, started_at, finished_at, exit_code,
+                          outcome, result_state, stdout, stderr)
+        SELECT id, 1, 1, 'bench:1:1', created_at, updated_at, 0, 'exit 0', 'completed', X'', X''
+        FROM jobs WHERE state = 'completed'""")
+    # The per-state counts (kept by triggers, or by Store.enqueue itself):
+    # set from the rows, whichever way this schema keeps them.
+    conn.execute("UPDATE counts SET n = (SELECT count(*) FROM jobs WHERE jobs.state = counts.state)")
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def scale_db(ctx, n, pending):
+    """Path of a fresh copy of an n-job database (built once and cached for big n)."""
+    d = ctx.tmp("scale%d" % n)
+    path = os.path.join(d, "queue.db")
+    if not ctx.size["scale_cache"] or n < 100000:
+        build_db(ctx.q, path, n, pending)
+        return path
+    key = hashlib.sha256(("%s|%s|%s|%d|%d" % (BUILDER_VERSION, ctx.q.mod.SCHEMA_VERSION, ctx.q.mod.SCHEMA,
+                                             n, pending)).encode()).hexdigest()[:12]
+    cache_dir = os.environ.get("QUEUECTL_BENCH_CACHE") or os.path.join(tempfile.gettempdir(),
+                                                                        "queuectl-bench-cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    cached = os.path.join(cache_dir, "jobs-%d-%s.db" % (n, key))
+    if not os.path.exists(cached):
+        for old in os.listdir(cache_dir):          # an older schema's copy
+            if old.startswith("jobs-%d-" % n):
+                os.remove(os.path.join(cache_dir, old))
+        t0 = time.perf_counter()
+        partial = cached + ".partial"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(partial + suffix):
+                os.remove(partial + suffix)
+        build_db(ctx.q, partial, n, pending)
+        os.rename(partial, cached)
+        ctx.note("built the %d-job database in %.1f s (cached as %s)" % (n, time.perf_counter() - t0, cached))
+    shutil.copyfile(cached, path)
+    return path
+
+
+def section_scale(ctx):
+    """Both databases side by side: claim+finish in-process (after a warm-up,
+    in alternating rounds so that load from elsewhere hits both alike; the
+    least round median counts), then the CLI commands, interleaved too."""
+    claims = ctx.size["scale_claims"]
+    q = ctx.q
+    sizes = ctx.size["scale_sizes"]
+    rounds, warm = 4, 20
+    dbs, stores, res = {}, {}, {}
+    wid = "%s:%d:1" % (q.mod.this_host(), os.getpid())
+    ok = q.mod.RunResult(0, "exit 0", b"", b"", 0.001)
+    try:
+        for n in sizes:
+            pending = claims + warm + 50 + n // 100
+            dbs[n] = scale_db(ctx, n, pending)
+            res["jobs_%d" % n] = {"jobs": n, "pending": pending,
+                                  "db_mb": round(os.path.getsize(dbs[n]) / 1e6, 1)}
+            stores[n] = q.mod.Store(dbs[n], durable=False)
+            stores[n].register_worker(wid)
+
+        def claim_finish(n):
+            t0 = time.perf_counter()
+            job = stores[n].claim(wid)
+            if job is None:
+                raise BenchError("nothing to claim in the %d-job database" % n)
+            stores[n].finish(job["id"], job["run"], wid, ok)
+            return (time.perf_counter() - t0) * 1e6
+
+        for n in sizes:
+            for _ in range(warm):
+                claim_finish(n)
+        per_round = {n: [] for n in sizes}
+        for _ in range(rounds):
+            for n in sizes:
+                per_round[n].append(median([claim_finish(n) for _ in range(max(1, claims // rounds))]))
+        for n in sizes:
+            polls = []
+            for _ in range(200):
+                t0 = time.perf_counter()
+                stores[n].data_version()
+                stores[n].has_due(time.time())
+                polls.append((time.perf_counter() - t0) * 1e6)
+            r = res["jobs_%d" % n]
+            r["claim_finish_us"] = round(min(per_round[n]), 1)
+            r["claim_finish_round_medians_us"] = [round(x, 1) for x in per_round[n]]
+            r["idle_poll_us"] = round(median(polls), 1)
+            stores[n].unregister_worker(wid)
+    finally:
+        for store in stores.values():
+            store.close()
+    timed = {}
+    for n in sizes:
+        timed[(n, "status")] = (q.cli(dbs[n], "status"), child_env())
+        timed[(n, "list")] = (q.cli(dbs[n], "list", "--limit", "20"), child_env())
+        timed[(n, "stats")] = (q.cli(dbs[n], "stats"), child_env())
+    t = timed_runs(timed, ctx.size["scale_cli_runs"], ctx.root)
+    for (n, k), v in t.items():
+        res["jobs_%d" % n]["%s_ms" % k] = v["median_ms"]
+    for n in sizes:
+        shutil.rmtree(os.path.dirname(dbs[n]), ignore_errors=True)
+    return res
+
+
+###############################################################################
+# task-spooler ##################################################################
+###############################################################################
+
+def tasks_tsp(ctx):
+    # Debian installs task-spooler as `tsp` (moreutils' `ts` is another program).
+    tsp = shutil.which("tsp")
+    if tsp is None:
+        return [], {"skipped": "task-spooler (tsp) is not installed (apt-get install task-spooler)"}
+    n = ctx.size["tsp_jobs"]
+    return [("slots_%d" % slots, lambda slots=slots: tsp_drain(ctx, tsp, n, slots))
+            for slots in ctx.size["tsp_slots"]], None
+
+
+#: task-spooler keeps each queued job as a waiting client connection, and
+#: refuses more than about 1,000 of them; bigger workloads run in batches.
+TSP_BATCH = 900
+
+
+def tsp_drain(ctx, tsp, n, slots):
+    """task-spooler: `slots` blocking jobs hold the slots while a batch of
+    `sh -c true` jobs is queued (each a waiting client); then the blockers are
+    released and we time until the batch's last job has finished. The time
+    is the sum over batches. Output goes to files in TMPDIR, as tsp does by
+    default (its way of capturing output)."""
+    d = ctx.tmp("tsp%d" % slots)
+    env = child_env(TS_SOCKET=os.path.join(d, "socket"), TMPDIR=d, TS_MAXFINISHED=str(TSP_BATCH + 100))
+    env.pop("TS_SLOTS", None)
+    env.pop("TS_MAXCONN", None)
+
+    def tsp_run(*args, timeout=30):
+        code, out, err, _ = PROCS.run([tsp] + list(args), timeout=timeout, cwd=d, env=env)
+        if code != 0:
+            raise BenchError("tsp %s exited %d: %s" % (" ".join(args)[:60], code, err.decode(errors="replace")))
+        return out.decode(errors="replace")
+
+    gates = []
+
+    def release(gate):
+        """Let the blockers waiting on a gate (a FIFO) go: open it for
+        writing and close it, and their `read` sees end-of-file."""
+        try:
+            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass        # ENXIO: nobody is waiting on it
+
+    def kill_server():
+        # Release every blocker first: `tsp -K` stops the server, not the jobs.
+        for gate in gates:
+            release(gate)
+        subprocess.run([tsp, "-K"], env=env, cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=10)
+    PROCS.atexit.append(kill_server)
+    batches = -(-n // TSP_BATCH)
+    sizes = [n // batches + (1 if i < n % batches else 0) for i in range(batches)]
+    secs = 0.0
+    try:
+        tsp_run("-S", str(slots))
+        for b, size in enumerate(sizes):
+            gate = os.path.join(d, "gate%d" % b)
+            os.mkfifo(gate)
+            gates.append(gate)
+            tsp_run("-C")
+            # Blockers hold the slots, waiting (without polling) to read the
+            # gate; `timeout` bounds them should this process die.
+            for _ in range(slots):
+                tsp_run("timeout", "300", "sh", "-c", 'read x < "$0"', gate)
+            if not wait_until(lambda: tsp_run("-l").count(" running ") == slots, 10, 0.01):
+                raise BenchError("tsp: the %d blocking jobs did not start" % slots)
+            # Queue the batch from one shell loop (a Python Popen per job would
+            # make this set-up, which is not timed, the slowest part of the run).
+            code, _, err, _ = PROCS.run(
+                ["/bin/sh", "-c", 'i=0; while [ $i -lt %d ]; do "$0" -B sh -c true >/dev/null || exit 1; '
+                 'i=$((i + 1)); done' % size, tsp], timeout=60 + size / 10, cwd=d, env=env)
+            if code != 0:
+                raise BenchError("queueing tsp jobs failed: %s" % err.decode(errors="replace")[-300:])
+            queued = tsp_run("-l").count(" queued ")
+            if queued != size:
+                raise BenchError("tsp: %d of %d jobs queued" % (queued, size))
+            t0 = time.perf_counter()
+            release(gate)
+            tsp_run("-w", timeout=60 + size / 10)
+            # -w waits for the last job queued; with several slots another
+            # may still be running.
+            end = time.monotonic() + 30
+            while True:
+                listing = tsp_run("-l")
+                if (" running " not in listing and " queued " not in listing) or time.monotonic() > end:
+                    break
+                time.sleep(0.001)
+            secs += time.perf_counter() - t0
+            finished = listing.count(" finished ")
+            if finished != size + slots:
+                raise BenchError("tsp: %d of %d jobs finished" % (finished, size + slots))
+    finally:
+        try:
+            kill_server()
+        finally:
+            PROCS.atexit.remove(kill_server)
+    shutil.rmtree(d, ignore_errors=True)
+    return {"jobs": n, "slots": slots, "batches": batches, "seconds": round(secs, 4),
+            "jobs_per_s": round(n / secs, 1)}
+
+
+###############################################################################
+# Targets ######################################################################
+###############################################################################
+
+def get(res, *path):
+    for k in path:
+        if not isinstance(res, dict) or k not in res:
+            return None
+        res = res[k]
+    return res
+
+
+def targets(res):
+    """[(name, measured, requirement, passed or None)] for the issue's targets."""
+    out = []
+
+    def ratio(name, a, b, op, bound, fmt="%.2f", why=""):
+        if a is None or b is None or not b:
+            out.append((name, "n/a", why or "not measured", None))
+            return
+        r = a / b
+        ok = r >= bound if op == ">=" else r <= bound
+        out.append((name, (fmt % r) + "x", "%s %gx" % (op, bound), ok))
+
+    def bound(name, v, op, b, unit, fmt="%.2f"):
+        if v is None:
+            out.append((name, "n/a", "not measured", None))
+            return
+        ok = v >= b if op == ">=" else (v <= b if op == "<=" else v < b)
+        out.append((name, (fmt % v) + unit, "%s %g%s" % (op, b, unit), ok))
+
+    d2 = get(res, "drain", "workers_2", "jobs_per_s")
+    ratio("drain 2 workers / minimal loop 2 procs", d2, get(res, "limit", "queue_2p", "jobs_per_s"), ">=", 0.9)
+    c_loop, c_drain = get(res, "limit", "queue_2p", "cpu_ms_per_job"), get(res, "drain", "workers_2", "cpu_ms_per_job")
+    if c_loop and c_drain:
+        # Not a target: the same comparison in CPU time, which load from
+        # other processes on the machine disturbs far less than wall time.
+        out.append(("  (info) CPU per job, minimal loop / drain", "%.2fx" % (c_loop / c_drain),
+                    "%.2f / %.2f ms" % (c_loop, c_drain), None))
+    tsp2 = get(res, "tsp", "slots_2", "jobs_per_s")
+    if get(res, "tsp", "skipped"):
+        out.append(("drain 2 workers / task-spooler 2 slots", "skipped", res["tsp"]["skipped"], None))
+    else:
+        ratio("drain 2 workers / task-spooler 2 slots", d2, tsp2, ">=", 1.0)
+    bound("sleep 0.05 x4 workers: parallel efficiency", get(res, "sleep", "sleep", "efficiency"), ">=", 0.9, "")
+    enq = get(res, "enqueue")
+    ratio("enqueue (installed) / python3 -c 'import sqlite3'", get(enq, "enqueue", "median_ms"),
+          get(enq, "floor", "median_ms"), "<=", 1.3)
+    if get(enq, "enqueue_nosite"):
+        ratio("  same, both with -S (no site hooks)", get(enq, "enqueue_nosite", "median_ms"),
+              get(enq, "floor_nosite", "median_ms"), "<=", 1.3)
+    ratio("  same, as python3 queuectl.py (script)", get(enq, "enqueue_script", "median_ms"),
+          get(enq, "floor", "median_ms"), "<=", 1.3)
+    mp = get(enq, "imports", "multiprocessing")
+    out.append(("enqueue does not import multiprocessing", "n/a" if mp is None else
+                ("imports it" if mp else "not imported"), "not imported", None if mp is None else not mp))
+    bound("bulk enqueue --file", get(res, "bulk", "bulk", "jobs_per_s"), ">=", 50000, " jobs/s", "%.0f")
+    bound("pickup latency p50", get(res, "pickup", "pickup", "p50_ms"), "<=", 20, " ms", "%.1f")
+    bound("pickup latency p95", get(res, "pickup", "pickup", "p95_ms"), "<=", 50, " ms", "%.1f")
+    bound("idle worker CPU", get(res, "pickup", "idle_cpu", "cpu_percent"), "<", 1, "%", "%.2f")
+    sizes = sorted(int(k.split("_")[1]) for k in (res.get("scale") or {}) if k.startswith("jobs_"))
+    if len(sizes) >= 2:
+        lo, hi = "jobs_%d" % sizes[0], "jobs_%d" % sizes[-1]
+        tag = "%s vs %s jobs" % (human(sizes[-1]), human(sizes[0]))
+        ratio("claim+finish cost, " + tag, get(res, "scale", hi, "claim_finish_us"),
+              get(res, "scale", lo, "claim_finish_us"), "<=", 1.5)
+        ratio("status time, " + tag, get(res, "scale", hi, "status_ms"), get(res, "scale", lo, "status_ms"),
+              "<=", 1.5)
+        v = get(res, "scale", hi, "status_ms")
+        bound("status at %s jobs" % human(sizes[-1]), None if v is None else v / 1000.0, "<", 0.5, " s", "%.3f")
+    else:
+        out.append(("scale targets", "n/a", "not measured", None))
+    bound("worker peak RSS idle", get(res, "pickup", "memory", "worker_idle_mb"), "<", 25, " MB", "%.1f")
+    bound("worker RSS growth while a job prints %s" % human_bytes(get(res, "pickup", "memory", "output_bytes")),
+          get(res, "pickup", "memory", "growth_mb"), "<=", 5, " MB", "%.1f")
+    return out
+
+
+def human(n):
+    if n >= 1000000 and n % 1000000 == 0:
+        return "%dM" % (n // 1000000)
+    if n >= 1000 and n % 1000 == 0:
+        return "%dk" % (n // 1000)
+    return str(n)
+
+
+def human_bytes(n):
+    if n is None:
+        return "?"
+    return "%g MB" % (n / 1e6)
+
+
+###############################################################################
+# Report #######################################################################
+###############################################################################
+
+def table(rows, headers):
+    widths = [len(h) for h in headers]
+    rows = [[str(c) for c in r] for r in rows]
+    for r in rows:
+        for i, c in enumerate(r):
+            widths[i] = max(widths[i], len(c))
+    lines = ["  ".join(c.ljust(w) for c, w in zip(headers, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def result_rows(res, size):
+    rows = []
+
+    def add(section, what, value, note=""):
+        if value is not None:
+            rows.append((section, what, value, note))
+
+    def jps(r):
+        if not r:
+            return None
+        s = "%.0f jobs/s" % r["jobs_per_s"]
+        return s
+
+    def spread(r):
+        if not r:
+            return ""
+        parts = []
+        if r.get("seconds") is not None:
+            parts.append("%.2f s" % r["seconds"])
+        if r.get("cpu_ms_per_job") is not None:
+            parts.append("CPU %.2f ms/job" % r["cpu_ms_per_job"])
+        if r.get("all_jobs_per_s"):
+            parts.append("runs " + "/".join("%.0f" % x for x in r["all_jobs_per_s"]))
+        if r.get("batches", 1) > 1:
+            parts.append("%d batches" % r["batches"])
+        if r.get("startup_s") is not None:
+            parts.append("start %.2f s, run %.2f ms + gap %.2f ms, exit %.2f s" % (
+                r["startup_s"], r["run_ms"], r["gap_ms"] or 0, r["shutdown_s"]))
+        return "; ".join(parts)
+
+    L = res.get("limit") or {}
+    for k, label in (("spawn_1p", "sh -c true, 1 process"), ("spawn_2p", "sh -c true, 2 processes"),
+                     ("queue_1p", "claim/run/complete loop, 1 process"),
+                     ("queue_2p", "claim/run/complete loop, 2 processes")):
+        add("limit", label, jps(L.get(k)), spread(L.get(k)))
+    D = res.get("drain") or {}
+    for w in size["drain_workers"]:
+        r = D.get("workers_%d" % w)
+        add("drain", "%d true jobs, %d worker%s" % (size["drain_jobs"], w, "" if w == 1 else "s"), jps(r),
+            spread(r))
+    T = res.get("tsp") or {}
+    if T.get("skipped"):
+        add("tsp", "task-spooler", "skipped", T["skipped"])
+    for s in size["tsp_slots"]:
+        r = T.get("slots_%d" % s)
+        add("tsp", "%d jobs, %d slot%s" % (size["tsp_jobs"], s, "" if s == 1 else "s"), jps(r), spread(r))
+    S = get(res, "sleep", "sleep")
+    if S:
+        add("sleep", "%d x sleep %g, %d workers" % (size["sleep_jobs"], size["sleep_seconds"], size["sleep_workers"]),
+            "%.2f s" % S["seconds"], "ideal %.2f s, efficiency %.0f%%; one `sh -c 'sleep %g'` alone %.1f ms "
+            "(efficiency against that: %.0f%%); %s" % (
+                S["ideal_seconds"], S["efficiency"] * 100, size["sleep_seconds"], S["command_alone_ms"],
+                S["efficiency_vs_command"] * 100, spread(S)))
+    E = res.get("enqueue") or {}
+    for k, label in (("floor", "python3 -c 'import sqlite3' (the floor)"),
+                     ("enqueue", "queuectl enqueue -- true (installed)"),
+                     ("enqueue_script", "python3 queuectl.py enqueue -- true"),
+                     ("floor_nosite", "python3 -S -c 'import sqlite3'"),
+                     ("enqueue_nosite", "python3 -S queuectl enqueue (installed)")):
+        if k in E:
+            add("enqueue", label, "%.1f ms" % E[k]["median_ms"], "median of %d, min %.1f" % (E[k]["runs"], E[k]["min_ms"]))
+    if "compile_script_ms" in E:
+        add("enqueue", "compiling queuectl.py (each script run)", "%.1f ms" % E["compile_script_ms"])
+    if "commit_full_ms" in E:
+        add("enqueue", "enqueue transaction in-process, FULL", "%.2f ms" % E["commit_full_ms"],
+            "NORMAL %.2f ms (the difference is the fsync)" % E["commit_normal_ms"])
+    if E.get("imports"):
+        top = E["imports"]["extra_top_level_ms"]
+        add("enqueue", "imports beyond the floor (-S)", "%d modules" % len(E["imports"]["extra_modules"]),
+            ", ".join("%s %.1fms" % kv for kv in list(top.items())[:5]))
+    B = get(res, "bulk", "bulk")
+    if B:
+        add("enqueue", "enqueue --file, %d JSON Lines jobs" % B["jobs"], jps(B), "%.2f s" % B["seconds"])
+    P = res.get("pickup") or {}
+    if P.get("pickup"):
+        p = P["pickup"]
+        add("pickup", "enqueue -> job starts, p50", "%.1f ms" % p["p50_ms"], "%d samples" % p["samples"])
+        add("pickup", "enqueue -> job starts, p95", "%.1f ms" % p["p95_ms"], "min %.1f, max %.1f" % (p["min_ms"], p["max_ms"]))
+    if P.get("idle_cpu"):
+        c = P["idle_cpu"]
+        add("pickup", "idle supervisor+worker CPU", "%.2f %%" % c["cpu_percent"],
+            "worker %.2f%%, supervisor %.2f%%, over %.1f s (tick %g ms)" % (
+                c["worker_percent"], c["supervisor_percent"], c["seconds"], c["tick_ms"]))
+    if P.get("memory"):
+        m = P["memory"]
+        add("memory", "worker peak RSS, idle", "%.1f MB" % m["worker_idle_mb"], "supervisor %.1f MB" % m["supervisor_mb"])
+        add("memory", "worker peak RSS after a job printed %s" % human_bytes(m["output_bytes"]),
+            "%.1f MB" % m["worker_after_mb"], "growth %.1f MB; %d bytes kept" % (m["growth_mb"], m["stdout_kept_bytes"]))
+    for k, r in sorted((res.get("scale") or {}).items(), key=lambda kv: int(kv[0].split("_")[1])):
+        tag = "%s jobs" % human(r["jobs"])
+        add("scale", "claim+finish, " + tag, "%.0f us" % r["claim_finish_us"], "idle poll %.0f us" % r["idle_poll_us"])
+        add("scale", "status, " + tag, "%.1f ms" % r["status_ms"], "db %.0f MB" % r["db_mb"])
+        add("scale", "list --limit 20, " + tag, "%.1f ms" % r["list_ms"])
+        add("scale", "stats, " + tag, "%.1f ms" % r["stats_ms"], "(not a target)")
+    return rows
+
+
+###############################################################################
+# Main #########################################################################
+###############################################################################
+
+class Context:
+    def __init__(self, q, size, repeat, root):
+        self.q, self.size, self.repeat, self.root = q, size, repeat, root
+        self.notes = []
+        self._n = 0
+
+    def tmp(self, name):
+        self._n += 1
+        d = os.path.join(self.root, "%02d-%s" % (self._n, name))
+        os.makedirs(d)
+        return d
+
+    def note(self, text):
+        self.notes.append(text)
+        sys.stderr.write("bench: %s\n" % text)
+
+
+def machine_info(q):
+    info = {"python": platform.python_version(), "executable": PY, "sqlite": sqlite3.sqlite_version,
+            "platform": platform.platform(), "cpus": os.cpu_count(),
+            "queuectl": getattr(q.mod, "__version__", "?"), "queuectl_path": q.path}
+    try:
+        with open("/proc/loadavg") as f:
+            info["loadavg_start"] = f.read().split()[:3]
+    except OSError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["git", "-C", os.path.dirname(q.path), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, timeout=5).stdout.decode().strip()
+        info["git"] = out or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Benchmark queuectl (see the module docstring).")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, under ~20 s (for the test suite)")
+    ap.add_argument("--json", metavar="PATH", default="bench-results.json", help="where to write the results")
+    ap.add_argument("--only", metavar="LIST", help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--repeat", type=int, help="rounds of the throughput measurements; the best run of each counts "
+                    "(default 3, 1 with --quick)")
+    ap.add_argument("--queuectl", metavar="PATH", default=os.path.join(HERE, "queuectl.py"))
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args(argv)
+
+    size = QUICK if args.quick else FULL
+    only = SECTIONS
+    if args.only:
+        only = [s.strip() for s in args.only.split(",") if s.strip()]
+        bad = [s for s in only if s not in SECTIONS]
+        if bad:
+            ap.error("unknown section %s (valid: %s)" % (", ".join(bad), ", ".join(SECTIONS)))
+    repeat = max(1, args.repeat or size["repeat"])
+    q = Q(args.queuectl)
+    root = tempfile.mkdtemp(prefix="queuectl-bench-")
+    ctx = Context(q, size, repeat, root)
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_term)
+    atexit.register(PROCS.cleanup)
+
+    started = time.time()
+    results, errors, timings = {}, {}, {}
+    # Throughput sections run in rounds, every measurement once per round, so
+    # that load from elsewhere on the machine (a busy CI box) hits the queue
+    # and its references alike; the best run of each counts.
+    builders = {"limit": tasks_limit, "drain": tasks_drain, "sleep": tasks_sleep, "tsp": tasks_tsp}
+    funcs = {"enqueue": section_enqueue, "bulk": section_bulk, "pickup": section_pickup,
+             "scale": section_scale}
+
+    def attempt(name, fn):
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        except BenchError as e:
+            errors[name] = str(e)
+            sys.stderr.write("bench: %s FAILED: %s\n" % (name, e))
+        except Exception as e:      # a bug here or an API change in queuectl: report, go on
+            import traceback
+            errors[name] = "%s: %s" % (type(e).__name__, e)
+            sys.stderr.write("bench: %s FAILED:\n%s" % (name, traceback.format_exc()))
+        finally:
+            PROCS.cleanup()
+            timings[name] = round(timings.get(name, 0) + time.perf_counter() - t0, 2)
+        return None
+
+    try:
+        tasks, finishers, runs = [], {}, {}
+        for name in ("limit", "drain", "sleep", "tsp"):
+            if name in only:
+                built = attempt(name, lambda: builders[name](ctx))
+                if built is None:
+                    continue
+                section_tasks, extra = built
+                if isinstance(extra, dict):
+                    results[name] = extra
+                elif extra is not None:
+                    finishers[name] = extra
+                tasks += [(name, key, fn) for key, fn in section_tasks]
+        for r in range(repeat):
+            for name, key, fn in tasks:
+                if name in errors:
+                    continue
+                sys.stderr.write("bench: %s %s (round %d of %d) ...\n" % (name, key, r + 1, repeat))
+                sys.stderr.flush()
+                out = attempt(name, fn)
+                if out is not None:
+                    runs.setdefault((name, key), []).append(out)
+        for (name, key), rs in runs.items():
+            if name not in errors:
+                results.setdefault(name, {})[key] = best(rs)
+        for name, fn in finishers.items():
+            if name in results and name not in errors:
+                attempt(name, lambda: fn(results[name]))
+        for name in SECTIONS:
+            if name in only and name in funcs:
+                sys.stderr.write("bench: %s ...\n" % name)
+                sys.stderr.flush()
+                out = attempt(name, lambda: funcs[name](ctx))
+                if out is not None:
+                    results[name] = out
+    finally:
+        PROCS.cleanup()
+        if args.keep:
+            sys.stderr.write("bench: kept %s\n" % root)
+        else:
+            # A daemon's clients (task-spooler's) may still write into it for
+            # a moment after their server was killed.
+            for _ in range(10):
+                shutil.rmtree(root, ignore_errors=True)
+                if not os.path.exists(root):
+                    break
+                time.sleep(0.1)
+
+    checks = targets(results)
+    info = machine_info(q)
+    print("queuectl benchmark%s: Python %s, SQLite %s, %s CPUs, load %s, %s" % (
+        " (--quick: sizes too small for the targets to mean much)" if args.quick else "",
+        info["python"], info["sqlite"], info["cpus"], " ".join(info.get("loadavg_start", [])),
+        time.strftime("%Y-%m-%d %H:%M")))
+    print()
+    print(table(result_rows(results, size), ("SECTION", "MEASURE", "VALUE", "NOTE")))
+    print()
+    print(table([(n, m, r, "PASS" if ok else ("FAIL" if ok is False else "-")) for n, m, r, ok in checks],
+                ("TARGET", "MEASURED", "REQUIRED", "RESULT")))
+    for name, err in errors.items():
+        print("ERROR in %s: %s" % (name, err))
+    for note in ctx.notes:
+        print("note: " + note)
+    total = time.time() - started
+    print("\n%d of %d targets pass; total time %.0f s" % (
+        sum(1 for c in checks if c[3]), sum(1 for c in checks if c[3] is not None), total))
+
+    doc = {
+        "meta": dict(info, quick=args.quick, repeat=repeat, sizes={k: v for k, v in size.items()},
+                     started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                     seconds=round(total, 1), section_seconds=timings, notes=ctx.notes),
+        "results": results,
+        "errors": errors,
+        "targets": [{"name": n, "measured": m, "required": r, "pass": ok} for n, m, r, ok in checks],
+    }
+    with open(args.json, "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=False)
+        f.write("\n")
+    if errors:
+        return 1
+    if args.strict and any(c[3] is False for c in checks):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
