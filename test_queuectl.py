@@ -3115,5 +3115,19 @@ class TestSecurity(LeadTestCase):
             del os.environ["QUEUECTL_ALLOW_NETWORK_FS"]
 
 
+
+class TestBenchScript(unittest.TestCase):
+    def test_bench_quick_scale_section_runs(self):
+        """bench.py is not run by the suite (timings are not asserted), but
+        one small section keeps it from rotting as queuectl changes."""
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "bench.json")
+            proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--quick", "--only", "scale",
+                                   "--json", out], capture_output=True, text=True, timeout=300)
+            self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+            with open(out) as f:
+                self.assertIsInstance(json.load(f), dict)
+
+
 if __name__ == "__main__":
     unittest.main()
