@@ -2012,6 +2012,19 @@ def _parser_class():
     return argparse, Parser
 
 
+def _help_width():
+    """The terminal's width as shutil.get_terminal_size() finds it, without
+    importing shutil (argparse would, for every parser it builds)."""
+    try:
+        return max(int(os.environ["COLUMNS"]) - 2, 20)
+    except (KeyError, ValueError):
+        pass
+    try:
+        return max(os.get_terminal_size(sys.__stdout__.fileno()).columns - 2, 20)
+    except (AttributeError, ValueError, OSError):
+        return 78
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -2071,16 +2084,21 @@ def build_parser(only=None):
     """The argument parser; with `only`, just that command's part of it (the
     other commands' parsers cost start-up time and are not needed to parse)."""
     argparse, Parser = _parser_class()
-    common = Parser(add_help=False)
+    width = _help_width()
+
+    def formatter(prog):
+        return argparse.RawDescriptionHelpFormatter(prog, width=width)
+
+    common = Parser(add_help=False, formatter_class=formatter)
     common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
                         help="database file (default: $QUEUECTL_DB or ~/.local/share/queuectl/queue.db)")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks for errors")
-    json_opt = Parser(add_help=False)
+    json_opt = Parser(add_help=False, formatter_class=formatter)
     json_opt.add_argument("--json", action="store_true", help="print JSON")
 
     parser = Parser(prog="queuectl", description="A background job queue for shell commands, on SQLite.",
-                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=EPILOG, formatter_class=formatter,
                     parents=[common])
     parser.add_argument("--version", action="version", version="queuectl " + __version__)
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -2091,7 +2109,7 @@ def build_parser(only=None):
             return _SKIPPED
         p = subparsers.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
                                   parents=[common] + list(parents), epilog=EPILOG,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+                                  formatter_class=formatter, **kw)
         p.set_defaults(func=func)
         return p
 
