@@ -89,9 +89,9 @@ WAL_SIZE_LIMIT = 4 * 1024 * 1024
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
                        "lustre", "gpfs", "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs", "davfs")
 #: How often an idle worker looks for new work (a cheap read of a counter):
-#: every 2 ms at first, backing off to every 20 ms (about 0.5% of a core;
+#: every 2 ms at first, backing off to every 25 ms (under 1% of a core;
 #: a wake-up costs more than the read).
-IDLE_POLL_SECONDS = (0.002, 0.02)
+IDLE_POLL_SECONDS = (0.002, 0.025)
 #: An idle worker re-runs the full claim query at least this often (for jobs
 #: whose run_at passes without any write to the database).
 IDLE_CLAIM_SECONDS = 0.5
