@@ -1588,6 +1588,8 @@ class Worker:
                         break
                     if job is None:
                         job = self.store.claim(self.id)
+                        if job is not None and self.stop_level:
+                            continue    # a stop came during the claim: given back below
                     if job is not None:
                         # process() records the result and claims the next
                         # job in the same transaction.
@@ -1772,6 +1774,10 @@ class Worker:
         reclaimed as 'worker lost' and run again. Returns (settled, next job)."""
         give_up = time.monotonic() + LEASE_SECONDS
         while True:
+            if self.stop_level >= 2:
+                # A hard stop still records the result (it gives the attempt
+                # back), but waits for the database only a few more seconds.
+                give_up = min(give_up, time.monotonic() + 5.0)
             self._check_parent()
             claim_next = self.stop_level == 0
             try:
@@ -1779,7 +1785,7 @@ class Worker:
                                          claim_next=claim_next)
                 return done if claim_next else (done, None)
             except StoreError as e:
-                if time.monotonic() >= give_up or self.stop_level >= 2:
+                if time.monotonic() >= give_up:
                     raise
                 self.log("%s %s could not record the result (%s); retrying" % (self.name, job["id"], e))
                 time.sleep(1.0)
@@ -1804,6 +1810,8 @@ def _worker_main(db_path, name, once):
     sent straight to a worker counts like one more stop request.
     """
     import signal
+    # Inherited from the supervisor: its wake-up pipe is not ours to write to.
+    signal.set_wakeup_fd(-1)
     worker = Worker(db_path, name=name, once=once)
 
     def graceful(signum, frame):
@@ -2276,7 +2284,12 @@ def cmd_enqueue(args):
     jobs = []
     for where, obj in where_objs:
         if isinstance(obj, dict) and flags:
-            obj = dict(flags, **obj)     # flags are defaults for fields the JSON leaves out
+            defaults = dict(flags)
+            if "run_at" in obj or "delay" in obj:
+                # The job's own time wins over a flag's, whichever form each has.
+                defaults.pop("run_at", None)
+                defaults.pop("delay", None)
+            obj = dict(defaults, **obj)     # flags are defaults for fields the JSON leaves out
         try:
             jobs.append(validate_job(obj, cwd, now))
         except ValueError as e:
@@ -2439,11 +2452,11 @@ def cmd_show(args):
     if not runs:
         sys.stdout.write("no runs yet\n")
         return EXIT_OK
-    rows = [(r["run"], r["attempt"], format_local(run["started_at"]), format_seconds(r["duration"]),
-             "-" if r["exit_code"] is None else r["exit_code"], r["outcome"],
+    rows = [(r["run"], r["attempt"], format_local(run["started_at"]), format_local(run["finished_at"]),
+             format_seconds(r["duration"]), "-" if r["exit_code"] is None else r["exit_code"], r["outcome"],
              "%d/%d" % (r["stdout_bytes"], r["stderr_bytes"]))
             for r, run in zip(data["runs"], runs)]
-    print_table(("RUN", "ATTEMPT", "STARTED", "DURATION", "EXIT", "OUTCOME", "OUT/ERR BYTES"), rows)
+    print_table(("RUN", "ATTEMPT", "STARTED", "FINISHED", "DURATION", "EXIT", "OUTCOME", "OUT/ERR BYTES"), rows)
     return EXIT_OK
 
 

@@ -3116,6 +3116,30 @@ class TestSecurity(LeadTestCase):
 
 
 
+class TestEnqueueFlagDefaults(LeadTestCase):
+    def test_a_jobs_own_time_wins_over_a_flag(self):
+        jobs = os.path.join(self.tmp, "jobs.jsonl")
+        with open(jobs, "w") as f:
+            f.write(json.dumps({"id": "own", "command": "true", "run_at": "2030-01-01T00:00:00Z"}) + "\n")
+            f.write(json.dumps({"id": "flag", "command": "true"}) + "\n")
+        before = time.time()
+        _cli(self.db, "enqueue", "--delay", "1h", "--priority", "3", "--file", jobs)
+        _, out, _ = _cli(self.db, "list", "--json")
+        got = {j["id"]: j for j in json.loads(out)}
+        self.assertEqual(got["own"]["run_at"], "2030-01-01T00:00:00.000Z")
+        self.assertEqual(got["own"]["priority"], 3)
+        flag_at = queuectl.parse_time(got["flag"]["run_at"])
+        self.assertAlmostEqual(flag_at, before + 3600, delta=60)
+
+    def test_show_lists_when_each_run_ended(self):
+        _cli(self.db, "enqueue", "--id", "x", "--max-retries", "0", "--", "exit 3")
+        _cli(self.db, "worker", "start", "--once")
+        _, out, _ = _cli(self.db, "show", "x")
+        header, row = out.splitlines()[-2:]
+        self.assertIn("FINISHED", header)
+        self.assertEqual(len(re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row)), 2, row)
+
+
 class TestBenchScript(unittest.TestCase):
     def test_bench_quick_scale_section_runs(self):
         """bench.py is not run by the suite (timings are not asserted), but
