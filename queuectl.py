@@ -580,6 +580,12 @@ def _not_utf8(params):
     return QueueError("%s is not valid UTF-8 text" % printable(repr(bad))[:200])
 
 
+def _is_busy(error):
+    """Is this sqlite3 error "database is locked" (another writer holds the lock)?"""
+    msg = str(error).lower()
+    return "locked" in msg or "busy" in msg
+
+
 def _encodable(text):
     try:
         text.encode("utf-8")
@@ -600,7 +606,6 @@ class Store:
         self.path = path
         self.conn = None
         self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
-        self._busy_ms = int(self.busy_timeout * 1000)     # what the connection waits now
         self._open(durable, self.busy_timeout, create)
 
     # -- connection and schema ------------------------------------------------
@@ -695,21 +700,23 @@ class Store:
     def __exit__(self, *exc):
         self.close()
 
-    def _execute(self, sql, params=()):
+    @contextlib.contextmanager
+    def _errors(self, params=()):
+        """sqlite3's errors as one-line StoreErrors; text that is not UTF-8 as a QueueError."""
         try:
-            return self.conn.execute(sql, params)
+            yield
         except sqlite3.Error as e:
             raise self._error(e)
         except UnicodeEncodeError:
             raise _not_utf8(params)
 
+    def _execute(self, sql, params=()):
+        with self._errors(params):
+            return self.conn.execute(sql, params)
+
     def _all(self, sql, params=()):
-        try:
+        with self._errors(params):
             return self.conn.execute(sql, params).fetchall()
-        except sqlite3.Error as e:
-            raise self._error(e)
-        except UnicodeEncodeError:
-            raise _not_utf8(params)
 
     def _one(self, sql, params=()):
         rows = self._all(sql, params)
@@ -718,7 +725,7 @@ class Store:
     def _error(self, e):
         text = str(e)
         msg = text.lower()
-        if "locked" in msg or "busy" in msg:
+        if _is_busy(e):
             return StoreError("database %s is locked: another process has held it for more than %gs; "
                               "try again (QUEUECTL_BUSY_TIMEOUT sets the wait)" % (self.path, self.busy_timeout))
         if isinstance(e, sqlite3.DatabaseError) and "not a database" in msg:
@@ -739,13 +746,14 @@ class Store:
         return st.f_bavail * st.f_frsize < 1024 * 1024
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self, wait=None):
         """BEGIN IMMEDIATE ... COMMIT; ROLLBACK on any exception.
 
         IMMEDIATE takes the write lock up front, so a transaction never fails
-        half-way with "database is locked": it waits (busy timeout) at BEGIN.
+        half-way with "database is locked": it waits (busy timeout, or `wait`
+        seconds) at BEGIN.
         """
-        self._begin()
+        self._begin(wait)
         try:
             yield
             self._execute("COMMIT")
@@ -757,17 +765,18 @@ class Store:
                     pass
             raise
 
-    def _begin(self):
+    def _begin(self, wait=None):
         """BEGIN IMMEDIATE, waiting for the lock in short naps at first.
 
         SQLite's own busy handler sleeps 1, 2, 5, 10 ms... between tries, while
         a queuectl transaction holds the lock for a tenth of a millisecond: with
         several busy workers most of a wait would be oversleeping. So the first
         ~20 ms of waiting are ours (naps from 50 us up); then SQLite's handler
-        takes over for the rest of the busy timeout.
+        takes over for the rest of the busy timeout (or of `wait` seconds).
         """
         conn = self.conn
-        try:
+        full_ms = int(self.busy_timeout * 1000)
+        with self._errors():
             conn.execute("PRAGMA busy_timeout = 0")
             try:
                 nap, waited = 0.00005, 0.0
@@ -776,16 +785,18 @@ class Store:
                         conn.execute("BEGIN IMMEDIATE")
                         return
                     except sqlite3.OperationalError as e:
-                        if ("locked" not in str(e) and "busy" not in str(e)) or waited >= 0.02:
+                        if not _is_busy(e) or waited >= 0.02:
                             break
                     time.sleep(nap)
                     waited += nap
                     nap = min(nap * 2, 0.002)
             finally:
-                conn.execute("PRAGMA busy_timeout = %d" % self._busy_ms)
-        except sqlite3.Error as e:
-            raise self._error(e)
-        self._execute("BEGIN IMMEDIATE")
+                conn.execute("PRAGMA busy_timeout = %d" % (full_ms if wait is None else int(wait * 1000)))
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                if wait is not None:
+                    conn.execute("PRAGMA busy_timeout = %d" % full_ms)
 
     def data_version(self):
         """A number that changes whenever another connection commits."""
@@ -856,6 +867,8 @@ class Store:
                 raise       # a generated id collided: enqueue() rolls back and retries
             except sqlite3.Error as e:
                 raise self._error(e)
+            except UnicodeEncodeError:
+                raise _not_utf8([value for row in rows for value in row])
             self._execute("UPDATE counts SET n = n + ? WHERE state = 'pending'", (len(rows),))
         return [row[0] for row in rows]
 
@@ -923,16 +936,7 @@ class Store:
         now = time.time() if now is None else now
         # Wait only briefly for the lock: the lease has time to spare, and the
         # runner must keep enforcing timeouts and stops meanwhile.
-        self._busy_ms = HEARTBEAT_BUSY_MS
-        self._execute("PRAGMA busy_timeout = %d" % self._busy_ms)
-        try:
-            return self._heartbeat(worker_id, job_id, now, lease, stopping)
-        finally:
-            self._busy_ms = int(self.busy_timeout * 1000)
-            self._execute("PRAGMA busy_timeout = %d" % self._busy_ms)
-
-    def _heartbeat(self, worker_id, job_id, now, lease, stopping):
-        with self.transaction():
+        with self.transaction(wait=HEARTBEAT_BUSY_MS / 1000.0):
             cur = self._execute("""
                 UPDATE workers SET heartbeat_at = ?, stop_requested = MAX(stop_requested, ?)
                 WHERE id = ?""", (now, 1 if stopping else 0, worker_id))
