@@ -83,7 +83,8 @@ MAX_COMMAND_BYTES = 131071
 PURGE_BATCH = 500
 #: How often a worker applies the `retention` setting.
 RETENTION_EVERY_SECONDS = 60.0
-#: The WAL file is truncated back to this size after a checkpoint.
+#: The WAL file is truncated back to this size after a checkpoint; a worker
+#: that finds it bigger after a job forces a checkpoint that truncates it.
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
 #: File systems on which SQLite's WAL locking does not work across hosts.
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
@@ -801,6 +802,33 @@ class Store:
     def data_version(self):
         """A number that changes whenever another connection commits."""
         return self._one("PRAGMA data_version")[0]
+
+    def bound_wal(self, limit=WAL_SIZE_LIMIT, wait=0.1):
+        """Checkpoint and truncate the WAL if it has grown past `limit`.
+
+        SQLite's automatic checkpoints copy the WAL back into the database but
+        can start the WAL over only at a moment when no reader is using it; with
+        busy workers and readers such as `status` that moment may never come, and
+        the WAL grows. A TRUNCATE checkpoint waits (at most `wait` seconds; new
+        writers wait with it) for the readers to finish, then starts it over.
+        Costs one stat() when there is nothing to do. Returns True if it truncated.
+        """
+        try:
+            if os.path.getsize(self.path + "-wal") <= limit:
+                return False
+        except OSError:
+            return False
+        with self._errors():
+            self.conn.execute("PRAGMA busy_timeout = %d" % int(wait * 1000))
+            try:
+                busy = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e):
+                    raise
+                busy = 1    # another connection is checkpointing: it will do
+            finally:
+                self.conn.execute("PRAGMA busy_timeout = %d" % int(self.busy_timeout * 1000))
+        return not busy
 
     # -- config ----------------------------------------------------------------
 
@@ -1760,6 +1788,7 @@ class Worker:
             # their environment still names this run.
             kill_job_processes(job["id"], self.id, self.db_path)
         settled, next_job = self._finish(job, result, interrupted)
+        self._bound_wal()
         if settled is None:
             self.log("%s %s lease lost: another worker took the job back (%s)" % (
                 self.name, job["id"], result.outcome))
@@ -1793,6 +1822,12 @@ class Worker:
                     raise
                 self.log("%s %s could not record the result (%s); retrying" % (self.name, job["id"], e))
                 time.sleep(1.0)
+
+    def _bound_wal(self):
+        try:
+            self.store.bound_wal()
+        except StoreError as e:
+            self.log("%s could not checkpoint the WAL (%s); will retry" % (self.name, e))
 
     @staticmethod
     def _next_step(settled):

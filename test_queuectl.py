@@ -3056,7 +3056,9 @@ class TestGrowth(LeadTestCase):
         pool.terminate()
         pool.wait(timeout=30)
         self.assertGreater(os.path.getsize(self.db), 10 * 1024 * 1024)
-        self.assertLessEqual(biggest[0], 2 * queuectl.WAL_SIZE_LIMIT)
+        # A worker checks after each job: the WAL may pass the limit by what
+        # the jobs in flight wrote (20 KB each here), not by another 4 MB.
+        self.assertLessEqual(biggest[0], queuectl.WAL_SIZE_LIMIT + 1024 * 1024)
 
 
 class TestSecurity(LeadTestCase):
