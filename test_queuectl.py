@@ -2402,6 +2402,32 @@ class ShutdownTest(ReliabilityTestCase):
         self.assertEqual((row["state"], row["attempts"]), ("pending", 0))
         self.assertEqual(pids_of_db(self.db), [])
 
+    def test_sigterm_to_one_worker_stops_only_that_worker(self):
+        # `kill PID` of one worker: it finishes its job and leaves; the
+        # supervisor starts another in its place and the pool goes on.
+        a = self.enqueue(self.ledger_job("sleep 1"))
+        pool = self.start_pool(count=2)
+        self.wait_pool_ready(pool, 2)
+        wait_until(lambda: self.starts() == [a], 15, "the job to start")
+
+        def workers():
+            code, out, _ = qc(self.db, "status", "--json")
+            self.assertEqual(code, 0)
+            return json.loads(out)["workers"]
+        busy = [w["pid"] for w in workers() if w["job"] == a]
+        self.assertEqual(len(busy), 1, workers())
+        os.kill(busy[0], signal.SIGTERM)
+        wait_until(lambda: self.job(a)["state"] == "completed", 15, "the job to finish")
+        wait_until(lambda: len(workers()) == 2 and busy[0] not in [w["pid"] for w in workers()],
+                   15, "a new worker in place of the stopped one")
+        self.assertIsNone(pool.poll(), "the pool stopped with its worker")
+        b = self.enqueue(self.ledger_job("true"))
+        wait_until(lambda: self.job(b)["state"] == "completed", 15, "the pool to run the next job")
+        self.assertEqual(self.job(a)["attempts"], 1)
+        os.kill(pool.pid, signal.SIGTERM)
+        self.assertEqual(pool.wait(timeout=15), 0)
+        self.assertIn("stopped by SIGTERM; starting another", self.pool_log(pool))
+
     def test_killmode_mixed_drains(self):
         # systemd, KillMode=mixed: SIGTERM to the main process only; when it
         # has exited (or TimeoutStopSec passed) SIGKILL to whatever is left.
