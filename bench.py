@@ -149,10 +149,17 @@ class Procs:
         return proc
 
     def kill(self, proc):
+        """SIGKILL `proc` and the rest of its session (a pool's workers have
+        process groups of their own)."""
         if proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
+                pass
+        for pid in session_members(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
                 pass
         try:
             proc.wait(timeout=10)
@@ -202,13 +209,22 @@ def wait_until(pred, timeout, interval=0.002):
 
 
 def proc_stat(pid):
-    """(ppid, utime+stime ticks) of a process, or None if it is gone."""
+    """(ppid, utime+stime ticks, session) of a live process, or None if it is
+    gone (or a zombie)."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return int(fields[1]), int(fields[11]) + int(fields[12])
+    if fields[0] == b"Z":
+        return None
+    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[3])
+
+
+def session_members(sid):
+    """Live processes of session `sid`."""
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()] if os.path.isdir("/proc") else []
+    return [p for p in pids if (proc_stat(p) or (0, 0, 0))[2] == sid]
 
 
 def children(pid):

@@ -58,14 +58,14 @@ def _pids():
 
 
 def _stat(pid):
-    """(state, ppid, pgrp) of a process, or None if it is gone."""
+    """(state, ppid, pgrp, session) of a process, or None if it is gone."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
             data = f.read()
     except OSError:
         return None
     fields = data.rsplit(b")", 1)[1].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2])
+    return fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3])
 
 
 def _cmdline(pid):
@@ -84,21 +84,32 @@ def _environ(pid):
         return b""
 
 
-def group_members(pgid):
-    """Live (non-zombie) processes of a process group."""
+def session_members(sid):
+    """Live (non-zombie) processes of a session. A pool is started in a session
+    of its own: its supervisor and its workers (each worker in a process
+    group of its own); its jobs have sessions of their own."""
     out = []
     for pid in _pids():
         st = _stat(pid)
-        if st and st[2] == pgid and st[0] != "Z":
+        if st and st[3] == sid and st[0] != "Z":
             out.append(pid)
     return out
 
 
+def signal_session(sid, sig):
+    """`sig` to a session's leader first, then to its other members; returns them."""
+    _kill(sid, sig)
+    members = session_members(sid)
+    for pid in members:
+        _kill(pid, sig)
+    return members
+
+
 def pool_workers(pool_pid):
-    """The worker processes of a pool: its process group minus the supervisor
+    """The worker processes of a pool: its session minus the supervisor
     and multiprocessing's helpers (forkserver, resource tracker)."""
     out = []
-    for pid in group_members(pool_pid):
+    for pid in session_members(pool_pid):
         if pid == pool_pid:
             continue
         cmd = _cmdline(pid)
@@ -234,7 +245,7 @@ class Chaos:
         env = dict(os.environ)
         env.pop("QUEUECTL_DB", None)
         with open(log, "wb") as f:
-            # Its own session: the pool can be killed as one process group;
+            # Its own session: the pool (supervisor and workers) can be found and killed as one;
             # the jobs' processes have sessions of their own and survive it.
             self.pool = subprocess.Popen(
                 [sys.executable, QUEUECTL, "--db", self.db, "worker", "start",
@@ -254,19 +265,11 @@ class Chaos:
 
     def kill_pool(self):
         """SIGKILL the supervisor and its workers at once (not the jobs)."""
-        pgid = self.pool.pid
-        try:
-            # Freeze the group first so that no worker is started between the
-            # count and the kill.
-            os.killpg(pgid, signal.SIGSTOP)
-        except OSError:
-            pass
-        members = group_members(pgid)
+        # Freeze the pool first (its supervisor first) so that no worker is
+        # started between the count and the kill.
+        members = signal_session(self.pool.pid, signal.SIGSTOP)
         now = time.time()
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except OSError:
-            pass
+        signal_session(self.pool.pid, signal.SIGKILL)
         for pid in members:
             self.kills.setdefault(pid, []).append(now)
         self.pool_kills += 1
@@ -274,7 +277,7 @@ class Chaos:
         self.pool = None
 
     def stop_pool(self, timeout=15.0):
-        """SIGTERM (graceful), then SIGKILL of the group if it does not stop."""
+        """SIGTERM (graceful), then SIGKILL of the pool if it does not stop."""
         if self.pool is None:
             return None
         _kill(self.pool.pid, signal.SIGTERM)
@@ -282,10 +285,7 @@ class Chaos:
             code = self.pool.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             code = None
-        try:
-            os.killpg(self.pool.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        signal_session(self.pool.pid, signal.SIGKILL)
         if code is None:
             self.pool.wait(timeout=10)
         self.pool = None
@@ -360,10 +360,7 @@ class Chaos:
             return self.check(left, orphans, stop_code, time.monotonic() - t0)
         finally:
             if self.pool is not None:
-                try:
-                    os.killpg(self.pool.pid, signal.SIGKILL)
-                except OSError:
-                    pass
+                signal_session(self.pool.pid, signal.SIGKILL)
                 self.pool.wait()
             for pid, _ in job_processes(self.db, self.marker):
                 _kill(pid)

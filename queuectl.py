@@ -1855,13 +1855,24 @@ class Worker:
 def _worker_main(db_path, name, once):
     """Entry point of a worker process (module level, takes only plain values).
 
-    SIGINT is ignored: Ctrl-C reaches the whole terminal process group, and the
-    supervisor turns it into SIGUSR1 (graceful) or SIGUSR2 (hard). A SIGTERM
+    A worker leaves the terminal's foreground process group for one of its
+    own, so that Ctrl-C reaches the supervisor only, which turns it into
+    SIGUSR1 (graceful) or SIGUSR2 (hard). In the group, a Ctrl-C could also
+    hit a job in the instant between its fork and its setsid() and kill it:
+    CPython's vfork path resets signal handlers to the default before
+    setsid(). SIGINT is still ignored here, for a SIGINT sent to the worker. A SIGTERM
     sent straight to a worker counts like one more stop request, of this worker
     only: unless its supervisor or `worker stop` also asked, it exits with
     EXIT_WORKER_TERMINATED and the supervisor starts another in its place.
     """
     import signal
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    # From a background group, a log line to the terminal would stop the
+    # worker under `stty tostop`; ignored, the write goes through.
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     # Inherited from the supervisor: its wake-up pipe is not ours to write to.
     signal.set_wakeup_fd(-1)
     worker = Worker(db_path, name=name, once=once)
@@ -1937,7 +1948,9 @@ class Supervisor:
         import multiprocessing.connection
         import signal
 
-        ctx = multiprocessing.get_context()
+        # fork: a worker is the supervisor's child (parent-death checks, signals
+        # and the pool's session rely on it), whatever the platform's default.
+        ctx = multiprocessing.get_context("fork")
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
