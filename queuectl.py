@@ -105,6 +105,9 @@ EXIT_INTERRUPTED = 130
 #: A worker process's exit status (to its supervisor only) when a SIGTERM sent
 #: to it alone stopped it: the pool goes on, with a new worker in its place.
 EXIT_WORKER_TERMINATED = 3
+#: workers.stop_requested bits: `worker stop` asked; the worker is stopping
+#: for a reason of its own (a signal, its supervisor gone). Shown as stopping.
+STOP_ASKED, STOP_SELF = 1, 2
 
 #: Schema version, kept in PRAGMA user_version. MIGRATIONS[v] upgrades v -> v+1.
 SCHEMA_VERSION = 2
@@ -158,7 +161,7 @@ CREATE TABLE workers (
     pid_start      INTEGER,
     started_at     REAL NOT NULL,
     heartbeat_at   REAL NOT NULL,
-    stop_requested INTEGER NOT NULL DEFAULT 0
+    stop_requested INTEGER NOT NULL DEFAULT 0   -- bits: STOP_ASKED | STOP_SELF
 );
 
 CREATE TABLE config (
@@ -609,6 +612,8 @@ class Store:
     def __init__(self, path, durable=True, busy_timeout=None, create=True):
         self.path = path
         self.conn = None
+        # SQLite puts the WAL beside the database file a symlink points to.
+        self._wal_path = None if path == ":memory:" else os.path.realpath(path) + "-wal"
         self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
         self._open(durable, self.busy_timeout, create)
 
@@ -806,21 +811,25 @@ class Store:
         """A number that changes whenever another connection commits."""
         return self._one("PRAGMA data_version")[0]
 
-    def bound_wal(self, limit=WAL_SIZE_LIMIT, wait=0.1):
-        """Checkpoint and truncate the WAL if it has grown past `limit`.
+    def wal_size(self):
+        """The size of the WAL file in bytes (0 if there is none): one stat()."""
+        if self._wal_path is None:
+            return 0
+        try:
+            return os.path.getsize(self._wal_path)
+        except OSError:
+            return 0
+
+    def truncate_wal(self, wait=0.1):
+        """Checkpoint the whole WAL and truncate it; True if done.
 
         SQLite's automatic checkpoints copy the WAL back into the database but
         can start the WAL over only at a moment when no reader is using it; with
         busy workers and readers such as `status` that moment may never come, and
         the WAL grows. A TRUNCATE checkpoint waits (at most `wait` seconds; new
         writers wait with it) for the readers to finish, then starts it over.
-        Costs one stat() when there is nothing to do. Returns True if it truncated.
+        False if readers (or another checkpoint) kept it from finishing.
         """
-        try:
-            if os.path.getsize(self.path + "-wal") <= limit:
-                return False
-        except OSError:
-            return False
         with self._errors():
             self.conn.execute("PRAGMA busy_timeout = %d" % int(wait * 1000))
             try:
@@ -828,7 +837,7 @@ class Store:
             except sqlite3.OperationalError as e:
                 if not _is_busy(e):
                     raise
-                busy = 1    # another connection is checkpointing: it will do
+                busy = 1    # another connection is checkpointing
             finally:
                 self.conn.execute("PRAGMA busy_timeout = %d" % int(self.busy_timeout * 1000))
         return not busy
@@ -908,7 +917,7 @@ class Store:
     def stop_requested(self, worker_id):
         """Has `worker stop` asked this worker to stop? (A read; no lock.)"""
         row = self._one("SELECT stop_requested FROM workers WHERE id = ?", (worker_id,))
-        return bool(row and row[0])
+        return bool(row and row[0] & STOP_ASKED)
 
     def has_due(self, now):
         """Cheap read-only check (no lock taken): is any job due?"""
@@ -969,12 +978,12 @@ class Store:
         # runner must keep enforcing timeouts and stops meanwhile.
         with self.transaction(wait=HEARTBEAT_BUSY_MS / 1000.0):
             cur = self._execute("""
-                UPDATE workers SET heartbeat_at = ?, stop_requested = MAX(stop_requested, ?)
-                WHERE id = ?""", (now, 1 if stopping else 0, worker_id))
+                UPDATE workers SET heartbeat_at = ?, stop_requested = stop_requested | ?
+                WHERE id = ?""", (now, STOP_SELF if stopping else 0, worker_id))
             if cur.rowcount == 0:
                 # Our row was removed (e.g. we were suspended and taken for dead).
                 self._register(worker_id, now)
-            stop = self._one("SELECT stop_requested FROM workers WHERE id = ?", (worker_id,))[0]
+            stop = self._one("SELECT stop_requested FROM workers WHERE id = ?", (worker_id,))[0] & STOP_ASKED
             cancel, held = False, True
             if job_id is not None:
                 cur = self._execute("""
@@ -1083,7 +1092,7 @@ class Store:
     def request_stop(self):
         """Ask every registered worker to finish its job and exit. Returns their rows."""
         with self.transaction():
-            self._execute("UPDATE workers SET stop_requested = 1")
+            self._execute("UPDATE workers SET stop_requested = stop_requested | ?", (STOP_ASKED,))
             return self.workers()
 
     def forget_workers(self, worker_ids):
@@ -1601,6 +1610,8 @@ class Worker:
         start = process_start(pid)
         self.id = "%s:%d:%s" % (this_host(), pid, "-" if start is None else start)
         self.store = None
+        self._base_env = None
+        self._wal_retry_at, self._wal_step = 0, 0       # see _bound_wal()
         self._next_heartbeat = 0.0
         self._next_retention = 0.0
         self._parent = os.getppid()
@@ -1653,6 +1664,13 @@ class Worker:
                 self.log("%s %s not started, back to pending" % (self.name, job["id"]))
             return EXIT_INTERRUPTED if self.stop_level >= 2 else EXIT_OK
         finally:
+            try:
+                if not self.stop_asked:
+                    # Stopping for another reason, `worker stop` may have asked
+                    # too (its supervisor must then not replace this worker).
+                    self.stop_asked = self.store.stop_requested(self.id)
+            except StoreError:
+                pass
             try:
                 self.store.unregister_worker(self.id)
             finally:
@@ -1768,20 +1786,19 @@ class Worker:
             return "cancelled"
         return None
 
-    def _set_environ(self, job):
-        """Name the job's run in this process's environment, which the job
-        inherits: its processes can be found by it after a lost lease.
-
-        Setting os.environ here (a worker process does nothing else) and
-        starting the job with env=None costs a few microseconds; a new env
-        dict per job cost ~0.2 ms (every variable re-encoded by subprocess).
-        """
-        environ = os.environ
-        if environ.get("QUEUECTL_WORKER_ID") != self.id:
-            environ["QUEUECTL_DB"] = os.path.realpath(self.db_path)
-            environ["QUEUECTL_WORKER_ID"] = self.id
-        environ["QUEUECTL_JOB_ID"] = job["id"]
-        environ["QUEUECTL_ATTEMPT"] = str(job["attempts"])
+    def _environ(self, job):
+        """The job's environment: ours, plus the names of this run, by which
+        its processes can be found after a lost lease. (Setting them in
+        os.environ instead would save ~30 us a job, but glibc never frees a
+        replaced variable: a worker would grow by ~80 bytes a job.)"""
+        if self._base_env is None:
+            self._base_env = dict(os.environ)
+            self._base_env["QUEUECTL_DB"] = os.path.realpath(self.db_path)
+            self._base_env["QUEUECTL_WORKER_ID"] = self.id
+        env = dict(self._base_env)
+        env["QUEUECTL_JOB_ID"] = job["id"]
+        env["QUEUECTL_ATTEMPT"] = str(job["attempts"])
+        return env
 
     def process(self, job):
         """Run a claimed job and record the result; returns the next job,
@@ -1789,8 +1806,7 @@ class Worker:
         self.log("%s %s claimed (attempt %d/%d): %s" % (
             self.name, job["id"], job["attempts"], job["max_retries"] + 1, job["command"]))
 
-        self._set_environ(job)
-        result = run_command(job["command"], cwd=job["cwd"],
+        result = run_command(job["command"], cwd=job["cwd"], env=self._environ(job),
                              timeout=job["timeout"],
                              check=lambda: self._check(job))
         interrupted = result.outcome == "interrupted"
@@ -1835,10 +1851,27 @@ class Worker:
                 time.sleep(1.0)
 
     def _bound_wal(self):
+        """Keep the WAL near WAL_SIZE_LIMIT: past it, truncate it. Each try
+        holds every writer up for up to 0.1 s, so after a try that readers
+        foiled, the next waits until the WAL has grown by 0.5 MiB more, then
+        1, 2, ... up to 64 MiB: a reader that stays for long (an open sqlite3
+        shell, a backup) costs a few tries, not one per job."""
+        size = self.store.wal_size()
+        if size <= WAL_SIZE_LIMIT:
+            self._wal_retry_at, self._wal_step = 0, 0
+            return
+        if size < self._wal_retry_at:
+            return
         try:
-            self.store.bound_wal()
+            done = self.store.truncate_wal()
         except StoreError as e:
             self.log("%s could not checkpoint the WAL (%s); will retry" % (self.name, e))
+            done = False
+        if done:
+            self._wal_retry_at, self._wal_step = 0, 0
+        else:
+            self._wal_step = min(max(self._wal_step * 2, WAL_SIZE_LIMIT // 8), 16 * WAL_SIZE_LIMIT)
+            self._wal_retry_at = size + self._wal_step
 
     @staticmethod
     def _next_step(settled):
@@ -1870,12 +1903,20 @@ def _worker_main(db_path, name, once):
         os.setpgid(0, 0)
     except OSError:
         pass
-    # From a background group, a log line to the terminal would stop the
-    # worker under `stty tostop`; ignored, the write goes through.
-    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     # Inherited from the supervisor: its wake-up pipe is not ours to write to.
     signal.set_wakeup_fd(-1)
-    worker = Worker(db_path, name=name, once=once)
+
+    def log(message):
+        # From a background group, a line to the terminal would stop us under
+        # `stty tostop`, unless SIGTTOU is ignored: ignored only for the
+        # write, so that jobs do not inherit it.
+        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            _log(message)
+        finally:
+            signal.signal(signal.SIGTTOU, old)
+
+    worker = Worker(db_path, name=name, once=once, log=log)
     told = {"supervisor": False, "term": False}
 
     def graceful(signum, frame):
@@ -1902,7 +1943,7 @@ def _worker_main(db_path, name, once):
     try:
         code = worker.run()
     except QueueError as e:
-        _log("%s error: %s" % (name, e))
+        log("%s error: %s" % (name, e))
         code = EXIT_ERROR
     if code in (EXIT_OK, EXIT_INTERRUPTED) and told["term"] and not told["supervisor"] \
             and not worker.stop_asked:
@@ -1959,7 +2000,25 @@ class Supervisor:
         def on_signal(signum, frame):
             signalled.append(signum)
 
+        def relay(sig):
+            for proc in list(self.workers.values()):
+                try:
+                    os.kill(proc.pid, sig)      # unreaped, so still ours
+                except OSError:
+                    pass
+
+        def on_tstp(signum, frame):
+            # Ctrl-Z reaches us alone (workers have groups of their own):
+            # pause them, then ourselves. Their jobs run on, as they always did.
+            relay(signal.SIGSTOP)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+        def on_cont(signum, frame):
+            relay(signal.SIGCONT)
+
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, on_tstp)
+        old[signal.SIGCONT] = signal.signal(signal.SIGCONT, on_cont)
         old_wakeup = signal.set_wakeup_fd(wake_w)
         restarts = {}           # name -> quick deaths in a row
         due = {}                # name -> when to restart it

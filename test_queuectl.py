@@ -2448,31 +2448,95 @@ class ShutdownTest(ReliabilityTestCase):
         self.assertEqual(db_count(self.db, "SELECT count(*) FROM jobs WHERE state NOT IN "
                                            "('pending', 'completed')"), 0)
 
+    def _gated_job(self):
+        """A job that runs until the test creates its gate file; returns (id, gate)."""
+        gate = os.path.join(self.dir, "gate-%d" % time.monotonic_ns())
+        job = self.enqueue(self.ledger_job("while [ ! -e %s ]; do sleep 0.05; done" % shlex.quote(gate)))
+        return job, gate
+
+    def _workers(self):
+        code, out, _ = qc(self.db, "status", "--json")
+        self.assertEqual(code, 0)
+        return json.loads(out)["workers"]
+
+    def _sigterm_the_worker_of(self, pool, job):
+        self.wait_pool_ready(pool, 1)
+        wait_until(lambda: self.starts() == [job], 15, "the job to start")
+        busy = wait_until(lambda: [w["pid"] for w in self._workers() if w["job"] == job], 15,
+                          "status to show the job's worker")
+        os.kill(busy[0], signal.SIGTERM)
+        wait_until(lambda: [w for w in self._workers() if w["pid"] == busy[0] and w["stopping"]], 15,
+                   "the worker to say it is stopping")
+        self.assertEqual(self.job(job)["state"], "processing")
+        return busy[0]
+
     def test_sigterm_to_one_worker_stops_only_that_worker(self):
         # `kill PID` of one worker: it finishes its job and leaves; the
         # supervisor starts another in its place and the pool goes on.
-        a = self.enqueue(self.ledger_job("sleep 1"))
+        a, gate = self._gated_job()
         pool = self.start_pool(count=2)
-        self.wait_pool_ready(pool, 2)
-        wait_until(lambda: self.starts() == [a], 15, "the job to start")
-
-        def workers():
-            code, out, _ = qc(self.db, "status", "--json")
-            self.assertEqual(code, 0)
-            return json.loads(out)["workers"]
-        busy = [w["pid"] for w in workers() if w["job"] == a]
-        self.assertEqual(len(busy), 1, workers())
-        os.kill(busy[0], signal.SIGTERM)
+        stopped = self._sigterm_the_worker_of(pool, a)
+        open(gate, "w").close()
         wait_until(lambda: self.job(a)["state"] == "completed", 15, "the job to finish")
-        wait_until(lambda: len(workers()) == 2 and busy[0] not in [w["pid"] for w in workers()],
+        wait_until(lambda: len(self._workers()) == 2 and stopped not in [w["pid"] for w in self._workers()],
                    15, "a new worker in place of the stopped one")
         self.assertIsNone(pool.poll(), "the pool stopped with its worker")
         b = self.enqueue(self.ledger_job("true"))
         wait_until(lambda: self.job(b)["state"] == "completed", 15, "the pool to run the next job")
-        self.assertEqual(self.job(a)["attempts"], 1)
+        self.assertEqual((self.job(a)["attempts"], self.ends()), (1, [a, b]))
         os.kill(pool.pid, signal.SIGTERM)
         self.assertEqual(pool.wait(timeout=15), 0)
         self.assertIn("stopped by SIGTERM; starting another", self.pool_log(pool))
+
+    def test_worker_stop_after_a_sigterm_to_the_worker_stops_the_pool(self):
+        # A worker told twice (its own SIGTERM, then `worker stop`) must not be
+        # replaced: `worker stop` means the whole pool.
+        a, gate = self._gated_job()
+        pool = self.start_pool(count=1)
+        self._sigterm_the_worker_of(pool, a)
+        stop = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "worker", "stop", "--timeout", "30"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(None))
+        self.addCleanup(lambda: stop.poll() is None and stop.kill())
+        wait_until(lambda: db_count(self.db, "SELECT count(*) FROM workers WHERE stop_requested & %d"
+                                    % queuectl.STOP_ASKED) == 1, 15, "worker stop to ask")
+        open(gate, "w").close()
+        self.assertEqual(pool.wait(timeout=20), 0, self.pool_log(pool))
+        out, err = stop.communicate(timeout=30)
+        self.assertEqual(stop.returncode, 0, err)
+        self.assertEqual(self.job(a)["state"], "completed")
+        self.assertNotIn("starting another", self.pool_log(pool))
+
+    def test_ctrl_z_pauses_the_workers_and_fg_resumes_them(self):
+        pool = self.start_pool(count=2)
+        self.wait_pool_ready(pool, 2)
+        workers = children(pool.pid)
+        self.assertEqual(len(workers), 2)
+
+        def states():
+            return [(_read("/proc/%d/stat" % p).rsplit(b")", 1)[1].split() or [b"?"])[0] for p in workers]
+        os.kill(pool.pid, signal.SIGTSTP)       # what the terminal sends to its foreground group
+        wait_until(lambda: all(st == b"T" for st in states() + [
+            _read("/proc/%d/stat" % pool.pid).rsplit(b")", 1)[1].split()[0]]), 10, "the pool to pause")
+        job = self.enqueue(self.ledger_job("true"))
+        os.killpg(pool.pid, signal.SIGCONT)     # `fg`
+        wait_until(lambda: self.job(job)["state"] == "completed", 15, "the resumed pool to run a job")
+        os.kill(pool.pid, signal.SIGTERM)
+        self.assertEqual(pool.wait(timeout=15), 0)
+
+    def test_jobs_get_default_signal_dispositions(self):
+        # Workers ignore SIGINT (by a handler) and SIGTTOU (around log writes):
+        # neither may reach a job as ignored.
+        def ignored(status):
+            line = [l for l in status.splitlines() if l.startswith("SigIgn:")][0]
+            mask = int(line.split()[1], 16)
+            return {sig for sig in (signal.SIGINT, signal.SIGTTOU) if mask & (1 << (sig - 1))}
+        with open("/proc/self/status") as f:
+            ours = ignored(f.read())
+        job = self.enqueue("cat /proc/$$/status")
+        code, out, err = qc(self.db, "worker", "start", "--once")
+        self.assertEqual(code, 0, err)
+        code, out, err = qc(self.db, "logs", job)
+        self.assertEqual(ignored(out.decode()) - (ours - {signal.SIGINT}), set())
 
     def test_killmode_mixed_drains(self):
         # systemd, KillMode=mixed: SIGTERM to the main process only; when it
@@ -3131,6 +3195,32 @@ class TestGrowth(LeadTestCase):
         # A worker checks after each job: the WAL may pass the limit by what
         # the jobs in flight wrote (20 KB each here), not by another 4 MB.
         self.assertLessEqual(biggest[0], queuectl.WAL_SIZE_LIMIT + 1024 * 1024)
+
+
+    def test_a_long_reader_does_not_stall_the_pool(self):
+        """A reader that keeps an old snapshot (an open sqlite3 shell, a
+        backup) keeps the WAL from being truncated. Workers must then back
+        off instead of holding every writer up for 0.1 s after each job: 300
+        jobs would take 30 s more; they take about one."""
+        jobs = os.path.join(self.tmp, "jobs.jsonl")
+        with open(jobs, "w") as f:
+            for _ in range(300):
+                f.write(json.dumps({"command": "head -c 20000 /dev/zero"}) + "\n")
+        _cli(self.db, "enqueue", "--file", jobs)
+        reader = sqlite3.connect(self.db, isolation_level=None)
+        self.addCleanup(reader.close)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchone()
+        t0 = time.monotonic()
+        _cli(self.db, "worker", "start", "--once", "--count", "2", timeout=120)
+        took = time.monotonic() - t0
+        self.assertGreater(os.path.getsize(self.db + "-wal"), queuectl.WAL_SIZE_LIMIT)
+        self.assertLess(took, 20, "the pool stalled behind the reader")
+        reader.execute("COMMIT")
+        # Once the reader is gone, the next job's checkpoint truncates it.
+        _cli(self.db, "enqueue", "--", "true")
+        _cli(self.db, "worker", "start", "--once")
+        self.assertLessEqual(os.path.getsize(self.db + "-wal"), queuectl.WAL_SIZE_LIMIT)
 
 
 class TestSecurity(LeadTestCase):
