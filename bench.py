@@ -134,8 +134,8 @@ QUICK = {
 class Procs:
     """Every child we start, so that all of them can be killed at exit.
 
-    Children get their own session (process group), so killing the group
-    takes down what they forked too (a supervisor's workers)."""
+    Children get their own session, so killing the session takes down what
+    they forked too (a supervisor's workers, each in a process group of its own)."""
 
     def __init__(self):
         self.live = []

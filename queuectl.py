@@ -837,7 +837,7 @@ class Store:
             except sqlite3.OperationalError as e:
                 if not _is_busy(e):
                     raise
-                busy = 1    # another connection is checkpointing
+                busy = 1    # SQLITE_LOCKED: a statement of ours still active
             finally:
                 self.conn.execute("PRAGMA busy_timeout = %d" % int(self.busy_timeout * 1000))
         return not busy
@@ -2016,7 +2016,10 @@ class Supervisor:
         def on_cont(signum, frame):
             relay(signal.SIGCONT)
 
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        stops = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            stops.append(signal.SIGHUP)     # the terminal went away (unless under nohup)
+        old = {s: signal.signal(s, on_signal) for s in stops}
         old[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, on_tstp)
         old[signal.SIGCONT] = signal.signal(signal.SIGCONT, on_cont)
         old_wakeup = signal.set_wakeup_fd(wake_w)
@@ -2057,12 +2060,16 @@ class Supervisor:
                     proc.join()
                     del self.workers[name]
                     code = proc.exitcode
+                    quick = time.monotonic() - proc.started_at < 1.0
+                    restarts[name] = restarts.get(name, 0) + 1 if quick else 0
+                    delay = min(2 ** restarts[name], 30) if quick else 0
                     if code == EXIT_WORKER_TERMINATED and not self.stop_level:
                         if self.once:
                             self.log("%s (pid %d) stopped by SIGTERM" % (name, proc.pid))
                         else:
-                            self.log("%s (pid %d) stopped by SIGTERM; starting another" % (name, proc.pid))
-                            due[name] = time.monotonic()
+                            self.log("%s (pid %d) stopped by SIGTERM; starting another%s" % (
+                                name, proc.pid, " in %ds" % delay if delay else ""))
+                            due[name] = time.monotonic() + delay
                         continue
                     if code in (EXIT_OK, EXIT_INTERRUPTED, EXIT_WORKER_TERMINATED) or self.stop_level:
                         if code == EXIT_OK and not self.once and not self.stop_level:
@@ -2078,9 +2085,6 @@ class Supervisor:
                         self.log("%s (pid %d) failed (%s); not restarted with --once" % (name, proc.pid, how))
                         self.failed = True
                         continue
-                    quick = time.monotonic() - proc.started_at < 1.0
-                    restarts[name] = restarts.get(name, 0) + 1 if quick else 0
-                    delay = min(2 ** restarts[name], 30) if quick else 0
                     self.log("%s (pid %d) died (%s); restarting%s" % (
                         name, proc.pid, how, " in %ds" % delay if delay else ""))
                     # Restarted by the loop, which keeps answering signals meanwhile.

@@ -2538,6 +2538,21 @@ class ShutdownTest(ReliabilityTestCase):
         code, out, err = qc(self.db, "logs", job)
         self.assertEqual(ignored(out.decode()) - (ours - {signal.SIGINT}), set())
 
+    def test_sighup_drains_like_sigterm(self):
+        # The terminal went away: stop gracefully rather than die and leave
+        # the workers to find out. (Under nohup SIGHUP stays ignored.)
+        if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+            self.skipTest("SIGHUP is ignored here (nohup?): the pool would inherit that")
+        a, gate = self._gated_job()
+        pool = self.start_pool(count=1)
+        self.wait_pool_ready(pool, 1)
+        wait_until(lambda: self.starts() == [a], 15, "the job to start")
+        os.kill(pool.pid, signal.SIGHUP)
+        wait_until(lambda: "stopping" in self.pool_log(pool), 10, "the pool to start draining")
+        open(gate, "w").close()
+        self.assertEqual(pool.wait(timeout=15), 0, self.pool_log(pool))
+        self.assertEqual(self.job(a)["state"], "completed")
+
     def test_killmode_mixed_drains(self):
         # systemd, KillMode=mixed: SIGTERM to the main process only; when it
         # has exited (or TimeoutStopSec passed) SIGKILL to whatever is left.
