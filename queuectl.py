@@ -1091,8 +1091,12 @@ class Store:
             self._register(worker_id, time.time() if now is None else now)
 
     def unregister_worker(self, worker_id):
+        """Delete the worker's row; returns whether `worker stop` had asked it
+        to stop (read in the same transaction, so that no request is lost)."""
         with self.transaction():
+            row = self._one("SELECT stop_requested FROM workers WHERE id = ?", (worker_id,))
             self._execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+        return bool(row and row[0] & STOP_ASKED)
 
     def workers(self):
         """Registered workers, each with the job it holds now (job_id, or None)."""
@@ -1612,14 +1616,29 @@ class Worker:
 
     `stop_level` is raised by signal handlers (they only set it): 1 means
     finish the current job and exit, 2 means kill it, put it back and exit.
+    It only ever goes up: it is two flags, each only ever set, so that a
+    handler running in the middle of another's `max(level, 1)` cannot undo it.
     """
+
+    _soft = _hard = False
+
+    @property
+    def stop_level(self):
+        return 2 if self._hard else 1 if self._soft else 0
+
+    @stop_level.setter
+    def stop_level(self, level):
+        if level >= 2:
+            self._hard = True
+        if level >= 1:
+            self._soft = True
 
     def __init__(self, db_path, name="w1", once=False, log=_log):
         self.db_path = db_path
         self.name = name
         self.once = once
         self.log = log
-        self.stop_level = 0
+        self.pause_requested = False    # Ctrl-Z, relayed by the supervisor
         self.stop_asked = False     # by `worker stop` (through the database)
         pid = os.getpid()
         start = process_start(pid)
@@ -1680,14 +1699,10 @@ class Worker:
             return EXIT_INTERRUPTED if self.stop_level >= 2 else EXIT_OK
         finally:
             try:
-                if not self.stop_asked:
-                    # Stopping for another reason, `worker stop` may have asked
-                    # too (its supervisor must then not replace this worker).
-                    self.stop_asked = self.store.stop_requested(self.id)
-            except StoreError:
-                pass
-            try:
-                self.store.unregister_worker(self.id)
+                # Stopping for another reason, `worker stop` may have asked too:
+                # then the supervisor must not replace this worker.
+                if self.store.unregister_worker(self.id):
+                    self.stop_asked = True
             finally:
                 self.store.close()
 
@@ -1747,17 +1762,26 @@ class Worker:
         nap, longest = IDLE_POLL_SECONDS
         while self.stop_level == 0:
             time.sleep(nap)
+            self.maybe_pause()
             nap = min(nap * 1.25, longest)
             now = time.monotonic()
-            changed = self.store.change_token() != version
+            token = self.store.change_token()
+            changed, version = token != version, token     # read once: no commit slips between
             if changed or now >= recheck:
-                if changed and self._stop_requested():
+                if self._stop_requested():
                     return
                 if self.store.has_due(time.time()):
                     return
-                version = self.store.change_token()
                 recheck = now + IDLE_CLAIM_SECONDS
             self.housekeeping()
+
+    def maybe_pause(self):
+        """Ctrl-Z: stop this process here, where it holds no transaction
+        (a SIGSTOP could land inside one and hold the write lock)."""
+        if self.pause_requested:
+            import signal
+            self.pause_requested = False
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def reclaim_lost(self):
         """Take back jobs whose worker is provably dead (at once) or whose lease
@@ -1792,6 +1816,7 @@ class Worker:
 
     def _check(self, job):
         """Called by the runner while the command runs: stop, cancel or carry on."""
+        self.maybe_pause()
         if self.stop_level >= 2:
             return "interrupted"
         cancel, held = self.housekeeping(job["id"])
@@ -1946,6 +1971,9 @@ def _worker_main(db_path, name, once):
         told["term"] = True
         worker.stop_level = min(worker.stop_level + 1, 2)
 
+    def pause(signum, frame):
+        worker.pause_requested = True
+
     def ignore(signum, frame):
         pass
 
@@ -1955,6 +1983,9 @@ def _worker_main(db_path, name, once):
     signal.signal(signal.SIGUSR1, graceful)
     signal.signal(signal.SIGUSR2, hard)
     signal.signal(signal.SIGTERM, term)
+    signal.signal(signal.SIGHUP, term)      # only ever sent to this worker alone
+    signal.signal(signal.SIGTSTP, pause)
+    signal.signal(signal.SIGCONT, signal.SIG_DFL)   # not the supervisor's relay
     try:
         code = worker.run()
     except QueueError as e:
@@ -2024,8 +2055,9 @@ class Supervisor:
 
         def on_tstp(signum, frame):
             # Ctrl-Z reaches us alone (workers have groups of their own):
-            # pause them, then ourselves. Their jobs run on, as they always did.
-            relay(signal.SIGSTOP)
+            # workers pause themselves where they hold no lock (within 0.1 s),
+            # then we stop. Their jobs run on, as they always did.
+            relay(signal.SIGTSTP)
             os.kill(os.getpid(), signal.SIGSTOP)
 
         def on_cont(signum, frame):
@@ -2056,7 +2088,8 @@ class Supervisor:
                 except BlockingIOError:
                     pass
                 while signalled:
-                    signalled.pop()
+                    if signalled.pop() == signal.SIGHUP and self.stop_level:
+                        continue    # a closing terminal may send two: never a hard stop
                     self.stop_level = min(self.stop_level + 1, 2)
                     if self.stop_level == 1:
                         self.log("stopping: waiting for running jobs to finish (signal again to kill them)")

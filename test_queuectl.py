@@ -458,6 +458,18 @@ class TestHelpers(unittest.TestCase):
 # Store, with injected time ##################################################
 ###############################################################################
 
+class TestWorkerStopLevel(unittest.TestCase):
+    def test_stop_level_only_goes_up(self):
+        # Signal handlers raise it; one running inside another's
+        # `max(level, 1)` must not undo a hard stop.
+        w = queuectl.Worker(os.path.join(tempfile.gettempdir(), "never-opened.db"))
+        self.assertEqual(w.stop_level, 0)
+        w.stop_level = 2
+        w.stop_level = 1
+        w.stop_level = 0
+        self.assertEqual(w.stop_level, 2)
+
+
 class TestStore(QueueTestCase):
     T = 1800000000.0
     W = "otherhost:4242:99"      # a worker on another host: only its lease can expire
@@ -2523,6 +2535,30 @@ class ShutdownTest(ReliabilityTestCase):
         os.kill(pool.pid, signal.SIGTERM)
         self.assertEqual(pool.wait(timeout=15), 0)
 
+    def test_ctrl_z_never_freezes_a_worker_holding_the_write_lock(self):
+        # A pool paused while draining as fast as it can: an enqueue from
+        # another shell must still get the lock (a SIGSTOP landing inside a
+        # worker's transaction used to hold it until `fg`).
+        batch = os.path.join(self.dir, "batch.jsonl")
+        with open(batch, "w") as f:
+            f.write('{"command": "true"}\n' * 3000)
+        qc_ok(self, self.db, "enqueue", "--file", batch)
+        pool = self.start_pool(count=2)
+        self.wait_pool_ready(pool, 2)
+        workers = children(pool.pid)
+
+        def state(pid):
+            return (_read("/proc/%d/stat" % pid).rsplit(b")", 1)[1].split() or [b"?"])[0]
+        for _ in range(4):
+            os.kill(pool.pid, signal.SIGTSTP)
+            wait_until(lambda: all(state(p) == b"T" for p in workers + [pool.pid]), 10, "the pool to pause")
+            code, out, err = qc(self.db, "enqueue", "--", "true", env={"QUEUECTL_BUSY_TIMEOUT": "2"})
+            self.assertEqual(code, 0, err)
+            os.killpg(pool.pid, signal.SIGCONT)
+            wait_until(lambda: all(state(p) != b"T" for p in workers + [pool.pid]), 10, "the pool to resume")
+        os.kill(pool.pid, signal.SIGTERM)
+        self.assertEqual(pool.wait(timeout=15), 0)
+
     def test_jobs_get_default_signal_dispositions(self):
         # Workers ignore SIGINT (by a handler) and SIGTTOU (around log writes):
         # neither may reach a job as ignored.
@@ -2549,6 +2585,10 @@ class ShutdownTest(ReliabilityTestCase):
         wait_until(lambda: self.starts() == [a], 15, "the job to start")
         os.kill(pool.pid, signal.SIGHUP)
         wait_until(lambda: "stopping" in self.pool_log(pool), 10, "the pool to start draining")
+        os.kill(pool.pid, signal.SIGHUP)        # a closing terminal often sends two
+        wait_until(lambda: self.pool_log(pool).count("stopping") == 1 and
+                   [w for w in self._workers() if w["stopping"]], 10, "the worker to drain")
+        self.assertEqual(self.job(a)["state"], "processing")
         open(gate, "w").close()
         self.assertEqual(pool.wait(timeout=15), 0, self.pool_log(pool))
         self.assertEqual(self.job(a)["state"], "completed")
