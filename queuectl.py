@@ -1758,6 +1758,10 @@ class Worker:
         commits) and the due check when it changed, or every
         IDLE_CLAIM_SECONDS (for jobs whose run_at simply passes)."""
         version = self.store.change_token()
+        # A job enqueued after our last claim but before the token was read
+        # changes nothing we would see: look once now.
+        if self.store.has_due(time.time()):
+            return
         recheck = time.monotonic() + IDLE_CLAIM_SECONDS
         nap, longest = IDLE_POLL_SECONDS
         while self.stop_level == 0:
