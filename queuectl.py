@@ -811,21 +811,6 @@ class Store:
         """A number that changes whenever another connection commits."""
         return self._one("PRAGMA data_version")[0]
 
-    def change_token(self):
-        """A value that changes whenever any connection commits, for idle
-        polling: the WAL file's size and modification time, since every
-        commit writes to it (one stat(), ~3 us against ~25 us for
-        data_version). Where there is no WAL file, data_version. A commit
-        that leaves both the same (the WAL started over within one clock
-        tick of the last write) is seen by the poller's periodic due check."""
-        if self._wal_path is not None:
-            try:
-                st = os.stat(self._wal_path)
-                return st.st_size, st.st_mtime_ns
-            except OSError:
-                pass
-        return self.data_version()
-
     def wal_size(self):
         """The size of the WAL file in bytes (0 if there is none): one stat()."""
         if self._wal_path is None:
@@ -1754,11 +1739,11 @@ class Worker:
 
     def idle(self):
         """Wait until a job is due or we are asked to stop. Only reads: the
-        change token every IDLE_POLL_SECONDS (it changes when a connection
-        commits) and the due check when it changed, or every
+        data_version counter every IDLE_POLL_SECONDS (it changes when another
+        connection commits) and the due check when it changed, or every
         IDLE_CLAIM_SECONDS (for jobs whose run_at simply passes)."""
-        version = self.store.change_token()
-        # A job enqueued after our last claim but before the token was read
+        version = self.store.data_version()
+        # A job enqueued after our last claim but before the counter was read
         # changes nothing we would see: look once now.
         if self.store.has_due(time.time()):
             return
@@ -1769,8 +1754,8 @@ class Worker:
             self.maybe_pause()
             nap = min(nap * 1.25, longest)
             now = time.monotonic()
-            token = self.store.change_token()
-            changed, version = token != version, token     # read once: no commit slips between
+            current = self.store.data_version()
+            changed, version = current != version, current    # read once: no commit slips between
             if changed or now >= recheck:
                 if self._stop_requested():
                     return
