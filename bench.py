@@ -104,27 +104,10 @@ FULL = {
     "repeat": 3,
 }
 
-QUICK = {
-    "limit_jobs": 60,
-    "drain_jobs": 60,
-    "drain_workers": (1, 2, 4),
-    "sleep_jobs": 16,
-    "sleep_seconds": 0.05,
-    "sleep_workers": 4,
-    "enqueue_runs": 3,
-    "enqueue_variants": False,
-    "bulk_jobs": 3000,
-    "pickup_samples": 3,
-    "idle_seconds": 0.5,
-    "big_output": 5 * 1000 * 1000,
-    "scale_sizes": (1000, 10000),
-    "scale_claims": 30,
-    "scale_cli_runs": 1,
-    "scale_cache": False,
-    "tsp_jobs": 30,
-    "tsp_slots": (1, 2),
-    "repeat": 1,
-}
+QUICK = dict(FULL, limit_jobs=60, drain_jobs=60, sleep_jobs=16, enqueue_runs=3, enqueue_variants=False,
+             bulk_jobs=3000, pickup_samples=3, idle_seconds=0.5, big_output=5 * 1000 * 1000,
+             scale_sizes=(1000, 10000), scale_claims=30, scale_cli_runs=1, scale_cache=False,
+             tsp_jobs=30, repeat=1)
 
 
 ###############################################################################

@@ -2012,12 +2012,13 @@ class Supervisor:
         self.workers[name] = proc
 
     def _signal_workers(self, sig):
-        for proc in self.workers.values():
-            if proc.is_alive():
-                try:
-                    os.kill(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
+        # No is_alive() (a waitpid): this also runs inside signal handlers. A
+        # worker not yet joined is unreaped, so its pid is still ours.
+        for proc in list(self.workers.values()):
+            try:
+                os.kill(proc.pid, sig)
+            except OSError:
+                pass
 
     def run(self):
         import multiprocessing
@@ -2035,22 +2036,15 @@ class Supervisor:
         def on_signal(signum, frame):
             signalled.append(signum)
 
-        def relay(sig):
-            for proc in list(self.workers.values()):
-                try:
-                    os.kill(proc.pid, sig)      # unreaped, so still ours
-                except OSError:
-                    pass
-
         def on_tstp(signum, frame):
             # Ctrl-Z reaches us alone (workers have groups of their own):
             # workers pause themselves where they hold no lock (within 0.1 s),
             # then we stop. Their jobs run on, as they always did.
-            relay(signal.SIGTSTP)
+            self._signal_workers(signal.SIGTSTP)
             os.kill(os.getpid(), signal.SIGSTOP)
 
         def on_cont(signum, frame):
-            relay(signal.SIGCONT)
+            self._signal_workers(signal.SIGCONT)
 
         stops = [signal.SIGINT, signal.SIGTERM]
         if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
@@ -2108,7 +2102,7 @@ class Supervisor:
                                 name, proc.pid, " in %ds" % delay if delay else ""))
                             due[name] = time.monotonic() + delay
                         continue
-                    if code in (EXIT_OK, EXIT_INTERRUPTED, EXIT_WORKER_TERMINATED) or self.stop_level:
+                    if code in (EXIT_OK, EXIT_INTERRUPTED) or self.stop_level:
                         if code == EXIT_OK and not self.once and not self.stop_level:
                             # A worker leaves on its own only when `worker stop` asked.
                             self.stop_level = 1

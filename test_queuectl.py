@@ -2113,9 +2113,14 @@ def children(pid):
     return out
 
 
-def is_zombie(pid):
+def proc_state(pid):
+    """The state letter of a process in /proc (b"R", b"S", b"T", b"Z", ...), or b"?" if it is gone."""
     stat = _read("/proc/%d/stat" % pid)
-    return bool(stat) and stat.rsplit(b")", 1)[1].split()[0] == b"Z"
+    return (stat.rsplit(b")", 1)[1].split() or [b"?"])[0] if stat else b"?"
+
+
+def is_zombie(pid):
+    return proc_state(pid) == b"Z"
 
 
 def kill_all(pids):
@@ -2523,12 +2528,8 @@ class ShutdownTest(ReliabilityTestCase):
         self.wait_pool_ready(pool, 2)
         workers = children(pool.pid)
         self.assertEqual(len(workers), 2)
-
-        def states():
-            return [(_read("/proc/%d/stat" % p).rsplit(b")", 1)[1].split() or [b"?"])[0] for p in workers]
         os.kill(pool.pid, signal.SIGTSTP)       # what the terminal sends to its foreground group
-        wait_until(lambda: all(st == b"T" for st in states() + [
-            _read("/proc/%d/stat" % pool.pid).rsplit(b")", 1)[1].split()[0]]), 10, "the pool to pause")
+        wait_until(lambda: all(proc_state(p) == b"T" for p in workers + [pool.pid]), 10, "the pool to pause")
         job = self.enqueue(self.ledger_job("true"))
         os.killpg(pool.pid, signal.SIGCONT)     # `fg`
         wait_until(lambda: self.job(job)["state"] == "completed", 15, "the resumed pool to run a job")
@@ -2546,16 +2547,13 @@ class ShutdownTest(ReliabilityTestCase):
         pool = self.start_pool(count=2)
         self.wait_pool_ready(pool, 2)
         workers = children(pool.pid)
-
-        def state(pid):
-            return (_read("/proc/%d/stat" % pid).rsplit(b")", 1)[1].split() or [b"?"])[0]
         for _ in range(4):
             os.kill(pool.pid, signal.SIGTSTP)
-            wait_until(lambda: all(state(p) == b"T" for p in workers + [pool.pid]), 10, "the pool to pause")
+            wait_until(lambda: all(proc_state(p) == b"T" for p in workers + [pool.pid]), 10, "the pool to pause")
             code, out, err = qc(self.db, "enqueue", "--", "true", env={"QUEUECTL_BUSY_TIMEOUT": "2"})
             self.assertEqual(code, 0, err)
             os.killpg(pool.pid, signal.SIGCONT)
-            wait_until(lambda: all(state(p) != b"T" for p in workers + [pool.pid]), 10, "the pool to resume")
+            wait_until(lambda: all(proc_state(p) != b"T" for p in workers + [pool.pid]), 10, "the pool to resume")
         os.kill(pool.pid, signal.SIGTERM)
         self.assertEqual(pool.wait(timeout=15), 0)
 
