@@ -32,6 +32,27 @@ import unittest
 from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURE_V1 = os.path.join(HERE, "test_fixtures", "schema-v1.db")
+
+
+def copy_v1_fixture(path):
+    """Copy the schema-v1 database that the first queuectl wrote to `path`.
+
+    Its jobs were enqueued in /tmp/v1, a directory that exists only on the machine
+    that made it; the copy's jobs run in a directory beside `path` instead, so the
+    test depends on nothing outside its own temp dir. Raw sqlite3, so the copy
+    stays a v1 file for the migration under test."""
+    shutil.copy(FIXTURE_V1, path)
+    os.chmod(path, 0o600)
+    cwd = os.path.join(os.path.dirname(path), "v1-cwd")
+    os.makedirs(cwd, exist_ok=True)
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.execute("UPDATE jobs SET cwd = ?", (cwd,))
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    finally:
+        conn.close()
 QUEUECTL = os.path.join(HERE, "queuectl.py")
 LINUX = sys.platform.startswith("linux") and os.path.isdir("/proc/self")
 if HERE not in sys.path:
@@ -1868,14 +1889,8 @@ class TestScript(QueueTestCase):
 ###############################################################################
 
 class TestMigration(QueueTestCase):
-    FIXTURE = os.path.join(HERE, "test_fixtures", "schema-v1.db")
-
     def test_v1_database_is_migrated(self):
-        if not os.path.exists(self.FIXTURE):
-            self.skipTest("no schema-v1 fixture")
-        with open(self.FIXTURE, "rb") as src, open(self.db, "wb") as dst:
-            dst.write(src.read())
-        os.chmod(self.db, 0o600)
+        copy_v1_fixture(self.db)
         jobs = {j["id"]: j for j in self.jobs()}
         self.assertEqual(sorted(jobs), ["dead-1", "done-1", "fail-1", "pending-1", "sched-1"])
         self.assertEqual((jobs["dead-1"]["state"], jobs["dead-1"]["attempts"]), ("dead", 2))
@@ -3014,7 +3029,6 @@ class NonUtf8ArgumentTest(ReliabilityTestCase):
 # Schema migrations, old SQLite, growth and purge, security
 ###############################################################################
 
-FIXTURE_V1 = os.path.join(HERE, "test_fixtures", "schema-v1.db")
 
 
 def _cli(db, *args, check=True, timeout=60, env=None):
@@ -3068,7 +3082,7 @@ class TestSQLiteBuild(unittest.TestCase):
 class TestMigrations(LeadTestCase):
     def copy_fixture(self, name="v1.db"):
         path = os.path.join(self.tmp, name)
-        shutil.copy(FIXTURE_V1, path)
+        copy_v1_fixture(path)
         return path
 
     def user_version(self, db):
