@@ -392,6 +392,79 @@ def check_filesystem(directory, mountinfo=None):
                          "if only this host uses it)" % (directory, fstype))
 
 
+def make_private_dirs(directory):
+    """Create `directory` and every missing parent, each 0700 (os.makedirs
+    gives its mode only to the last one)."""
+    missing = []
+    while not os.path.lexists(directory) and os.path.dirname(directory) != directory:
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass    # another process made it first; checked when the file is opened
+
+
+def _refuse_unless_private(path, st, what, owners):
+    """Raise StoreError unless `st` (of the database, its directory or a
+    -wal/-shm file) is owned by one of `owners` and writable by no one else:
+    a file or directory that another user can write lets them read the jobs
+    and make the worker run their commands as us."""
+    import stat
+    fix = "chmod go-w %s" % path
+    if st.st_uid not in owners:
+        reason, fix = "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid()), \
+            "use a database in a directory of your own"
+    elif st.st_mode & 0o022:
+        reason = "is writable by %s (mode %04o)" % (
+            "group and others" if st.st_mode & 0o022 == 0o022 else
+            "group" if st.st_mode & 0o020 else "others", stat.S_IMODE(st.st_mode))
+    else:
+        return
+    raise StoreError("refusing database %s: %s %s, so another user could read your jobs and run "
+                     "commands as you; %s" % (what[0], what[1], reason, fix))
+
+
+def check_private(path, create):
+    """Open the database file without following a symlink (creating it 0600
+    if `create`) and refuse it, its directory or its -wal/-shm files when
+    another user owns or may write them. Returns False if the file does not
+    exist (and `create` is false)."""
+    import stat
+    parent = os.path.dirname(os.path.abspath(path))
+    st = os.stat(parent)
+    _refuse_unless_private(parent, st, (path, "its directory " + parent), (os.geteuid(), 0))
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY), 0o600)
+    except FileNotFoundError:
+        if create:
+            raise
+        return False
+    except OSError as e:
+        if os.path.islink(path):
+            raise StoreError("refusing database %s: it is a symbolic link (to %s); give the real path"
+                             % (path, os.path.realpath(path)))
+        raise
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError("cannot open database %s: it is not a regular file" % path)
+    _refuse_unless_private(path, st, (path, "the file"), (os.geteuid(),))
+    for suffix in ("-wal", "-shm"):
+        try:
+            st = os.lstat(path + suffix)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError("refusing database %s: %s is not a regular file" % (path, path + suffix))
+        _refuse_unless_private(path + suffix, st, (path, "its file " + path + suffix), (os.geteuid(),))
+    return True
+
+
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 _ID_PAIRS = None
 _id_state = {"ms": 0, "prefix": "", "counter": 0}
@@ -631,15 +704,16 @@ class Store:
             if not os.path.isdir(probe):
                 raise StoreError("cannot open database %s: %s is not a directory" % (path, probe))
             check_filesystem(parent)
-        if path != ":memory:" and not create and not os.path.exists(path):
+        if path != ":memory:" and not create and not os.path.lexists(path):
             # Reading a queue that was never written: read an empty one, in
             # memory, so that `status` or `show` on a new machine leaves no file.
             path = ":memory:"
         elif path != ":memory:":
             try:
-                os.makedirs(parent, mode=0o700, exist_ok=True)
+                if create:
+                    make_private_dirs(parent)
                 # Create the file ourselves so that it is private (0600).
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+                check_private(path, create)
             except OSError as e:
                 raise StoreError("cannot open database %s: %s" % (path, e.strerror or e))
         try:

@@ -98,6 +98,31 @@ def command_paths():
     return paths
 
 
+def skip_or_fail(test, reason):
+    """Skip with `reason`, except under CI (CI=true), where a case that cannot
+    run must fail rather than pass unnoticed."""
+    if os.environ.get("CI") == "true":
+        test.fail("cannot run under CI: %s" % reason)
+    test.skipTest(reason)
+
+
+def python_for_uid(test, uid):
+    """A Python interpreter that user `uid` may run (ours may live in root's home),
+    run through setpriv; skips (fails under CI) unless we are root with setpriv."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        skip_or_fail(test, "two-user cases need root and setpriv (they run queuectl as other uids)")
+    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        argv = as_uid(uid) + [python, "-c", "import sqlite3"]
+        if os.path.exists(python) and subprocess.run(argv, stderr=subprocess.DEVNULL).returncode == 0:
+            return python
+    skip_or_fail(test, "no Python interpreter that uid %d may run" % uid)
+
+
+def as_uid(uid):
+    """argv prefix that runs a command as user and group `uid`, without supplementary groups."""
+    return ["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups"]
+
+
 class QueueTestCase(unittest.TestCase):
     """A fresh database per test, a private environment, and helpers to drive the CLI."""
 
@@ -706,6 +731,100 @@ class TestDatabaseLocation(QueueTestCase):
         self.db = os.path.join(self.tmp, "other.db")
         self.init_db()
         self.assert_private_db(self.db)
+
+    def test_every_missing_directory_is_created_private(self):
+        old_umask = os.umask(0o022)
+        self.addCleanup(os.umask, old_umask)
+        self.db = os.path.join(self.tmp, "a", "b", "c", "queue.db")
+        self.init_db()
+        for d in ("a", "a/b", "a/b/c"):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.tmp, d)).st_mode), 0o700, d)
+
+    def test_symlink_at_the_database_path_is_refused(self):
+        victim = os.path.join(self.tmp, "victim.txt")
+        with open(victim, "w") as f:
+            f.write("precious\n")
+        self.db = os.path.join(self.tmp, "q.db")
+        os.symlink(victim, self.db)
+        err = "queuectl: error: refusing database %s: it is a symbolic link (to %s); give the real path" % (
+            self.db, victim)
+        self.expect_failure("enqueue", "--", "true", err=err, check_db=False)
+        self.expect_failure("status", err=err, check_db=False)
+        os.unlink(self.db)
+        os.symlink(os.path.join(self.tmp, "nowhere.db"), self.db)      # dangling: not created either
+        self.expect_failure("enqueue", "--", "true", err_prefix="queuectl: error: refusing database",
+                            check_db=False)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "nowhere.db")))
+        with open(victim) as f:
+            self.assertEqual(f.read(), "precious\n")
+
+    def test_database_others_may_write_is_refused(self):
+        self.init_db()
+        before = self.db_dump()
+        os.chmod(self.db, 0o664)
+        self.expect_failure("status", check_db=False, err=(
+            "queuectl: error: refusing database %s: the file is writable by group (mode 0664), so another "
+            "user could read your jobs and run commands as you; chmod go-w %s" % (self.db, self.db)))
+        os.chmod(self.db, 0o600)
+        for suffix in ("-wal", "-shm"):
+            companion = self.db + suffix
+            fd = os.open(companion, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+            os.chmod(companion, 0o606)
+            self.expect_failure("enqueue", "--", "true", check_db=False,
+                                err_prefix="queuectl: error: refusing database %s: its file %s is writable "
+                                "by others (mode 0606)" % (self.db, companion))
+            os.unlink(companion)
+        shared = os.path.join(self.tmp, "shared")
+        os.mkdir(shared)
+        os.chmod(shared, 0o1777)
+        self.db = os.path.join(shared, "q.db")
+        self.expect_failure("enqueue", "--", "true", check_db=False, err_prefix=(
+            "queuectl: error: refusing database %s: its directory %s is writable by group and others "
+            "(mode 1777)" % (self.db, shared)))
+        self.assertEqual(os.listdir(shared), [])
+        self.db = os.path.join(self.tmp, "q.db")
+        self.assertEqual(self.db_dump(), before)
+
+    def test_database_another_user_made_is_refused(self):
+        """User A (uid 61001) makes a world-writable directory with a 0666
+        database holding a job of theirs; user B (uid 61002) must neither
+        enqueue into it nor run A's job as B."""
+        python = python_for_uid(self, 61002)
+        os.chmod(self.tmp, 0o711)               # others may pass through, not list
+        shared = os.path.join(self.tmp, "shared")
+        os.mkdir(shared)
+        self.db = os.path.join(shared, "queue.db")
+        pwned = os.path.join(shared, "pwned")
+        self.add("id -u > %s" % shlex.quote(pwned), id="evil")
+        for path in (shared, self.db):
+            os.chown(path, 61001, 61001)
+            os.chmod(path, 0o777 if path == shared else 0o666)
+        before = self.db_dump()
+
+        def as_b(*args):
+            return subprocess.run(as_uid(61002) + [python, QUEUECTL, "--db", self.db] + list(args),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
+                                  env=self.env(XDG_DATA_HOME=os.path.join(shared, "xdg")), timeout=DEADLINE)
+
+        for args in (["enqueue", "--", "echo secret-token"], ["worker", "start", "--once"], ["list"]):
+            r = as_b(*args)
+            self.assertEqual(r.returncode, 1, (args, r.stderr))
+            self.assertEqual(r.stdout, b"", args)
+            self.assertEqual(r.stderr.decode(), (
+                "queuectl: error: refusing database %s: its directory %s belongs to uid 61001, not to you "
+                "(uid 61002), so another user could read your jobs and run commands as you; use a database "
+                "in a directory of your own\n" % (self.db, shared)), args)
+        os.chown(shared, 0, 0)      # a directory only root may write, A's file: still refused
+        os.chmod(shared, 0o755)
+        r = as_b("worker", "start", "--once")
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertEqual(r.stderr.decode(), (
+            "queuectl: error: refusing database %s: the file belongs to uid 61001, not to you (uid 61002), "
+            "so another user could read your jobs and run commands as you; use a database in a directory "
+            "of your own\n" % self.db))
+        self.assertFalse(os.path.exists(pwned), "A's job ran as B")
+        self.assertEqual(self.db_dump(), before)
 
     def test_db_option_anywhere_on_the_line(self):
         out = self.expect_success("enqueue", "--db", self.db, '{"command": "true", "id": "j1"}', db=False)
@@ -2826,7 +2945,7 @@ def _mount_tmpfs(test, size="256k"):
         test.skipTest("mounting a tmpfs needs root")
     mnt = os.path.join(test.dir, "mnt")
     os.mkdir(mnt)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % size, "tmpfs", mnt],
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size, "tmpfs", mnt],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if r.returncode != 0:
         test.skipTest("cannot mount a tmpfs here: %s" % r.stdout.decode(errors="replace").strip())
