@@ -54,9 +54,13 @@ CONFIG_HELP = {
     "max_retries": "retries after the first failed run (integer >= 0)",
     "backoff_base": "retry k waits backoff_base ** k seconds (number >= 1)",
     "backoff_max": "upper bound of a retry delay (duration, e.g. 3600 or 1h)",
-    "timeout": "default job timeout (duration, or 'none')",
-    "retention": "workers delete completed jobs older than this (duration, or 'none'); never dead ones",
+    "timeout": "default job timeout (duration > 0, or 'none')",
+    "retention": "workers delete completed jobs older than this (duration > 0, or 'none'); never dead ones",
 }
+#: Settings whose 'none' means "no limit". Zero, in any spelling, is refused
+#: for them (as for a job's timeout): `retention 0` read as "keep nothing"
+#: by some and as "keep forever" by others.
+NONE_MEANS = {"timeout": "no timeout", "retention": "keep completed jobs forever"}
 
 #: A claim is a lease for this long; the worker renews it while the job runs.
 LEASE_SECONDS = 30.0
@@ -924,6 +928,10 @@ class Store:
         for row in self._all("SELECT key, value FROM config"):
             if row["key"] in values:
                 values[row["key"]] = _json_loads(row["value"])
+        for key in NONE_MEANS:
+            # Older versions stored `0s` as 0: it always meant "none" for `0`.
+            if not values[key]:
+                values[key] = None
         return values
 
     def set_config(self, key, value):
@@ -2688,7 +2696,7 @@ def cmd_show(args):
     fields = [("id", job["id"]), ("command", job["command"]), ("state", job["state"]),
               ("attempts", _attempts(job)), ("priority", job["priority"]),
               ("run at", format_local(job["run_at"])),
-              ("timeout", "-" if job["timeout"] is None else format_seconds(job["timeout"])),
+              ("timeout", format_seconds(job["timeout"] or None)),
               ("created", format_local(job["created_at"])), ("updated", format_local(job["updated_at"])),
               ("exit code", "-" if job["exit_code"] is None else job["exit_code"]),
               ("outcome", job["outcome"] or "-"), ("cwd", job["cwd"])]
@@ -2807,10 +2815,12 @@ def parse_config_value(key, text):
             if not 1 <= value <= 1000:
                 raise ValueError
             return value
-        if key in ("timeout", "retention"):
-            if text.strip().lower() in ("none", "null", "0", ""):
+        if key in NONE_MEANS:
+            if text.strip().lower() in ("none", "null"):
                 return None
-            return parse_duration(text)
+            if parse_duration(text) == 0:
+                raise QueueError("invalid value %r for %s: zero is ambiguous here; use 'none' (%s) "
+                                 "or a positive duration" % (text, key, NONE_MEANS[key]))
         return parse_duration(text)
     except ValueError:
         raise QueueError("invalid value %r for %s: expected %s" % (text, key, CONFIG_HELP[key]))

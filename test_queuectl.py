@@ -1361,6 +1361,44 @@ class TestCommands(QueueTestCase):
         self.expect_failure("config", "set", "max_retries", code=2)
         self.assertEqual(self.expect_success("config", "get", "max_retries"), "4\n")
 
+    def test_zero_durations_are_refused_and_values_round_trip(self):
+        self.expect_success("config", "set", "retention", "7d")
+        for key, meaning in (("timeout", "no timeout"), ("retention", "keep completed jobs forever")):
+            for value in ("0", "0s", "0.0", "0m", "00", "0.000h"):
+                self.expect_failure("config", "set", key, value, err=(
+                    "queuectl: error: invalid value %r for %s: zero is ambiguous here; use 'none' (%s) "
+                    "or a positive duration" % (value, key, meaning)))
+        self.expect_failure("enqueue", "--timeout", "0s", "--", "true")
+        self.expect_failure("enqueue", '{"command": "true", "timeout": "0m"}')
+        # Whatever `config get` prints, typed back, means the same.
+        for key, value in (("timeout", "30s"), ("timeout", "0.5"), ("timeout", "none"), ("retention", "7d"),
+                           ("retention", "1.25m"), ("backoff_max", "0"), ("backoff_base", "1.5"),
+                           ("max_retries", "0")):
+            with self.subTest(key=key, value=value):
+                self.expect_success("config", "set", key, value)
+                shown = self.expect_success("config", "get", key).strip()
+                stored = json.loads(self.expect_success("config", "list", "--json"))[key]
+                self.expect_success("config", "set", key, shown)
+                self.assertEqual(self.expect_success("config", "get", key).strip(), shown)
+                self.assertEqual(json.loads(self.expect_success("config", "list", "--json"))[key], stored)
+
+    def test_zero_stored_by_an_older_version_means_none(self):
+        """`config set retention 0s` used to store 0, which deleted every
+        completed job; `0` meant keep forever. Both now read as none."""
+        done = self.add("true")
+        self.run_once()
+        self.init_db()
+        conn = sqlite3.connect(self.db)
+        conn.execute("INSERT OR REPLACE INTO config (key, value) VALUES ('retention', '0.0'), ('timeout', '0.0')")
+        conn.commit()
+        conn.close()
+        self.assertEqual(self.expect_success("config", "get", "retention"), "none\n")
+        self.assertEqual(self.expect_success("config", "get", "timeout"), "none\n")
+        later = self.add("true")
+        self.assertIsNone(self.job(later)["timeout"])
+        self.run_once()
+        self.assertEqual([j["id"] for j in self.jobs()], [done, later])
+
     def test_config_defaults_apply_to_new_jobs(self):
         before = self.add("true")
         self.expect_success("config", "set", "max_retries", "5")
