@@ -1540,6 +1540,16 @@ def _exited(proc):
         return True
 
 
+def _os_bytes(text):
+    """Text as bytes for the OS: in the locale's encoding (the bytes a user of
+    that locale typed), or as UTF-8 where the locale cannot encode it (a
+    check mark under ISO-8859-1), rather than fail in Popen."""
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
+
+
 def run_command(command, cwd=None, env=None, timeout=None, check=None,
                 limit=OUTPUT_LIMIT, grace=KILL_GRACE_SECONDS):
     """Run `command` with /bin/sh -c in a new session (its own process group).
@@ -1558,7 +1568,8 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
 
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=cwd, env=env,
+        proc = subprocess.Popen([b"/bin/sh", b"-c", _os_bytes(command)],
+                                cwd=None if cwd is None else _os_bytes(cwd), env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
     except OSError as e:
@@ -2258,7 +2269,9 @@ def run_to_json(run):
 
 def print_json(value):
     import json
-    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    # \u escapes where stdout is not UTF-8 (an ISO-8859-1 locale): still the same JSON.
+    utf8 = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "") == "utf8"
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=not utf8) + "\n")
 
 
 def print_table(headers, rows):
@@ -2925,6 +2938,12 @@ def main(argv=None):
     """Run the command line; returns the exit code (never raises for user errors)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    try:
+        # A locale that cannot encode a command (ISO-8859-1 and a check mark):
+        # print it escaped rather than fail half-way through a table.
+        sys.stdout.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError):
+        pass
     try:
         parser = build_parser(only=_command_word(argv))
         try:

@@ -1659,6 +1659,51 @@ class TestWorkers(QueueTestCase):
         self.expect_success("show", job_id)
         self.expect_success("list")
 
+    def latin1_env(self):
+        """The environment of an ISO-8859-1 locale, built with localedef into
+        our temp dir (LOCPATH); skips (fails under CI) where that cannot be done."""
+        locales = os.path.join(self.tmp, "locales")
+        name = "en_US.ISO-8859-1"
+        os.mkdir(locales)
+        if not shutil.which("localedef"):
+            skip_or_fail(self, "localedef is not installed (needed to build an ISO-8859-1 locale)")
+        r = subprocess.run(["localedef", "-i", "en_US", "-f", "ISO-8859-1", os.path.join(locales, name)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        env = self.env(LOCPATH=locales, LC_ALL=name, LANG=name)
+        for var in ("PYTHONUTF8", "PYTHONIOENCODING", "PYTHONCOERCECLOCALE"):
+            env.pop(var, None)
+        probe = subprocess.run([sys.executable, "-c", "import sys; print(sys.getfilesystemencoding())"],
+                               env=env, stdout=subprocess.PIPE)
+        if r.returncode != 0 or probe.stdout.strip() != b"iso8859-1":
+            skip_or_fail(self, "cannot build an ISO-8859-1 locale with localedef: %s %s"
+                         % (r.stdout.decode(errors="replace").strip()[-200:], probe.stdout))
+        return env
+
+    def test_command_the_locale_cannot_encode(self):
+        """A worker in an ISO-8859-1 locale runs `echo ✓` (passed as UTF-8)
+        and `echo é` (as the locale encodes it) and keeps going; the read
+        commands print what the locale can and escape the rest."""
+        env = self.latin1_env()
+        tick = self.add("echo \u2713", id="tick", max_retries=0)
+        eacute = self.add("echo \u00e9", id="eacute", max_retries=0)
+        code, out, err = self.script("worker", "start", "--once", env=env)
+        log = err.decode("utf-8", "replace")
+        self.assertEqual((code, out), (0, b""), log)
+        self.assertNotIn("Traceback", log)
+        self.assertEqual([(j["id"], j["state"]) for j in self.jobs()], [(tick, "completed"), (eacute, "completed")])
+        self.assertEqual(self.run_cli_bytes("logs", tick), (0, "\u2713\n".encode("utf-8"), b""))
+        self.assertEqual(self.run_cli_bytes("logs", eacute), (0, b"\xe9\n", b""))
+        for args in (["list"], ["show", tick], ["dlq", "list"], ["status"]):
+            code, out, err = self.script(*args, env=env)
+            self.assertEqual(code, 0, (args, err))
+            self.assertNotIn(b"Traceback", err, args)
+        code, out, err = self.script("list", env=env)
+        self.assertIn(b"echo \\u2713\n", out)
+        self.assertIn(b"echo \xe9\n", out)
+        code, out, err = self.script("list", "--json", env=env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual([j["command"] for j in json.loads(out.decode("latin-1"))], ["echo \u2713", "echo \u00e9"])
+
     def test_multi_megabyte_output_is_bounded(self):
         size = 5 * 1000 * 1000
         job_id = self.add("printf START; head -c %d /dev/zero | tr '\\000' x; printf END; "
