@@ -1260,13 +1260,13 @@ class Store:
         return counts
 
     def states(self, job_ids):
-        """{id: (state, exit_code)} for the given ids that exist."""
+        """{id: (state, exit_code, outcome)} for the given ids that exist."""
         out = {}
         for i in range(0, len(job_ids), 500):
             chunk = job_ids[i:i + 500]
-            for row in self._all("SELECT id, state, exit_code FROM jobs WHERE id IN (%s)"
+            for row in self._all("SELECT id, state, exit_code, outcome FROM jobs WHERE id IN (%s)"
                                  % ",".join("?" * len(chunk)), chunk):
-                out[row["id"]] = (row["state"], row["exit_code"])
+                out[row["id"]] = (row["state"], row["exit_code"], row["outcome"])
         return out
 
     def finished_runs(self, since):
@@ -2771,15 +2771,26 @@ def cmd_wait(args):
             while time.monotonic() < end and store.data_version() == version:
                 time.sleep(0.01)
             delay = min(delay * 1.5, 1.0)
-            states.update(store.states(pending))
+            now = store.states(pending)
+            for job_id in pending:
+                if job_id not in now:
+                    raise QueueError("job %r no longer exists: it was deleted while waiting "
+                                     "(purge or the retention setting)" % job_id)
+            states.update(now)
     code = EXIT_OK
     for job_id in ids:
-        state, exit_code = states[job_id]
-        if state == "dead":
+        state, exit_code, outcome = states[job_id]
+        if state != "dead":
+            continue
+        if outcome == "cancelled":
+            # A cancelled job's exit code is its last run's, which did not end it.
+            _err("job %s is dead (cancelled)" % job_id)
+            exit_code = None
+        else:
             _err("job %s is dead (%s)" % (job_id, "exit %d" % exit_code if exit_code is not None
                                           else "no exit code"))
-            if code == EXIT_OK:
-                code = exit_code if exit_code else EXIT_ERROR
+        if code == EXIT_OK:
+            code = exit_code if exit_code else EXIT_ERROR
     return code
 
 

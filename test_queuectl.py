@@ -1447,6 +1447,45 @@ class TestCommands(QueueTestCase):
         self.expect_failure("wait", "ok", "nope", err="queuectl: error: job 'nope' not found")
         self.expect_failure("wait", "ok", "--timeout", "soon", code=2)
 
+    def test_wait_on_a_cancelled_job_exits_1(self):
+        """Cancelled after a failed `exit 4` run: its exit code is that run's, but
+        the job died of the cancel (README: a cancelled job makes wait exit 1)."""
+        self.populate()
+        self.expect_success("cancel", "flaky", err=None)
+        self.assertEqual(self.job("flaky")["exit_code"], 4)
+        code, out, err = self.run_cli("wait", "flaky")
+        self.assertEqual((code, out, err), (1, "", "queuectl: job flaky is dead (cancelled)\n"))
+        code, out, err = self.run_cli("wait", "flaky", "broken")
+        self.assertEqual((code, out, err), (1, "", "queuectl: job flaky is dead (cancelled)\n"
+                                                     "queuectl: job broken is dead (exit 3)\n"))
+
+    def test_wait_on_a_job_deleted_while_waiting(self):
+        job_id = self.add("true", delay="1h")
+        other = self.add("true", delay="1h")
+        first_read = threading.Event()
+        real_states = queuectl.Store.states
+
+        def states(store, ids):         # tells the deleter that wait has seen the job
+            found = real_states(store, ids)
+            first_read.set()
+            return found
+
+        def delete():
+            if first_read.wait(DEADLINE):
+                with queuectl.Store(self.db) as store:
+                    store.cancel([job_id])
+                    store.purge(["dead"], time.time() + 1)
+
+        deleter = threading.Thread(target=delete)
+        with mock.patch.object(queuectl.Store, "states", states):
+            deleter.start()
+            started = time.monotonic()
+            code, out, err = self.run_cli("wait", other, job_id, "--timeout", "10")
+            deleter.join(DEADLINE)
+        self.assertEqual((code, out, err), (1, "", "queuectl: error: job %r no longer exists: it was deleted "
+                                                    "while waiting (purge or the retention setting)\n" % job_id))
+        self.assertLess(time.monotonic() - started, 5)
+
     def test_purge(self):
         self.populate()
         self.expect_success("purge", "--older-than", "1h", err="queuectl: purged 0 completed jobs\n")
