@@ -2334,24 +2334,30 @@ def _help_width():
         return 78
 
 
-def _positive_int(text):
+def _int_arg(text, low):
+    """An integer option from `low` up to what SQLite stores (a bigger one
+    would fail in the query with OverflowError)."""
     try:
         value = int(text)
     except ValueError:
         raise _argtype_error("invalid integer %r" % text)
-    if value < 1:
-        raise _argtype_error("must be at least 1, not %d" % value)
+    if value < low:
+        raise _argtype_error("must be at least %d, not %d" % (low, value) if low else "must not be negative")
+    if value >= _INT64:
+        raise _argtype_error("too large: %s (at most %d)" % (text, _INT64 - 1))
     return value
+
+
+def _positive_int(text):
+    return _int_arg(text, 1)
 
 
 def _nonneg_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise _argtype_error("invalid integer %r" % text)
-    if value < 0:
-        raise _argtype_error("must not be negative")
-    return value
+    return _int_arg(text, 0)
+
+
+def _int64(text):
+    return _int_arg(text, -_INT64)
 
 
 def _duration_arg(text):
@@ -2429,7 +2435,7 @@ def build_parser(only=None):
     p.add_argument("-f", "--file", metavar="PATH",
                    help="read jobs from a file ('-' = stdin): a JSON object, array or JSON Lines")
     p.add_argument("--id", help="the job's id (default: generated)")
-    p.add_argument("-p", "--priority", type=int, help="higher runs first (default 0)")
+    p.add_argument("-p", "--priority", type=_int64, help="higher runs first (default 0)")
     p.add_argument("-r", "--max-retries", type=_nonneg_int, metavar="N",
                    help="retries after the first run (default: config max_retries)")
     p.add_argument("-t", "--timeout", type=_duration_arg, metavar="DURATION",

@@ -879,6 +879,19 @@ class TestDatabaseLocation(QueueTestCase):
         self.expect_failure("wait", code=2)
         self.expect_failure("enqueue", "--priority", "high", "--", "true", code=2)
 
+    def test_huge_integer_options_are_usage_errors(self):
+        job_id = self.add("true")
+        self.run_once()
+        huge = "99999999999999999999"
+        for args in (["list", "-n", huge], ["logs", job_id, "-a", huge],
+                     ["enqueue", "-p", huge, "--", "true"], ["enqueue", "-p", "-" + huge, "--", "true"],
+                     ["enqueue", "-r", huge, "--", "true"]):
+            with self.subTest(args=args):
+                line = self.expect_failure(*args, code=2)
+                self.assertIn(" (at most 9223372036854775807)" if "-" + huge not in args else
+                              "must be at least -9223372036854775808", line)
+        self.assertEqual(self.expect_success("list", "-n", str(2 ** 63 - 1), "--json").count('"id"'), 1)
+
     def test_database_errors_are_one_line(self):
         os.mkdir(os.path.join(self.tmp, "adir"))
         self.db = os.path.join(self.tmp, "adir")
