@@ -1476,7 +1476,10 @@ def parse_jobs_text(text):
             if "\n" not in stripped:
                 raise ValueError("invalid JSON: %s" % e)
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # Only \n ends a line: str.splitlines() would also split inside strings
+    # holding U+2028, U+2029 or U+0085, which JSON allows unescaped.
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line[:-1] if line.endswith("\r") else line
         if line.strip():
             out.append(("line %d: " % n, decode(line, "line %d: " % n)))
     return out

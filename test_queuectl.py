@@ -1005,6 +1005,16 @@ class TestEnqueue(QueueTestCase):
         self.assertEqual(len(out), 3)
         self.assertEqual(self.job("a2")["priority"], 2)
 
+    def test_json_lines_split_on_newlines_only(self):
+        commands = ["echo 'a\u2028b'", "echo 'c\u2029d'", "echo 'e\u0085f'"]
+        text = "".join(json.dumps({"command": c}, ensure_ascii=False) + "\r\n" for c in commands)
+        out = self.expect_success("enqueue", "-f", "-", stdin=text.encode("utf-8"))
+        self.assertEqual(len(out.split()), 3)
+        self.assertEqual([j["command"] for j in self.jobs()], commands)
+        bad = text + '{"command": "x", "bogus": 1}\n'
+        self.expect_failure("enqueue", "-f", "-", stdin=bad.encode("utf-8"), err_prefix=(
+            "queuectl: error: line 4: unknown field 'bogus'"))
+
     def test_file_from_stdin(self):
         data = b'{"id": "s1", "command": "true"}\n{"id": "s2", "command": "true"}\n'
         self.assertEqual(self.expect_success("enqueue", "--file", "-", stdin=data), "s1\ns2\n")
