@@ -263,6 +263,8 @@ def parse_duration(text):
 
 
 _ISO_TIME = None
+#: The first and last millisecond of UTC years 0001 to 9999, as epoch milliseconds.
+_FIRST_MS, _LAST_MS = -62135596800000, 253402300799999
 
 
 def parse_time(text):
@@ -293,16 +295,21 @@ def parse_time(text):
             tz = datetime.timezone.utc
         else:
             digits = offset[1:].replace(":", "")
-            delta = datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
-            if delta >= datetime.timedelta(hours=24):
+            if int(digits[:2]) >= 24 or int(digits[2:] or 0) >= 60:
                 raise bad
+            delta = datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
             tz = datetime.timezone(-delta if offset[0] == "-" else delta)
     try:
         dt = datetime.datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
                                int(second or 0), micro, tzinfo=tz)
-        return dt.timestamp()   # naive datetimes are taken as local time
+        ts = dt.timestamp()     # naive datetimes are taken as local time
     except (OverflowError, OSError, ValueError):
         raise ValueError("time out of range: %r" % (text,))
+    # Only times that format_time can write in four-digit years, so that what
+    # --json prints parses again (9999-12-31T23:59:59-05:00 is in year 10000 UTC).
+    if not _FIRST_MS <= round(ts * 1000) <= _LAST_MS:
+        raise ValueError("time out of range: %r (UTC years 0001 to 9999)" % (text,))
+    return ts
 
 
 def backoff_delay(failures, base, cap):
@@ -319,14 +326,15 @@ def format_time(ts):
         return None
     ms = int(round(ts * 1000))
     secs, ms = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + ".%03dZ" % ms
+    # Not strftime: glibc writes year 1 as "1", not "0001".
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (time.gmtime(secs)[:6] + (ms,))
 
 
 def format_local(ts):
     """Local time for humans: 'YYYY-MM-DD HH:MM:SS' ('-' for None)."""
     if ts is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    return "%04d-%02d-%02d %02d:%02d:%02d" % time.localtime(ts)[:6]
 
 
 def format_seconds(secs):

@@ -432,6 +432,27 @@ class TestHelpers(unittest.TestCase):
         later = queuectl.new_job_id()
         self.assertGreater(later, ids[-1])
 
+    def test_time_edge_cases(self):
+        parse, fmt = queuectl.parse_time, queuectl.format_time
+        self.assertEqual(parse("2030-01-01T05:59:00+05:59"), 1893456000.0)
+        for text in ("2030-01-01T00:00:00+05:60", "2030-01-01T00:00:00+0560", "2030-01-01T00:00:00-00:99",
+                     "2030-01-01T00:00:00+24:00", "9999-12-31T23:59:59-05:00", "9999-12-31T23:59:59.9999Z",
+                     "0001-01-01T00:00:00+05:00"):
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                parse(text)
+        for text in ("0001-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z", "0999-03-04T05:06:07.890Z"):
+            self.assertEqual(fmt(parse(text)), text)
+        # Naive times are local: in a zone west of UTC, the last second of 9999 is in 10000 UTC.
+        with mock.patch.dict(os.environ, TZ="EST5"):
+            time.tzset()
+            try:
+                with self.assertRaises(ValueError):
+                    parse("9999-12-31T23:59:59")
+                self.assertEqual(queuectl.format_local(parse("0001-01-02T03:04:05")), "0001-01-02 03:04:05")
+            finally:
+                os.environ.pop("TZ")
+                time.tzset()
+
     def test_parse_time(self):
         t = 1893456000.0        # 2030-01-01T00:00:00Z
         self.assertEqual(queuectl.parse_time("2030-01-01T00:00:00Z"), t)
