@@ -1536,7 +1536,8 @@ class _Capture:
             return bytes(self.head + self.tail)     # nothing was dropped
         tail = self.tail[-self.half:]
         cut = self.total - len(self.head) - len(tail)
-        return bytes(self.head) + b"\n[... queuectl: %d bytes cut ...]\n" % cut + bytes(tail)
+        return bytes(self.head) + b"\n[... queuectl: %d byte%s cut ...]\n" % (cut, b"" if cut == 1 else b"s") \
+            + bytes(tail)
 
 
 def _exited(proc):
@@ -2547,6 +2548,11 @@ def cmd_enqueue(args):
         cwd = os.getcwd()
     except OSError as e:
         raise QueueError("cannot read the current directory: %s" % (e.strerror or e))
+    if not _encodable(cwd):
+        # A job runs where it was enqueued, and the database keeps text as UTF-8.
+        shown = cwd.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise QueueError("the current directory %s is not valid UTF-8, so it cannot be stored as the "
+                         "job's directory; enqueue from another directory" % printable(shown))
     flags = {}
     for name in ("id", "priority", "max_retries", "timeout", "delay", "run_at"):
         value = getattr(args, name)

@@ -432,6 +432,12 @@ class TestHelpers(unittest.TestCase):
         later = queuectl.new_job_id()
         self.assertGreater(later, ids[-1])
 
+    def test_cut_marker_counts_bytes_in_words(self):
+        for data, marker in ((b"abcde", b"1 byte"), (b"abcdef", b"2 bytes")):
+            capture = queuectl._Capture(4)
+            capture.feed(data)
+            self.assertEqual(capture.value(), data[:2] + b"\n[... queuectl: %s cut ...]\n" % marker + data[-2:])
+
     def test_time_edge_cases(self):
         parse, fmt = queuectl.parse_time, queuectl.format_time
         self.assertEqual(parse("2030-01-01T05:59:00+05:59"), 1893456000.0)
@@ -1035,6 +1041,14 @@ class TestEnqueue(QueueTestCase):
         bad = text + '{"command": "x", "bogus": 1}\n'
         self.expect_failure("enqueue", "-f", "-", stdin=bad.encode("utf-8"), err_prefix=(
             "queuectl: error: line 4: unknown field 'bogus'"))
+
+    def test_current_directory_that_is_not_utf8(self):
+        where = os.path.join(os.fsencode(self.tmp), b"caf\xe9")
+        os.mkdir(where)
+        os.chdir(where)
+        self.expect_failure("enqueue", "--", "true", err=(
+            "queuectl: error: the current directory %s/caf\\xe9 is not valid UTF-8, so it cannot be stored "
+            "as the job's directory; enqueue from another directory" % self.tmp))
 
     def test_file_from_stdin(self):
         data = b'{"id": "s1", "command": "true"}\n{"id": "s2", "command": "true"}\n'
