@@ -57,6 +57,9 @@ CONFIG_HELP = {
     "timeout": "default job timeout (duration > 0, or 'none')",
     "retention": "workers delete completed jobs older than this (duration > 0, or 'none'); never dead ones",
 }
+#: Earlier designs' names of settings, accepted as they were (README: Aliases).
+CONFIG_ALIASES = {"max_backoff_seconds": "backoff_max", "job_time_out_seconds": "timeout",
+                  "job_timeout": "timeout"}
 #: Settings whose 'none' means "no limit". Zero, in any spelling, is refused
 #: for them (as for a job's timeout): `retention 0` read as "keep nothing"
 #: by some and as "keep forever" by others.
@@ -224,8 +227,9 @@ class UsageError(QueueError):
 
 
 class JobNotFound(QueueError):
-    def __init__(self, job_id):
-        super().__init__("job %r not found" % (job_id,))
+    def __init__(self, job_id, missing_db=None):
+        super().__init__("job %r not found%s" % (job_id, "" if missing_db is None else
+                                                 " (there is no database at %s)" % missing_db))
 
 
 class StoreError(QueueError):
@@ -697,6 +701,8 @@ class Store:
     def __init__(self, path, durable=True, busy_timeout=None, create=True):
         self.path = path
         self.conn = None
+        #: The path, when reading a file that does not exist (as an empty queue in memory).
+        self.missing = None
         # SQLite puts the WAL beside the database file a symlink points to.
         self._wal_path = None if path == ":memory:" else os.path.realpath(path) + "-wal"
         self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
@@ -719,7 +725,7 @@ class Store:
         if path != ":memory:" and not create and not os.path.lexists(path):
             # Reading a queue that was never written: read an empty one, in
             # memory, so that `status` or `show` on a new machine leaves no file.
-            path = ":memory:"
+            self.missing, path = path, ":memory:"
         elif path != ":memory:":
             try:
                 if create:
@@ -1229,7 +1235,7 @@ class Store:
     def get(self, job_id):
         row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if row is None:
-            raise JobNotFound(job_id)
+            raise JobNotFound(job_id, self.missing)
         return dict(row)
 
     def runs(self, job_id):
@@ -1286,24 +1292,26 @@ class Store:
 
     # -- changes requested by the user ------------------------------------------
 
-    def retry_dead(self, job_ids=None, now=None):
-        """Move dead jobs (the given ones, or all) back to pending, attempts 0, due now.
+    def retry_dead(self, job_ids=None, now=None, reset_retries=False):
+        """Move dead jobs (the given ones, or all) back to pending, attempts 0, due now,
+        with the configured max_retries if `reset_retries`, else their own.
         All or nothing: an id that is unknown or not dead changes nothing."""
         now = time.time() if now is None else now
         with self.transaction():
+            max_retries = self.config()["max_retries"] if reset_retries else None
             if job_ids is None:
                 job_ids = [r["id"] for r in self._all("SELECT id FROM jobs WHERE state = 'dead' ORDER BY seq")]
             for job_id in job_ids:
                 row = self._one("SELECT state FROM jobs WHERE id = ?", (job_id,))
                 if row is None:
-                    raise JobNotFound(job_id)
+                    raise JobNotFound(job_id, self.missing)
                 if row["state"] != "dead":
                     raise QueueError("job %r is not in the DLQ (it is %s)" % (job_id, row["state"]))
                 self._execute("""
                     UPDATE jobs
                     SET state = 'pending', attempts = 0, run_at = ?, exit_code = NULL, outcome = NULL,
-                        cancel_requested = 0, updated_at = ?
-                    WHERE id = ?""", (now, now, job_id))
+                        cancel_requested = 0, updated_at = ?, max_retries = COALESCE(?, max_retries)
+                    WHERE id = ?""", (now, now, max_retries, job_id))
         return job_ids
 
     def purge(self, states, before, batch=PURGE_BATCH):
@@ -1340,7 +1348,7 @@ class Store:
             for job_id in job_ids:
                 row = self._one("SELECT state FROM jobs WHERE id = ?", (job_id,))
                 if row is None:
-                    raise JobNotFound(job_id)
+                    raise JobNotFound(job_id, self.missing)
                 state = row["state"]
                 if state in DUE_STATES:
                     self._execute("""
@@ -1360,6 +1368,21 @@ class Store:
 ###############################################################################
 
 JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout")
+#: Earlier designs' names of job fields, accepted as they were (README: Aliases).
+JOB_FIELD_ALIASES = {"next_run_at": "run_at"}
+
+
+def _job_aliases(obj):
+    """The job object with aliased fields under their own names."""
+    if not isinstance(obj, dict) or not any(a in obj for a in JOB_FIELD_ALIASES):
+        return obj
+    obj = dict(obj)
+    for alias, name in JOB_FIELD_ALIASES.items():
+        if alias in obj:
+            if name in obj:
+                raise ValueError("give either %r or %r, not both" % (name, alias))
+            obj[name] = obj.pop(alias)
+    return obj
 _INT64 = 2 ** 63
 
 
@@ -1385,6 +1408,7 @@ def validate_job(obj, cwd, now):
     """
     if not isinstance(obj, dict):
         raise ValueError("a job must be a JSON object, not %s" % _json_type(obj))
+    obj = _job_aliases(obj)
     unknown = [k for k in obj if k not in JOB_FIELDS]
     if unknown:
         import difflib
@@ -2320,6 +2344,9 @@ exit codes: 0 ok, 1 error, 2 usage error, 124 timed out (wait, worker stop),
 """
 
 
+COMMAND_HINT = "to enqueue a command, put it after --: queuectl enqueue -- COMMAND"
+
+
 def _parser_class():
     import argparse
 
@@ -2330,7 +2357,37 @@ def _parser_class():
             where = self.prog.partition(" ")[2]
             raise UsageError("%s%s (see '%s --help')" % (where + ": " if where else "", message, self.prog))
 
+        def parse_args(self, args=None, namespace=None):
+            # argparse reports an unknown option of a subcommand from the top
+            # parser; report it from the subcommand's, with its --help and a
+            # close match.
+            parsed, extras = self.parse_known_args(args, namespace)
+            if extras:
+                _unrecognized(self, args, extras)
+            return parsed
+
     return argparse, Parser
+
+
+def _unrecognized(parser, argv, extras):
+    """Raise the usage error for unknown arguments, from the subcommand they were given to."""
+    import argparse
+    import difflib
+    words = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] != "--db")]
+    for word in words:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        parser = subs[0].choices[word]
+    message = "unrecognized arguments: %s" % " ".join(extras)
+    options = [o for a in parser._actions for o in a.option_strings]
+    hint = difflib.get_close_matches(extras[0].partition("=")[0], options, 1, 0.75) \
+        if extras[0].startswith("-") else []
+    if hint:
+        message += " (did you mean %s?)" % hint[0]
+    elif parser.prog == "queuectl enqueue" and extras[0].startswith("-"):
+        message += " (%s)" % COMMAND_HINT
+    parser.error(message)
 
 
 def _help_width():
@@ -2392,19 +2449,49 @@ class _Skipped:
 
 
 _SKIPPED = _Skipped()
-COMMANDS = ("enqueue", "worker", "status", "list", "show", "logs", "wait", "cancel", "dlq", "config",
+COMMANDS = ("init", "enqueue", "worker", "status", "list", "show", "logs", "wait", "cancel", "dlq", "config",
             "stats", "purge")
+#: Earlier designs' spellings of commands, accepted as they were (README: Aliases).
+COMMAND_ALIASES = {"dlq-retry": ["dlq", "retry"]}
+
+
+def _word_index(argv, start=0):
+    """The index of the first word in argv[start:] that is not an option
+    (nor --db's value), or None."""
+    i = start
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--db":
+            i += 2
+            continue
+        if arg == "--" or not arg.startswith("-"):
+            return i
+        i += 1
+    return None
 
 
 def _command_word(argv):
     """The command named in argv (skipping global options), or None."""
-    args = iter(argv)
-    for arg in args:
-        if arg == "--db":
-            next(args, None)
-        elif arg == "--" or not arg.startswith("-"):
-            return arg if arg in COMMANDS else None
-    return None
+    i = _word_index(argv)
+    return argv[i] if i is not None and argv[i] in COMMANDS else None
+
+
+def _expand_aliases(argv):
+    """argv with the earlier designs' spellings put the current way:
+    `dlq-retry ID` is `dlq retry ID`, `config KEY VALUE` is `config set KEY
+    VALUE` and `config KEY` is `config get KEY`."""
+    argv = list(argv)
+    i = _word_index(argv)
+    if i is None or argv[i] == "--":
+        return argv
+    if argv[i] in COMMAND_ALIASES:
+        argv[i:i + 1] = COMMAND_ALIASES[argv[i]]
+    elif argv[i] == "config":
+        j = _word_index(argv, i + 1)
+        if j is not None and argv[j] not in ("set", "get", "list", "--"):
+            values = _word_index(argv, j + 1)
+            argv.insert(j, "set" if values is not None else "get")
+    return argv
 
 
 def build_parser(only=None):
@@ -2435,10 +2522,11 @@ def build_parser(only=None):
         if subparsers is _SKIPPED or (subparsers is sub and only not in (None, name)):
             return _SKIPPED
         p = subparsers.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
-                                  parents=[common] + list(parents), epilog=EPILOG,
-                                  formatter_class=formatter, **kw)
+                                  parents=[common] + list(parents), formatter_class=formatter, **kw)
         p.set_defaults(func=func)
         return p
+
+    add(sub, "init", cmd_init, "create the database now (harmless if it exists) and print its path")
 
     p = add(sub, "enqueue", cmd_enqueue, "add jobs: a JSON object, --file, or a command after --",
             usage="queuectl enqueue [options] ('{\"command\": ...}' | --file PATH | -- COMMAND...)")
@@ -2475,10 +2563,10 @@ def build_parser(only=None):
                    help="show the N most recent (default 100; 0 = all)")
 
     p = add(sub, "show", cmd_show, "every field of a job and its run history", parents=[json_opt])
-    p.add_argument("id")
+    p.add_argument("id", metavar="ID", help="the job's id (as enqueue printed it)")
 
     p = add(sub, "logs", cmd_logs, "captured stdout (to stdout) and stderr (to stderr) of a run")
-    p.add_argument("id")
+    p.add_argument("id", metavar="ID", help="the job's id (as enqueue printed it)")
     p.add_argument("-a", "--attempt", type=_positive_int, metavar="N",
                    help="the Nth run as numbered by 'show' (default: the last)")
 
@@ -2497,15 +2585,18 @@ def build_parser(only=None):
     d = add(dsub, "retry", cmd_dlq_retry, "move dead jobs back to pending (attempts reset, due now)")
     d.add_argument("ids", nargs="*", metavar="ID")
     d.add_argument("--all", action="store_true", help="retry every dead job")
+    d.add_argument("--reset-retries", action="store_true",
+                   help="give the jobs the current config max_retries (default: keep their own)")
 
     p = add(sub, "config", None, "get or set configuration (stored in the database)")
     csub = p.add_subparsers(dest="config_cmd", metavar="ACTION")
     csub.required = True
-    c = add(csub, "set", cmd_config_set, "set a configuration value")
-    c.add_argument("key")
-    c.add_argument("value")
-    c = add(csub, "get", cmd_config_get, "print a configuration value")
-    c.add_argument("key")
+    keys = "keys:\n" + "".join("  %-13s %s\n" % (k, v) for k, v in CONFIG_HELP.items())
+    c = add(csub, "set", cmd_config_set, "set a configuration value", epilog=keys)
+    c.add_argument("key", metavar="KEY", help="a setting (listed below; '-' for '_' is fine)")
+    c.add_argument("value", metavar="VALUE")
+    c = add(csub, "get", cmd_config_get, "print a configuration value", epilog=keys)
+    c.add_argument("key", metavar="KEY", help="a setting (listed below)")
     add(csub, "list", cmd_config_list, "print every configuration value", parents=[json_opt])
 
     add(sub, "stats", cmd_stats, "what happened over the last hour and day", parents=[json_opt])
@@ -2518,11 +2609,34 @@ def build_parser(only=None):
     return parser
 
 
-def _open_store(args, create=False):
+def _db_path(args):
+    """--db, else $QUEUECTL_DB, else the default path."""
+    path = getattr(args, "db", None)
+    if path == "":
+        raise UsageError("--db needs a path, not an empty string (leave it out to use $QUEUECTL_DB "
+                         "or the default)")
+    return path or default_db_path()
+
+
+def _open_store(args, create=False, note=True):
     """The store named by --db / $QUEUECTL_DB / the default path. Only commands
     that write jobs or settings create the file; the others read an empty
-    queue where there is none."""
-    return Store(getattr(args, "db", None) or default_db_path(), create=create)
+    queue where there is none, and say so (unless not `note`: commands about
+    given jobs say it in their "not found" error)."""
+    store = Store(_db_path(args), create=create)
+    if store.missing and note:
+        _err("no database at %s yet, so the queue is empty (a mistyped --db or $QUEUECTL_DB?)"
+             % store.missing)
+    return store
+
+
+def cmd_init(args):
+    path = _db_path(args)
+    existed = os.path.exists(path)
+    Store(path).close()
+    _err("database %s" % ("exists; nothing changed" if existed else "created"))
+    sys.stdout.write(os.path.abspath(path) + "\n")
+    return EXIT_OK
 
 
 def _read_input(path):
@@ -2569,11 +2683,14 @@ def cmd_enqueue(args):
         where_objs = [("", {"command": command})]
     else:
         if len(args.job) != 1:
-            raise UsageError("expected one JSON job object (to enqueue a command, put it after --: "
-                             "queuectl enqueue -- COMMAND)")
+            raise UsageError("expected one JSON job object (%s)" % COMMAND_HINT)
         where_objs = _parse_or_fail(args.job[0], hint=True)
     jobs = []
     for where, obj in where_objs:
+        try:
+            obj = _job_aliases(obj)
+        except ValueError as e:
+            raise QueueError("%s%s" % (where, e))
         if isinstance(obj, dict) and flags:
             defaults = dict(flags)
             if "run_at" in obj or "delay" in obj:
@@ -2607,14 +2724,14 @@ def _parse_or_fail(text, hint=False):
         return parse_jobs_text(text)
     except ValueError as e:
         if hint and not text.lstrip().startswith(("{", "[")):
-            raise QueueError("%s (to enqueue a command, put it after --: queuectl enqueue -- COMMAND)" % e)
+            raise QueueError("%s (%s)" % (e, COMMAND_HINT))
         raise QueueError(str(e))
     except RecursionError:
         raise QueueError("invalid JSON: nested too deeply")
 
 
 def cmd_worker_start(args):
-    db_path = getattr(args, "db", None) or default_db_path()
+    db_path = _db_path(args)
     # Open once here so that a bad path or a newer schema is one clear error,
     # before any process starts; the connection is closed before forking.
     Store(db_path).close()
@@ -2721,7 +2838,7 @@ def cmd_list(args):
 
 
 def cmd_show(args):
-    with _open_store(args) as store:
+    with _open_store(args, note=False) as store:
         job = store.get(args.id)
         runs = store.runs(args.id)
     data = job_to_json(job)
@@ -2752,7 +2869,7 @@ def cmd_show(args):
 
 
 def cmd_logs(args):
-    with _open_store(args) as store:
+    with _open_store(args, note=False) as store:
         store.get(args.id)
         found = store.run_output(args.id, args.attempt)
     if found is None:
@@ -2775,11 +2892,11 @@ def cmd_logs(args):
 def cmd_wait(args):
     ids = list(dict.fromkeys(args.ids))
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    with _open_store(args) as store:
+    with _open_store(args, note=False) as store:
         states = store.states(ids)
         for job_id in ids:
             if job_id not in states:
-                raise JobNotFound(job_id)
+                raise JobNotFound(job_id, store.missing)
         delay = 0.05
         while True:
             pending = [i for i in ids if states[i][0] not in ("completed", "dead")]
@@ -2818,7 +2935,7 @@ def cmd_wait(args):
 
 
 def cmd_cancel(args):
-    with _open_store(args) as store:
+    with _open_store(args, note=False) as store:
         result = store.cancel(list(dict.fromkeys(args.ids)))
     for job_id, what in result.items():
         _err("job %s %s" % (job_id, "cancelled (moved to DLQ)" if what == "dead"
@@ -2836,16 +2953,22 @@ def cmd_dlq_list(args):
 def cmd_dlq_retry(args):
     if args.all == bool(args.ids):
         raise UsageError("give job ids or --all, not both or neither")
-    with _open_store(args) as store:
-        ids = store.retry_dead(None if args.all else list(dict.fromkeys(args.ids)))
+    with _open_store(args, note=args.all) as store:
+        ids = store.retry_dead(None if args.all else list(dict.fromkeys(args.ids)),
+                               reset_retries=args.reset_retries)
     _err("%d job%s moved back to pending" % (len(ids), "" if len(ids) == 1 else "s"))
     return EXIT_OK
 
 
 def _config_key(key):
     k = key.replace("-", "_")
+    k = CONFIG_ALIASES.get(k, k)
     if k not in CONFIG_DEFAULTS:
-        raise QueueError("unknown config key %r (valid: %s)" % (key, ", ".join(CONFIG_DEFAULTS)))
+        import difflib
+        hint = difflib.get_close_matches(k, list(CONFIG_DEFAULTS) + list(CONFIG_ALIASES), 1)
+        raise QueueError("unknown config key %r%s (valid: %s)" % (
+            key, " (did you mean %r?)" % CONFIG_ALIASES.get(hint[0], hint[0]) if hint else "",
+            ", ".join(CONFIG_DEFAULTS)))
     return k
 
 
@@ -2886,6 +3009,7 @@ def cmd_config_set(args):
     value = parse_config_value(key, args.value)
     with _open_store(args, create=True) as store:
         store.set_config(key, value)
+    _err("%s set to %s" % (key, _config_text(value)))
     return EXIT_OK
 
 
@@ -2962,9 +3086,10 @@ def cmd_stats(args):
 
 def cmd_purge(args):
     states = sorted(set(args.state or ["completed"]))
+    before = time.time() - args.older_than
     with _open_store(args) as store:
-        n = store.purge(states, time.time() - args.older_than)
-    _err("purged %d %s job%s" % (n, " and ".join(states), "" if n == 1 else "s"))
+        counts = [(store.purge([state], before), state) for state in states]
+    _err("purged " + ", ".join("%d %s job%s" % (n, state, "" if n == 1 else "s") for n, state in counts))
     return EXIT_OK
 
 
@@ -2979,7 +3104,11 @@ def main(argv=None):
     except (AttributeError, ValueError):
         pass
     try:
+        argv = _expand_aliases(argv)
         parser = build_parser(only=_command_word(argv))
+        if _word_index(argv) is None and not {"-h", "--help", "--version"} & set(argv):
+            sys.stderr.write(parser.format_help())     # a bare `queuectl`
+            return EXIT_USAGE
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:          # --help and --version
