@@ -2326,6 +2326,13 @@ class TestMeta(QueueTestCase):
             self.skipTest("QUEUECTL_EXPECT_SQLITE is not set (only .ci/run sets it)")
         self.assertEqual(sqlite3.sqlite_version, expected)
 
+    def test_gitignore_covers_build_output(self):
+        """`pip install .` and `python -m build` leave build/ and *.egg-info/ behind."""
+        with open(os.path.join(HERE, ".gitignore")) as f:
+            lines = f.read().split()
+        self.assertIn("build/", lines)
+        self.assertIn("*.egg-info/", lines)
+
     def test_every_command_is_in_the_readme(self):
         readme = os.path.join(HERE, "README.md")
         if not os.path.exists(readme):
