@@ -65,6 +65,13 @@ CONFIG_ALIASES = {"max_backoff_seconds": "backoff_max", "job_time_out_seconds": 
 #: by some and as "keep forever" by others.
 NONE_MEANS = {"timeout": "no timeout", "retention": "keep completed jobs forever"}
 
+#: `worker start --count` above the larger of these needs --force: each worker
+#: is a process of its own, and a count with one zero too many forked
+#: thousands of them before running out of file descriptors.
+MAX_WORKERS, MAX_WORKERS_PER_CPU = 256, 32
+#: File descriptors the supervisor holds per worker (multiprocessing's two
+#: pipes; a forked worker inherits its elder siblings'), and besides them.
+FDS_PER_WORKER, SUPERVISOR_FDS = 2, 32
 #: A claim is a lease for this long; the worker renews it while the job runs.
 LEASE_SECONDS = 30.0
 #: How often a worker renews its lease and checks for stop/cancel requests.
@@ -2551,6 +2558,8 @@ def build_parser(only=None):
                    help="number of worker processes (default 1)")
     w.add_argument("--once", action="store_true",
                    help="process every job that is due now, then exit (for cron)")
+    w.add_argument("--force", action="store_true",
+                   help="allow a --count above %d (or %d per CPU)" % (MAX_WORKERS, MAX_WORKERS_PER_CPU))
     w = add(wsub, "stop", cmd_worker_stop, "ask running workers to finish their jobs and exit")
     w.add_argument("--timeout", type=_duration_arg, default=None, metavar="DURATION",
                    help="give up waiting after this long (default: wait until they have stopped)")
@@ -2730,7 +2739,27 @@ def _parse_or_fail(text, hint=False):
         raise QueueError("invalid JSON: nested too deeply")
 
 
+def _check_worker_count(count, force):
+    """Refuse a --count far above what the machine can run (unless `force`)
+    or above the file-descriptor limit, which is raised if it can be."""
+    import resource
+    cpus = os.cpu_count() or 1
+    limit = max(MAX_WORKERS, MAX_WORKERS_PER_CPU * cpus)
+    if count > limit and not force:
+        raise UsageError("--count %d is more than %d workers (%d per CPU, at least %d; this machine has %d "
+                         "CPU%s) and each is a process; add --force if you mean it"
+                         % (count, limit, MAX_WORKERS_PER_CPU, MAX_WORKERS, cpus, "" if cpus == 1 else "s"))
+    need = FDS_PER_WORKER * count + SUPERVISOR_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and need > soft:
+        if hard != resource.RLIM_INFINITY and need > hard:
+            raise QueueError("--count %d needs about %d open files in the supervisor, more than its limit "
+                             "of %d (ulimit -Hn); raise the limit or start fewer workers" % (count, need, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
 def cmd_worker_start(args):
+    _check_worker_count(args.count, args.force)
     db_path = _db_path(args)
     # Open once here so that a bad path or a newer schema is one clear error,
     # before any process starts; the connection is closed before forking.

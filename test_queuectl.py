@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -295,13 +296,16 @@ class QueueTestCase(unittest.TestCase):
         env.update(extra)
         return env
 
-    def script(self, *args, db=True, env=None, stdin=None, cwd=None, timeout=DEADLINE, python_flags=()):
-        """Run `python queuectl.py ARGS` as a real process: (code, stdout bytes, stderr bytes)."""
+    def script(self, *args, db=True, env=None, stdin=None, cwd=None, timeout=DEADLINE, python_flags=(),
+               nofile=None):
+        """Run `python queuectl.py ARGS` as a real process: (code, stdout bytes, stderr bytes).
+        `nofile`: its (soft, hard) limit of open files."""
         argv = [sys.executable] + list(python_flags) + [QUEUECTL] + (["--db", self.db] if db else [])
         argv += [str(a) for a in args]
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or self.env(),
-                                cwd=cwd or self.tmp, start_new_session=True)
+                                cwd=cwd or self.tmp, start_new_session=True,
+                                preexec_fn=nofile and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)))
         try:
             out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -1705,6 +1709,30 @@ class TestWorkers(QueueTestCase):
         log = self.pool_log(pool)
         self.assertEqual(len(re.findall(r"flaky exit 3, retry at \d\d:\d\d:\d\d", log)), 2, log)
         self.assertEqual(len(re.findall(r"flaky exit 3, dead", log)), 1, log)
+
+    def test_worker_count_is_bounded(self):
+        """`--count 1000000` used to fork until the file descriptors ran out.
+        The cases run with a limit of 64 open files, so that the old code
+        fails after a few dozen workers instead of thousands."""
+        self.init_db()
+        cpus = os.cpu_count() or 1
+        limit = max(256, 32 * cpus)
+        for count in ("1000000", str(limit + 1)):
+            code, out, err = self.script("worker", "start", "--once", "--count", count, nofile=(64, 64))
+            self.assertEqual((code, out, err.decode()), (2, b"", (
+                "queuectl: error: --count %s is more than %d workers (32 per CPU, at least 256; this machine has "
+                "%d CPU%s) and each is a process; add --force if you mean it\n"
+                % (count, limit, cpus, "" if cpus == 1 else "s"))))
+        code, out, err = self.script("worker", "start", "--once", "--count", "300", "--force", nofile=(64, 64))
+        self.assertEqual((code, out, err.decode()), (1, b"", (
+            "queuectl: error: --count 300 needs about 632 open files in the supervisor, more than its limit "
+            "of 64 (ulimit -Hn); raise the limit or start fewer workers\n")))
+        # Under the hard limit, the soft one is raised: 40 workers with a soft limit of 32.
+        self.add(self.ledger_command())
+        code, out, err = self.script("worker", "start", "--once", "--count", "40", nofile=(32, 4096))
+        self.assertEqual((code, out), (0, b""), err.decode())
+        self.assertNotIn(b"Traceback", err)
+        self.assertEqual(len(self.ledger()), 1)
 
     def test_three_workers_run_three_sleeps_in_parallel(self):
         ids = [self.add("sleep 1") for _ in range(3)]
