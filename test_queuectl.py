@@ -2354,6 +2354,48 @@ class TestMeta(QueueTestCase):
             self.skipTest("QUEUECTL_EXPECT_SQLITE is not set (only .ci/run sets it)")
         self.assertEqual(sqlite3.sqlite_version, expected)
 
+    def readme_pipelines(self):
+        """The shell lines of README.md that pipe queuectl's output into something."""
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            blocks = re.findall(r"```sh\n(.*?)```", f.read(), re.S)
+        return [line for block in blocks for line in block.splitlines()
+                if line.startswith("queuectl ") and " | " in line]
+
+    def test_readme_pipelines_work_on_empty_and_large_queues(self):
+        pipelines = self.readme_pipelines()
+        self.assertTrue(pipelines)
+        if not shutil.which("jq"):
+            skip_or_fail(self, "jq is not installed (README's pipelines use it)")
+        bindir = os.path.join(self.tmp, "bin")
+        os.mkdir(bindir)
+        with open(os.path.join(bindir, "queuectl"), "w") as f:
+            f.write("#!/bin/sh\nexec %s %s \"$@\"\n" % (shlex.quote(sys.executable), shlex.quote(QUEUECTL)))
+        os.chmod(os.path.join(bindir, "queuectl"), 0o755)
+        env = self.env(QUEUECTL_DB=self.db, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+
+        def run(line):
+            r = subprocess.run(["bash", "-o", "pipefail", "-c", line], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env, cwd=self.tmp, timeout=DEADLINE)
+            self.assertEqual(r.returncode, 0, "%s\n%s" % (line, r.stderr.decode(errors="replace")))
+            self.assertNotIn(b"Traceback", r.stderr)
+
+        self.init_db()
+        for line in pipelines:
+            run(line)       # an empty queue
+        # 150 jobs that died of a timeout (more than list's default 100), one of exit 3.
+        with queuectl.Store(self.db) as store:
+            worker = queuectl.this_host() + ":1:1"
+            store.register_worker(worker)
+            store.enqueue([{"command": "true", "cwd": self.tmp, "max_retries": 0} for _ in range(151)])
+            for n in range(151):
+                job = store.claim(worker)
+                store.finish(job["id"], job["run"], worker,
+                             queuectl.RunResult(3, "exit 3") if n == 0 else queuectl.RunResult(None, "timeout"))
+        for line in pipelines:
+            run(line)
+        self.assertEqual(json.loads(self.expect_success("status", "--json"))["counts"],
+                         {"pending": 150, "processing": 0, "completed": 0, "failed": 0, "dead": 1})
+
     def test_gitignore_covers_build_output(self):
         """`pip install .` and `python -m build` leave build/ and *.egg-info/ behind."""
         with open(os.path.join(HERE, ".gitignore")) as f:
