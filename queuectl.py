@@ -3033,6 +3033,17 @@ def _config_text(value):
     return str(value)
 
 
+def _config_shown(key, value):
+    """A value for people: a duration also in its largest whole unit, as it
+    was likely given (`604800 (7d)`); the seconds stay, as `config get` prints them."""
+    text = _config_text(value)
+    if key in ("backoff_max", "timeout", "retention") and value:
+        for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+            if value >= seconds and value % seconds == 0:
+                return "%s (%d%s)" % (text, value // seconds, unit)
+    return text
+
+
 def cmd_config_set(args):
     key = _config_key(args.key)
     value = parse_config_value(key, args.value)
@@ -3057,7 +3068,7 @@ def cmd_config_list(args):
         print_json(config)
     else:
         print_table(("KEY", "VALUE", "MEANING"),
-                    [(k, _config_text(v), CONFIG_HELP[k]) for k, v in config.items()])
+                    [(k, _config_shown(k, v), CONFIG_HELP[k]) for k, v in config.items()])
     return EXIT_OK
 
 

@@ -1537,6 +1537,16 @@ class TestCommands(QueueTestCase):
                 self.assertEqual(self.expect_success("config", "get", key).strip(), shown)
                 self.assertEqual(json.loads(self.expect_success("config", "list", "--json"))[key], stored)
 
+    def test_config_list_shows_durations_as_given(self):
+        for key, value in (("retention", "7d"), ("timeout", "90"), ("backoff_max", "2h")):
+            self.expect_success("config", "set", key, value, err=None)
+        rows = {line.split()[0]: line for line in self.expect_success("config", "list").splitlines()[1:]}
+        self.assertRegex(rows["retention"], r"^retention +604800 \(7d\) +workers delete")
+        self.assertRegex(rows["timeout"], r"^timeout +90 +default job timeout")
+        self.assertRegex(rows["backoff_max"], r"^backoff_max +7200 \(2h\) +upper bound")
+        self.assertRegex(rows["max_retries"], r"^max_retries +3 +retries")
+        self.assertEqual(self.expect_success("config", "get", "retention"), "604800\n")
+
     def test_zero_stored_by_an_older_version_means_none(self):
         """`config set retention 0s` used to store 0, which deleted every
         completed job; `0` meant keep forever. Both now read as none."""
