@@ -689,6 +689,21 @@ def _is_busy(error):
     return "locked" in msg or "busy" in msg
 
 
+def _read_only_uri(path, parent):
+    """A URI that opens `path` immutable where SQLite could not read it
+    otherwise, else None: SQLite reads a WAL database only through its -shm
+    file, which it cannot create on a read-only mount, nor for a file we may
+    not write in a directory we may not write. Nothing changes such a file
+    (short of root), so it needs neither that file nor locks. A file we may
+    only read, with a -shm file or in a writable directory, SQLite opens
+    read-only by itself."""
+    if not os.statvfs(parent).f_flag & os.ST_RDONLY and (
+            os.access(path, os.W_OK) or os.path.exists(path + "-shm") or os.access(parent, os.W_OK)):
+        return None
+    import urllib.parse
+    return "file:%s?immutable=1" % urllib.parse.quote(os.path.abspath(path)), True
+
+
 def _encodable(text):
     try:
         text.encode("utf-8")
@@ -741,9 +756,12 @@ class Store:
                 check_private(path, create)
             except OSError as e:
                 raise StoreError("cannot open database %s: %s" % (path, e.strerror or e))
+        uri = False
+        if not create and self.missing is None and path != ":memory:":
+            path, uri = _read_only_uri(path, parent) or (path, False)
         try:
             self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                                        check_same_thread=False)
+                                        check_same_thread=False, uri=uri)
         except sqlite3.Error as e:
             raise StoreError("cannot open database %s: %s" % (self.path, e))
         self.conn.row_factory = sqlite3.Row

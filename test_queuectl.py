@@ -817,6 +817,44 @@ class TestDatabaseLocation(QueueTestCase):
         self.db = os.path.join(self.tmp, "q.db")
         self.assertEqual(self.db_dump(), before)
 
+    def test_database_on_a_read_only_mount_can_be_read(self):
+        self.dir = self.tmp
+        mnt = _mount_tmpfs(self)
+        self.db = os.path.join(mnt, "q.db")
+        job_id = self.add("true", id="ro")
+        self.expect_success("config", "set", "retention", "7d", err=None)
+        subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+        self.assertEqual(json.loads(self.expect_success("status", "--json"))["counts"]["pending"], 1)
+        self.assertEqual([j["id"] for j in self.jobs()], [job_id])
+        self.assertEqual(self.job(job_id)["command"], "true")
+        self.assertEqual(self.expect_success("config", "get", "retention"), "604800\n")
+        self.expect_failure("cancel", job_id, check_db=False,
+                            err_prefix="queuectl: error: cannot write database %s" % self.db)
+        self.expect_failure("enqueue", "--", "true", check_db=False, err_prefix=(
+            "queuectl: error: cannot open database %s: Read-only file system" % self.db))
+        self.assertEqual(sorted(os.listdir(mnt)), ["q.db"])
+
+    def test_database_file_the_user_may_only_read_can_be_read(self):
+        """A 0444 database of one's own (in a directory one may not write
+        either): the read commands work, as uid 61002."""
+        python = python_for_uid(self, 61002)
+        os.chmod(self.tmp, 0o711)
+        mine = os.path.join(self.tmp, "mine")
+        os.mkdir(mine)
+        self.db = os.path.join(mine, "q.db")
+        job_id = self.add("true", id="ro")
+        for root, dirs, files in os.walk(mine):
+            for name in dirs + files + [""]:
+                os.chown(os.path.join(root, name), 61002, 61002)
+        os.chmod(self.db, 0o444)
+        os.chmod(mine, 0o555)
+        self.addCleanup(os.chmod, mine, 0o700)
+        for args, expected in ((["list", "--json"], job_id), (["status"], "pending     1"), (["show", job_id], "true")):
+            r = subprocess.run(as_uid(61002) + [python, QUEUECTL, "--db", self.db] + args, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd="/", env=self.env(), timeout=DEADLINE)
+            self.assertEqual((r.returncode, r.stderr), (0, b""), args)
+            self.assertIn(expected, r.stdout.decode(), args)
+
     def test_database_another_user_made_is_refused(self):
         """User A (uid 61001) makes a world-writable directory with a 0666
         database holding a job of theirs; user B (uid 61002) must neither
