@@ -1107,6 +1107,12 @@ class TestEnqueue(QueueTestCase):
             "queuectl: error: the current directory %s/caf\\xe9 is not valid UTF-8, so it cannot be stored "
             "as the job's directory; enqueue from another directory" % self.tmp))
 
+    def test_json_array_as_the_argument(self):
+        out = self.expect_success("enqueue", '[{"command": "true", "id": "a1"}, {"command": "false", "id": "a2"}]')
+        self.assertEqual(out, "a1\na2\n")
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            self.assertIn("**one JSON object** as the argument, or a JSON array of them", f.read())
+
     def test_file_from_stdin(self):
         data = b'{"id": "s1", "command": "true"}\n{"id": "s2", "command": "true"}\n'
         self.assertEqual(self.expect_success("enqueue", "--file", "-", stdin=data), "s1\ns2\n")
