@@ -436,17 +436,33 @@ def _refuse_unless_private(path, st, what, owners):
     and make the worker run their commands as us."""
     import stat
     fix = "chmod go-w %s" % path
+    writers = st.st_mode & (0o002 if _private_group(st.st_gid) else 0o022)
     if st.st_uid not in owners:
         reason, fix = "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid()), \
             "use a database in a directory of your own"
-    elif st.st_mode & 0o022:
+    elif writers:
         reason = "is writable by %s (mode %04o)" % (
-            "group and others" if st.st_mode & 0o022 == 0o022 else
-            "group" if st.st_mode & 0o020 else "others", stat.S_IMODE(st.st_mode))
+            "group and others" if writers == 0o022 else "group" if writers == 0o020 else "others",
+            stat.S_IMODE(st.st_mode))
     else:
         return
     raise StoreError("refusing database %s: %s %s, so another user could read your jobs and run "
                      "commands as you; %s" % (what[0], what[1], reason, fix))
+
+
+def _private_group(gid):
+    """Is `gid` our own user private group (our primary group, with no other
+    members), as distributions with umask 002 give every user? Then its
+    write bit lets no one else in."""
+    if gid != os.getegid():
+        return False
+    import grp
+    import pwd
+    try:
+        members = set(grp.getgrgid(gid).gr_mem)
+        return members <= {pwd.getpwuid(os.geteuid()).pw_name}
+    except KeyError:
+        return False
 
 
 def check_private(path, create):

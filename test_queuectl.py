@@ -792,10 +792,18 @@ class TestDatabaseLocation(QueueTestCase):
     def test_database_others_may_write_is_refused(self):
         self.init_db()
         before = self.db_dump()
-        os.chmod(self.db, 0o664)
+        os.chmod(self.db, 0o606)
         self.expect_failure("status", check_db=False, err=(
-            "queuectl: error: refusing database %s: the file is writable by group (mode 0664), so another "
+            "queuectl: error: refusing database %s: the file is writable by others (mode 0606), so another "
             "user could read your jobs and run commands as you; chmod go-w %s" % (self.db, self.db)))
+        # Group write: fine for our own user private group (umask 002 systems), not for another group.
+        os.chmod(self.db, 0o660)
+        if queuectl._private_group(os.stat(self.db).st_gid):
+            self.expect_success("status")
+        if os.geteuid() == 0:
+            os.chown(self.db, 0, 61003)
+            self.expect_failure("status", check_db=False, err_prefix=(
+                "queuectl: error: refusing database %s: the file is writable by group (mode 0660)" % self.db))
         os.chmod(self.db, 0o600)
         for suffix in ("-wal", "-shm"):
             companion = self.db + suffix
@@ -811,7 +819,7 @@ class TestDatabaseLocation(QueueTestCase):
         os.chmod(shared, 0o1777)
         self.db = os.path.join(shared, "q.db")
         self.expect_failure("enqueue", "--", "true", check_db=False, err_prefix=(
-            "queuectl: error: refusing database %s: its directory %s is writable by group and others "
+            "queuectl: error: refusing database %s: its directory %s is writable by others "
             "(mode 1777)" % (self.db, shared)))
         self.assertEqual(os.listdir(shared), [])
         self.db = os.path.join(self.tmp, "q.db")
