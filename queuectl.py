@@ -436,7 +436,9 @@ def _refuse_unless_private(path, st, what, owners):
     and make the worker run their commands as us."""
     import stat
     fix = "chmod go-w %s" % path
-    writers = st.st_mode & (0o002 if _private_group(st.st_gid) else 0o022)
+    writers = st.st_mode & 0o022
+    if writers & 0o020 and _private_group(st.st_gid):
+        writers &= 0o002
     if st.st_uid not in owners:
         reason, fix = "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid()), \
             "use a database in a directory of your own"
