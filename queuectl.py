@@ -2416,6 +2416,7 @@ def _unrecognized(parser, argv, extras):
     """Raise the usage error for unknown arguments, from the subcommand they were given to."""
     import argparse
     import difflib
+    argv = sys.argv[1:] if argv is None else list(argv)
     words = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] != "--db")]
     for word in words:
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
