@@ -2532,10 +2532,18 @@ def _expand_aliases(argv):
         argv[i:i + 1] = COMMAND_ALIASES[argv[i]]
     elif argv[i] == "config":
         j = _word_index(argv, i + 1)
-        if j is not None and argv[j] not in ("set", "get", "list", "--"):
+        if j is not None and argv[j] not in ("set", "get", "list", "--") and not _is_typo(argv[j]):
             values = _word_index(argv, j + 1)
             argv.insert(j, "set" if values is not None else "get")
     return argv
+
+
+def _is_typo(word):
+    """Is this word after `config` a mistyped action (`lst`) rather than a key?"""
+    import difflib
+    key = word.replace("-", "_")
+    return key not in CONFIG_DEFAULTS and key not in CONFIG_ALIASES and \
+        bool(difflib.get_close_matches(word, ("set", "get", "list"), 1))
 
 
 def build_parser(only=None):

@@ -1541,6 +1541,8 @@ class TestCommands(QueueTestCase):
             "(valid: max_retries, backoff_base, backoff_max, timeout, retention)"))
         self.expect_failure("config", "max-retires", "4", err_prefix=(
             "queuectl: error: unknown config key 'max-retires' (did you mean 'max_retries'?)"))
+        self.expect_failure("config", "lst", code=2, err_prefix=(
+            "queuectl: error: config: argument ACTION: invalid choice: 'lst'"))
         self.expect_failure("list", "--limt", "3", code=2, err=(
             "queuectl: error: list: unrecognized arguments: --limt 3 (did you mean --limit?) "
             "(see 'queuectl list --help')"))
