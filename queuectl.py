@@ -54,10 +54,24 @@ CONFIG_HELP = {
     "max_retries": "retries after the first failed run (integer >= 0)",
     "backoff_base": "retry k waits backoff_base ** k seconds (number >= 1)",
     "backoff_max": "upper bound of a retry delay (duration, e.g. 3600 or 1h)",
-    "timeout": "default job timeout (duration, or 'none')",
-    "retention": "workers delete completed jobs older than this (duration, or 'none'); never dead ones",
+    "timeout": "default job timeout (duration > 0, or 'none')",
+    "retention": "workers delete completed jobs older than this (duration > 0, or 'none'); never dead ones",
 }
+#: Earlier designs' names of settings, accepted as they were (README: Aliases).
+CONFIG_ALIASES = {"max_backoff_seconds": "backoff_max", "job_time_out_seconds": "timeout",
+                  "job_timeout": "timeout"}
+#: Settings whose 'none' means "no limit". Zero, in any spelling, is refused
+#: for them (as for a job's timeout): `retention 0` read as "keep nothing"
+#: by some and as "keep forever" by others.
+NONE_MEANS = {"timeout": "no timeout", "retention": "keep completed jobs forever"}
 
+#: `worker start --count` above the larger of these needs --force: each worker
+#: is a process of its own, and a count with one zero too many forked
+#: thousands of them before running out of file descriptors.
+MAX_WORKERS, MAX_WORKERS_PER_CPU = 256, 32
+#: File descriptors the supervisor holds per worker (multiprocessing's two
+#: pipes; a forked worker inherits its elder siblings'), and besides them.
+FDS_PER_WORKER, SUPERVISOR_FDS = 2, 32
 #: A claim is a lease for this long; the worker renews it while the job runs.
 LEASE_SECONDS = 30.0
 #: How often a worker renews its lease and checks for stop/cancel requests.
@@ -220,8 +234,9 @@ class UsageError(QueueError):
 
 
 class JobNotFound(QueueError):
-    def __init__(self, job_id):
-        super().__init__("job %r not found" % (job_id,))
+    def __init__(self, job_id, missing_db=None):
+        super().__init__("job %r not found%s" % (job_id, "" if missing_db is None else
+                                                 " (there is no database at %s)" % missing_db))
 
 
 class StoreError(QueueError):
@@ -259,6 +274,8 @@ def parse_duration(text):
 
 
 _ISO_TIME = None
+#: The first and last millisecond of UTC years 0001 to 9999, as epoch milliseconds.
+_FIRST_MS, _LAST_MS = -62135596800000, 253402300799999
 
 
 def parse_time(text):
@@ -289,16 +306,21 @@ def parse_time(text):
             tz = datetime.timezone.utc
         else:
             digits = offset[1:].replace(":", "")
-            delta = datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
-            if delta >= datetime.timedelta(hours=24):
+            if int(digits[:2]) >= 24 or int(digits[2:] or 0) >= 60:
                 raise bad
+            delta = datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
             tz = datetime.timezone(-delta if offset[0] == "-" else delta)
     try:
         dt = datetime.datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
                                int(second or 0), micro, tzinfo=tz)
-        return dt.timestamp()   # naive datetimes are taken as local time
+        ts = dt.timestamp()     # naive datetimes are taken as local time
     except (OverflowError, OSError, ValueError):
         raise ValueError("time out of range: %r" % (text,))
+    # Only times that format_time can write in four-digit years, so that what
+    # --json prints parses again (9999-12-31T23:59:59-05:00 is in year 10000 UTC).
+    if not _FIRST_MS <= round(ts * 1000) <= _LAST_MS:
+        raise ValueError("time out of range: %r (UTC years 0001 to 9999)" % (text,))
+    return ts
 
 
 def backoff_delay(failures, base, cap):
@@ -315,14 +337,15 @@ def format_time(ts):
         return None
     ms = int(round(ts * 1000))
     secs, ms = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + ".%03dZ" % ms
+    # Not strftime: glibc writes year 1 as "1", not "0001".
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (time.gmtime(secs)[:6] + (ms,))
 
 
 def format_local(ts):
     """Local time for humans: 'YYYY-MM-DD HH:MM:SS' ('-' for None)."""
     if ts is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    return "%04d-%02d-%02d %02d:%02d:%02d" % time.localtime(ts)[:6]
 
 
 def format_seconds(secs):
@@ -390,6 +413,97 @@ def check_filesystem(directory, mountinfo=None):
         raise StoreError("refusing database in %s: it is on a network file system (%s), where SQLite's "
                          "WAL locking is unsafe; use a local disk (or set QUEUECTL_ALLOW_NETWORK_FS=1 "
                          "if only this host uses it)" % (directory, fstype))
+
+
+def make_private_dirs(directory):
+    """Create `directory` and every missing parent, each 0700 (os.makedirs
+    gives its mode only to the last one)."""
+    missing = []
+    while not os.path.lexists(directory) and os.path.dirname(directory) != directory:
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass    # another process made it first; checked when the file is opened
+
+
+def _refuse_unless_private(path, st, what, owners):
+    """Raise StoreError unless `st` (of the database, its directory or a
+    -wal/-shm file) is owned by one of `owners` and writable by no one else:
+    a file or directory that another user can write lets them read the jobs
+    and make the worker run their commands as us."""
+    import stat
+    fix = "chmod go-w %s" % path
+    writers = st.st_mode & 0o022
+    if writers & 0o020 and _private_group(st.st_gid):
+        writers &= 0o002
+    if st.st_uid not in owners:
+        reason, fix = "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid()), \
+            "use a database in a directory of your own"
+    elif writers:
+        reason = "is writable by %s (mode %04o)" % (
+            "group and others" if writers == 0o022 else "group" if writers == 0o020 else "others",
+            stat.S_IMODE(st.st_mode))
+    else:
+        return
+    raise StoreError("refusing database %s: %s %s, so another user could read your jobs and run "
+                     "commands as you; %s" % (what[0], what[1], reason, fix))
+
+
+def _private_group(gid):
+    """Is `gid` our own user private group (our primary group, with no other
+    members), as distributions with umask 002 give every user? Then its
+    write bit lets no one else in."""
+    if gid != os.getegid():
+        return False
+    import grp
+    import pwd
+    try:
+        members = set(grp.getgrgid(gid).gr_mem)
+        return members <= {pwd.getpwuid(os.geteuid()).pw_name}
+    except KeyError:
+        return False
+
+
+def check_private(path, create):
+    """Open the database file without following a symlink (creating it 0600
+    if `create`) and refuse it, its directory or its -wal/-shm files when
+    another user owns or may write them. Returns False if the file does not
+    exist (and `create` is false)."""
+    import stat
+    parent = os.path.dirname(os.path.abspath(path))
+    st = os.stat(parent)
+    _refuse_unless_private(parent, st, (path, "its directory " + parent), (os.geteuid(), 0))
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY), 0o600)
+    except FileNotFoundError:
+        if create:
+            raise
+        return False
+    except OSError as e:
+        if os.path.islink(path):
+            raise StoreError("refusing database %s: it is a symbolic link (to %s); give the real path"
+                             % (path, os.path.realpath(path)))
+        raise
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError("cannot open database %s: it is not a regular file" % path)
+    _refuse_unless_private(path, st, (path, "the file"), (os.geteuid(),))
+    for suffix in ("-wal", "-shm"):
+        try:
+            st = os.lstat(path + suffix)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError("refusing database %s: %s is not a regular file" % (path, path + suffix))
+        _refuse_unless_private(path + suffix, st, (path, "its file " + path + suffix), (os.geteuid(),))
+    return True
 
 
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -593,6 +707,21 @@ def _is_busy(error):
     return "locked" in msg or "busy" in msg
 
 
+def _read_only_uri(path, parent):
+    """A URI that opens `path` immutable where SQLite could not read it
+    otherwise, else None: SQLite reads a WAL database only through its -shm
+    file, which it cannot create on a read-only mount, nor for a file we may
+    not write in a directory we may not write. Nothing changes such a file
+    (short of root), so it needs neither that file nor locks. A file we may
+    only read, with a -shm file or in a writable directory, SQLite opens
+    read-only by itself."""
+    if not os.statvfs(parent).f_flag & os.ST_RDONLY and (
+            os.access(path, os.W_OK) or os.path.exists(path + "-shm") or os.access(parent, os.W_OK)):
+        return None
+    import urllib.parse
+    return "file:%s?immutable=1" % urllib.parse.quote(os.path.abspath(path)), True
+
+
 def _encodable(text):
     try:
         text.encode("utf-8")
@@ -612,6 +741,8 @@ class Store:
     def __init__(self, path, durable=True, busy_timeout=None, create=True):
         self.path = path
         self.conn = None
+        #: The path, when reading a file that does not exist (as an empty queue in memory).
+        self.missing = None
         # SQLite puts the WAL beside the database file a symlink points to.
         self._wal_path = None if path == ":memory:" else os.path.realpath(path) + "-wal"
         self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
@@ -631,20 +762,24 @@ class Store:
             if not os.path.isdir(probe):
                 raise StoreError("cannot open database %s: %s is not a directory" % (path, probe))
             check_filesystem(parent)
-        if path != ":memory:" and not create and not os.path.exists(path):
+        if path != ":memory:" and not create and not os.path.lexists(path):
             # Reading a queue that was never written: read an empty one, in
             # memory, so that `status` or `show` on a new machine leaves no file.
-            path = ":memory:"
+            self.missing, path = path, ":memory:"
         elif path != ":memory:":
             try:
-                os.makedirs(parent, mode=0o700, exist_ok=True)
+                if create:
+                    make_private_dirs(parent)
                 # Create the file ourselves so that it is private (0600).
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+                check_private(path, create)
             except OSError as e:
                 raise StoreError("cannot open database %s: %s" % (path, e.strerror or e))
+        uri = False
+        if not create and self.missing is None and path != ":memory:":
+            path, uri = _read_only_uri(path, parent) or (path, False)
         try:
             self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                                        check_same_thread=False)
+                                        check_same_thread=False, uri=uri)
         except sqlite3.Error as e:
             raise StoreError("cannot open database %s: %s" % (self.path, e))
         self.conn.row_factory = sqlite3.Row
@@ -850,6 +985,10 @@ class Store:
         for row in self._all("SELECT key, value FROM config"):
             if row["key"] in values:
                 values[row["key"]] = _json_loads(row["value"])
+        for key in NONE_MEANS:
+            # Older versions stored `0s` as 0: it always meant "none" for `0`.
+            if not values[key]:
+                values[key] = None
         return values
 
     def set_config(self, key, value):
@@ -1139,7 +1278,7 @@ class Store:
     def get(self, job_id):
         row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if row is None:
-            raise JobNotFound(job_id)
+            raise JobNotFound(job_id, self.missing)
         return dict(row)
 
     def runs(self, job_id):
@@ -1178,13 +1317,13 @@ class Store:
         return counts
 
     def states(self, job_ids):
-        """{id: (state, exit_code)} for the given ids that exist."""
+        """{id: (state, exit_code, outcome)} for the given ids that exist."""
         out = {}
         for i in range(0, len(job_ids), 500):
             chunk = job_ids[i:i + 500]
-            for row in self._all("SELECT id, state, exit_code FROM jobs WHERE id IN (%s)"
+            for row in self._all("SELECT id, state, exit_code, outcome FROM jobs WHERE id IN (%s)"
                                  % ",".join("?" * len(chunk)), chunk):
-                out[row["id"]] = (row["state"], row["exit_code"])
+                out[row["id"]] = (row["state"], row["exit_code"], row["outcome"])
         return out
 
     def finished_runs(self, since):
@@ -1196,24 +1335,26 @@ class Store:
 
     # -- changes requested by the user ------------------------------------------
 
-    def retry_dead(self, job_ids=None, now=None):
-        """Move dead jobs (the given ones, or all) back to pending, attempts 0, due now.
+    def retry_dead(self, job_ids=None, now=None, reset_retries=False):
+        """Move dead jobs (the given ones, or all) back to pending, attempts 0, due now,
+        with the configured max_retries if `reset_retries`, else their own.
         All or nothing: an id that is unknown or not dead changes nothing."""
         now = time.time() if now is None else now
         with self.transaction():
+            max_retries = self.config()["max_retries"] if reset_retries else None
             if job_ids is None:
                 job_ids = [r["id"] for r in self._all("SELECT id FROM jobs WHERE state = 'dead' ORDER BY seq")]
             for job_id in job_ids:
                 row = self._one("SELECT state FROM jobs WHERE id = ?", (job_id,))
                 if row is None:
-                    raise JobNotFound(job_id)
+                    raise JobNotFound(job_id, self.missing)
                 if row["state"] != "dead":
                     raise QueueError("job %r is not in the DLQ (it is %s)" % (job_id, row["state"]))
                 self._execute("""
                     UPDATE jobs
                     SET state = 'pending', attempts = 0, run_at = ?, exit_code = NULL, outcome = NULL,
-                        cancel_requested = 0, updated_at = ?
-                    WHERE id = ?""", (now, now, job_id))
+                        cancel_requested = 0, updated_at = ?, max_retries = COALESCE(?, max_retries)
+                    WHERE id = ?""", (now, now, max_retries, job_id))
         return job_ids
 
     def purge(self, states, before, batch=PURGE_BATCH):
@@ -1250,7 +1391,7 @@ class Store:
             for job_id in job_ids:
                 row = self._one("SELECT state FROM jobs WHERE id = ?", (job_id,))
                 if row is None:
-                    raise JobNotFound(job_id)
+                    raise JobNotFound(job_id, self.missing)
                 state = row["state"]
                 if state in DUE_STATES:
                     self._execute("""
@@ -1270,6 +1411,21 @@ class Store:
 ###############################################################################
 
 JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout")
+#: Earlier designs' names of job fields, accepted as they were (README: Aliases).
+JOB_FIELD_ALIASES = {"next_run_at": "run_at"}
+
+
+def _job_aliases(obj):
+    """The job object with aliased fields under their own names."""
+    if not isinstance(obj, dict) or not any(a in obj for a in JOB_FIELD_ALIASES):
+        return obj
+    obj = dict(obj)
+    for alias, name in JOB_FIELD_ALIASES.items():
+        if alias in obj:
+            if name in obj:
+                raise ValueError("give either %r or %r, not both" % (name, alias))
+            obj[name] = obj.pop(alias)
+    return obj
 _INT64 = 2 ** 63
 
 
@@ -1295,6 +1451,7 @@ def validate_job(obj, cwd, now):
     """
     if not isinstance(obj, dict):
         raise ValueError("a job must be a JSON object, not %s" % _json_type(obj))
+    obj = _job_aliases(obj)
     unknown = [k for k in obj if k not in JOB_FIELDS]
     if unknown:
         import difflib
@@ -1394,7 +1551,10 @@ def parse_jobs_text(text):
             if "\n" not in stripped:
                 raise ValueError("invalid JSON: %s" % e)
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # Only \n ends a line: str.splitlines() would also split inside strings
+    # holding U+2028, U+2029 or U+0085, which JSON allows unescaped.
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line[:-1] if line.endswith("\r") else line
         if line.strip():
             out.append(("line %d: " % n, decode(line, "line %d: " % n)))
     return out
@@ -1443,7 +1603,8 @@ class _Capture:
             return bytes(self.head + self.tail)     # nothing was dropped
         tail = self.tail[-self.half:]
         cut = self.total - len(self.head) - len(tail)
-        return bytes(self.head) + b"\n[... queuectl: %d bytes cut ...]\n" % cut + bytes(tail)
+        return bytes(self.head) + b"\n[... queuectl: %d byte%s cut ...]\n" % (cut, b"" if cut == 1 else b"s") \
+            + bytes(tail)
 
 
 def _exited(proc):
@@ -1456,6 +1617,16 @@ def _exited(proc):
         return waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
+
+
+def _os_bytes(text):
+    """Text as bytes for the OS: in the locale's encoding (the bytes a user of
+    that locale typed), or as UTF-8 where the locale cannot encode it (a
+    check mark under ISO-8859-1), rather than fail in Popen."""
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
 
 
 def run_command(command, cwd=None, env=None, timeout=None, check=None,
@@ -1476,7 +1647,8 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
 
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=cwd, env=env,
+        proc = subprocess.Popen([b"/bin/sh", b"-c", _os_bytes(command)],
+                                cwd=None if cwd is None else _os_bytes(cwd), env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
     except OSError as e:
@@ -2176,7 +2348,9 @@ def run_to_json(run):
 
 def print_json(value):
     import json
-    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    # \u escapes where stdout is not UTF-8 (an ISO-8859-1 locale): still the same JSON.
+    utf8 = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "") == "utf8"
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=not utf8) + "\n")
 
 
 def print_table(headers, rows):
@@ -2213,6 +2387,9 @@ exit codes: 0 ok, 1 error, 2 usage error, 124 timed out (wait, worker stop),
 """
 
 
+COMMAND_HINT = "to enqueue a command, put it after --: queuectl enqueue -- COMMAND"
+
+
 def _parser_class():
     import argparse
 
@@ -2223,7 +2400,38 @@ def _parser_class():
             where = self.prog.partition(" ")[2]
             raise UsageError("%s%s (see '%s --help')" % (where + ": " if where else "", message, self.prog))
 
+        def parse_args(self, args=None, namespace=None):
+            # argparse reports an unknown option of a subcommand from the top
+            # parser; report it from the subcommand's, with its --help and a
+            # close match.
+            parsed, extras = self.parse_known_args(args, namespace)
+            if extras:
+                _unrecognized(self, args, extras)
+            return parsed
+
     return argparse, Parser
+
+
+def _unrecognized(parser, argv, extras):
+    """Raise the usage error for unknown arguments, from the subcommand they were given to."""
+    import argparse
+    import difflib
+    argv = sys.argv[1:] if argv is None else list(argv)
+    words = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] != "--db")]
+    for word in words:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        parser = subs[0].choices[word]
+    message = "unrecognized arguments: %s" % " ".join(extras)
+    options = [o for a in parser._actions for o in a.option_strings]
+    hint = difflib.get_close_matches(extras[0].partition("=")[0], options, 1, 0.75) \
+        if extras[0].startswith("-") else []
+    if hint:
+        message += " (did you mean %s?)" % hint[0]
+    elif parser.prog == "queuectl enqueue" and extras[0].startswith("-"):
+        message += " (%s)" % COMMAND_HINT
+    parser.error(message)
 
 
 def _help_width():
@@ -2239,24 +2447,30 @@ def _help_width():
         return 78
 
 
-def _positive_int(text):
+def _int_arg(text, low):
+    """An integer option from `low` up to what SQLite stores (a bigger one
+    would fail in the query with OverflowError)."""
     try:
         value = int(text)
     except ValueError:
         raise _argtype_error("invalid integer %r" % text)
-    if value < 1:
-        raise _argtype_error("must be at least 1, not %d" % value)
+    if value < low:
+        raise _argtype_error("must be at least %d, not %d" % (low, value) if low else "must not be negative")
+    if value >= _INT64:
+        raise _argtype_error("too large: %s (at most %d)" % (text, _INT64 - 1))
     return value
+
+
+def _positive_int(text):
+    return _int_arg(text, 1)
 
 
 def _nonneg_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise _argtype_error("invalid integer %r" % text)
-    if value < 0:
-        raise _argtype_error("must not be negative")
-    return value
+    return _int_arg(text, 0)
+
+
+def _int64(text):
+    return _int_arg(text, -_INT64)
 
 
 def _duration_arg(text):
@@ -2279,19 +2493,57 @@ class _Skipped:
 
 
 _SKIPPED = _Skipped()
-COMMANDS = ("enqueue", "worker", "status", "list", "show", "logs", "wait", "cancel", "dlq", "config",
+COMMANDS = ("init", "enqueue", "worker", "status", "list", "show", "logs", "wait", "cancel", "dlq", "config",
             "stats", "purge")
+#: Earlier designs' spellings of commands, accepted as they were (README: Aliases).
+COMMAND_ALIASES = {"dlq-retry": ["dlq", "retry"]}
+
+
+def _word_index(argv, start=0):
+    """The index of the first word in argv[start:] that is not an option
+    (nor --db's value), or None."""
+    i = start
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--db":
+            i += 2
+            continue
+        if arg == "--" or not arg.startswith("-"):
+            return i
+        i += 1
+    return None
 
 
 def _command_word(argv):
     """The command named in argv (skipping global options), or None."""
-    args = iter(argv)
-    for arg in args:
-        if arg == "--db":
-            next(args, None)
-        elif arg == "--" or not arg.startswith("-"):
-            return arg if arg in COMMANDS else None
-    return None
+    i = _word_index(argv)
+    return argv[i] if i is not None and argv[i] in COMMANDS else None
+
+
+def _expand_aliases(argv):
+    """argv with the earlier designs' spellings put the current way:
+    `dlq-retry ID` is `dlq retry ID`, `config KEY VALUE` is `config set KEY
+    VALUE` and `config KEY` is `config get KEY`."""
+    argv = list(argv)
+    i = _word_index(argv)
+    if i is None or argv[i] == "--":
+        return argv
+    if argv[i] in COMMAND_ALIASES:
+        argv[i:i + 1] = COMMAND_ALIASES[argv[i]]
+    elif argv[i] == "config":
+        j = _word_index(argv, i + 1)
+        if j is not None and argv[j] not in ("set", "get", "list", "--") and not _is_typo(argv[j]):
+            values = _word_index(argv, j + 1)
+            argv.insert(j, "set" if values is not None else "get")
+    return argv
+
+
+def _is_typo(word):
+    """Is this word after `config` a mistyped action (`lst`) rather than a key?"""
+    import difflib
+    key = word.replace("-", "_")
+    return key not in CONFIG_DEFAULTS and key not in CONFIG_ALIASES and \
+        bool(difflib.get_close_matches(word, ("set", "get", "list"), 1))
 
 
 def build_parser(only=None):
@@ -2322,10 +2574,11 @@ def build_parser(only=None):
         if subparsers is _SKIPPED or (subparsers is sub and only not in (None, name)):
             return _SKIPPED
         p = subparsers.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
-                                  parents=[common] + list(parents), epilog=EPILOG,
-                                  formatter_class=formatter, **kw)
+                                  parents=[common] + list(parents), formatter_class=formatter, **kw)
         p.set_defaults(func=func)
         return p
+
+    add(sub, "init", cmd_init, "create the database now (harmless if it exists) and print its path")
 
     p = add(sub, "enqueue", cmd_enqueue, "add jobs: a JSON object, --file, or a command after --",
             usage="queuectl enqueue [options] ('{\"command\": ...}' | --file PATH | -- COMMAND...)")
@@ -2334,7 +2587,7 @@ def build_parser(only=None):
     p.add_argument("-f", "--file", metavar="PATH",
                    help="read jobs from a file ('-' = stdin): a JSON object, array or JSON Lines")
     p.add_argument("--id", help="the job's id (default: generated)")
-    p.add_argument("-p", "--priority", type=int, help="higher runs first (default 0)")
+    p.add_argument("-p", "--priority", type=_int64, help="higher runs first (default 0)")
     p.add_argument("-r", "--max-retries", type=_nonneg_int, metavar="N",
                    help="retries after the first run (default: config max_retries)")
     p.add_argument("-t", "--timeout", type=_duration_arg, metavar="DURATION",
@@ -2350,6 +2603,8 @@ def build_parser(only=None):
                    help="number of worker processes (default 1)")
     w.add_argument("--once", action="store_true",
                    help="process every job that is due now, then exit (for cron)")
+    w.add_argument("--force", action="store_true",
+                   help="allow a --count above %d (or %d per CPU)" % (MAX_WORKERS, MAX_WORKERS_PER_CPU))
     w = add(wsub, "stop", cmd_worker_stop, "ask running workers to finish their jobs and exit")
     w.add_argument("--timeout", type=_duration_arg, default=None, metavar="DURATION",
                    help="give up waiting after this long (default: wait until they have stopped)")
@@ -2362,10 +2617,10 @@ def build_parser(only=None):
                    help="show the N most recent (default 100; 0 = all)")
 
     p = add(sub, "show", cmd_show, "every field of a job and its run history", parents=[json_opt])
-    p.add_argument("id")
+    p.add_argument("id", metavar="ID", help="the job's id (as enqueue printed it)")
 
     p = add(sub, "logs", cmd_logs, "captured stdout (to stdout) and stderr (to stderr) of a run")
-    p.add_argument("id")
+    p.add_argument("id", metavar="ID", help="the job's id (as enqueue printed it)")
     p.add_argument("-a", "--attempt", type=_positive_int, metavar="N",
                    help="the Nth run as numbered by 'show' (default: the last)")
 
@@ -2384,15 +2639,18 @@ def build_parser(only=None):
     d = add(dsub, "retry", cmd_dlq_retry, "move dead jobs back to pending (attempts reset, due now)")
     d.add_argument("ids", nargs="*", metavar="ID")
     d.add_argument("--all", action="store_true", help="retry every dead job")
+    d.add_argument("--reset-retries", action="store_true",
+                   help="give the jobs the current config max_retries (default: keep their own)")
 
     p = add(sub, "config", None, "get or set configuration (stored in the database)")
     csub = p.add_subparsers(dest="config_cmd", metavar="ACTION")
     csub.required = True
-    c = add(csub, "set", cmd_config_set, "set a configuration value")
-    c.add_argument("key")
-    c.add_argument("value")
-    c = add(csub, "get", cmd_config_get, "print a configuration value")
-    c.add_argument("key")
+    keys = "keys:\n" + "".join("  %-13s %s\n" % (k, v) for k, v in CONFIG_HELP.items())
+    c = add(csub, "set", cmd_config_set, "set a configuration value", epilog=keys)
+    c.add_argument("key", metavar="KEY", help="a setting (listed below; '-' for '_' is fine)")
+    c.add_argument("value", metavar="VALUE")
+    c = add(csub, "get", cmd_config_get, "print a configuration value", epilog=keys)
+    c.add_argument("key", metavar="KEY", help="a setting (listed below)")
     add(csub, "list", cmd_config_list, "print every configuration value", parents=[json_opt])
 
     add(sub, "stats", cmd_stats, "what happened over the last hour and day", parents=[json_opt])
@@ -2405,11 +2663,34 @@ def build_parser(only=None):
     return parser
 
 
-def _open_store(args, create=False):
+def _db_path(args):
+    """--db, else $QUEUECTL_DB, else the default path."""
+    path = getattr(args, "db", None)
+    if path == "":
+        raise UsageError("--db needs a path, not an empty string (leave it out to use $QUEUECTL_DB "
+                         "or the default)")
+    return path or default_db_path()
+
+
+def _open_store(args, create=False, note=True):
     """The store named by --db / $QUEUECTL_DB / the default path. Only commands
     that write jobs or settings create the file; the others read an empty
-    queue where there is none."""
-    return Store(getattr(args, "db", None) or default_db_path(), create=create)
+    queue where there is none, and say so (unless not `note`: commands about
+    given jobs say it in their "not found" error)."""
+    store = Store(_db_path(args), create=create)
+    if store.missing and note:
+        _err("no database at %s yet, so the queue is empty (a mistyped --db or $QUEUECTL_DB?)"
+             % store.missing)
+    return store
+
+
+def cmd_init(args):
+    path = _db_path(args)
+    existed = os.path.exists(path)
+    Store(path).close()
+    _err("database %s" % ("exists; nothing changed" if existed else "created"))
+    sys.stdout.write(os.path.abspath(path) + "\n")
+    return EXIT_OK
 
 
 def _read_input(path):
@@ -2435,6 +2716,11 @@ def cmd_enqueue(args):
         cwd = os.getcwd()
     except OSError as e:
         raise QueueError("cannot read the current directory: %s" % (e.strerror or e))
+    if not _encodable(cwd):
+        # A job runs where it was enqueued, and the database keeps text as UTF-8.
+        shown = cwd.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise QueueError("the current directory %s is not valid UTF-8, so it cannot be stored as the "
+                         "job's directory; enqueue from another directory" % printable(shown))
     flags = {}
     for name in ("id", "priority", "max_retries", "timeout", "delay", "run_at"):
         value = getattr(args, name)
@@ -2451,11 +2737,14 @@ def cmd_enqueue(args):
         where_objs = [("", {"command": command})]
     else:
         if len(args.job) != 1:
-            raise UsageError("expected one JSON job object (to enqueue a command, put it after --: "
-                             "queuectl enqueue -- COMMAND)")
+            raise UsageError("expected one JSON job object (%s)" % COMMAND_HINT)
         where_objs = _parse_or_fail(args.job[0], hint=True)
     jobs = []
     for where, obj in where_objs:
+        try:
+            obj = _job_aliases(obj)
+        except ValueError as e:
+            raise QueueError("%s%s" % (where, e))
         if isinstance(obj, dict) and flags:
             defaults = dict(flags)
             if "run_at" in obj or "delay" in obj:
@@ -2489,14 +2778,34 @@ def _parse_or_fail(text, hint=False):
         return parse_jobs_text(text)
     except ValueError as e:
         if hint and not text.lstrip().startswith(("{", "[")):
-            raise QueueError("%s (to enqueue a command, put it after --: queuectl enqueue -- COMMAND)" % e)
+            raise QueueError("%s (%s)" % (e, COMMAND_HINT))
         raise QueueError(str(e))
     except RecursionError:
         raise QueueError("invalid JSON: nested too deeply")
 
 
+def _check_worker_count(count, force):
+    """Refuse a --count far above what the machine can run (unless `force`)
+    or above the file-descriptor limit, which is raised if it can be."""
+    import resource
+    cpus = os.cpu_count() or 1
+    limit = max(MAX_WORKERS, MAX_WORKERS_PER_CPU * cpus)
+    if count > limit and not force:
+        raise UsageError("--count %d is more than %d workers (%d per CPU, at least %d; this machine has %d "
+                         "CPU%s) and each is a process; add --force if you mean it"
+                         % (count, limit, MAX_WORKERS_PER_CPU, MAX_WORKERS, cpus, "" if cpus == 1 else "s"))
+    need = FDS_PER_WORKER * count + SUPERVISOR_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and need > soft:
+        if hard != resource.RLIM_INFINITY and need > hard:
+            raise QueueError("--count %d needs about %d open files in the supervisor, more than its limit "
+                             "of %d (ulimit -Hn); raise the limit or start fewer workers" % (count, need, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
 def cmd_worker_start(args):
-    db_path = getattr(args, "db", None) or default_db_path()
+    _check_worker_count(args.count, args.force)
+    db_path = _db_path(args)
     # Open once here so that a bad path or a newer schema is one clear error,
     # before any process starts; the connection is closed before forking.
     Store(db_path).close()
@@ -2603,7 +2912,7 @@ def cmd_list(args):
 
 
 def cmd_show(args):
-    with _open_store(args) as store:
+    with _open_store(args, note=False) as store:
         job = store.get(args.id)
         runs = store.runs(args.id)
     data = job_to_json(job)
@@ -2614,7 +2923,7 @@ def cmd_show(args):
     fields = [("id", job["id"]), ("command", job["command"]), ("state", job["state"]),
               ("attempts", _attempts(job)), ("priority", job["priority"]),
               ("run at", format_local(job["run_at"])),
-              ("timeout", "-" if job["timeout"] is None else format_seconds(job["timeout"])),
+              ("timeout", format_seconds(job["timeout"] or None)),
               ("created", format_local(job["created_at"])), ("updated", format_local(job["updated_at"])),
               ("exit code", "-" if job["exit_code"] is None else job["exit_code"]),
               ("outcome", job["outcome"] or "-"), ("cwd", job["cwd"])]
@@ -2634,7 +2943,7 @@ def cmd_show(args):
 
 
 def cmd_logs(args):
-    with _open_store(args) as store:
+    with _open_store(args, note=False) as store:
         store.get(args.id)
         found = store.run_output(args.id, args.attempt)
     if found is None:
@@ -2657,11 +2966,11 @@ def cmd_logs(args):
 def cmd_wait(args):
     ids = list(dict.fromkeys(args.ids))
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    with _open_store(args) as store:
+    with _open_store(args, note=False) as store:
         states = store.states(ids)
         for job_id in ids:
             if job_id not in states:
-                raise JobNotFound(job_id)
+                raise JobNotFound(job_id, store.missing)
         delay = 0.05
         while True:
             pending = [i for i in ids if states[i][0] not in ("completed", "dead")]
@@ -2676,20 +2985,31 @@ def cmd_wait(args):
             while time.monotonic() < end and store.data_version() == version:
                 time.sleep(0.01)
             delay = min(delay * 1.5, 1.0)
-            states.update(store.states(pending))
+            now = store.states(pending)
+            for job_id in pending:
+                if job_id not in now:
+                    raise QueueError("job %r no longer exists: it was deleted while waiting "
+                                     "(purge or the retention setting)" % job_id)
+            states.update(now)
     code = EXIT_OK
     for job_id in ids:
-        state, exit_code = states[job_id]
-        if state == "dead":
+        state, exit_code, outcome = states[job_id]
+        if state != "dead":
+            continue
+        if outcome == "cancelled":
+            # A cancelled job's exit code is its last run's, which did not end it.
+            _err("job %s is dead (cancelled)" % job_id)
+            exit_code = None
+        else:
             _err("job %s is dead (%s)" % (job_id, "exit %d" % exit_code if exit_code is not None
                                           else "no exit code"))
-            if code == EXIT_OK:
-                code = exit_code if exit_code else EXIT_ERROR
+        if code == EXIT_OK:
+            code = exit_code if exit_code else EXIT_ERROR
     return code
 
 
 def cmd_cancel(args):
-    with _open_store(args) as store:
+    with _open_store(args, note=False) as store:
         result = store.cancel(list(dict.fromkeys(args.ids)))
     for job_id, what in result.items():
         _err("job %s %s" % (job_id, "cancelled (moved to DLQ)" if what == "dead"
@@ -2707,16 +3027,22 @@ def cmd_dlq_list(args):
 def cmd_dlq_retry(args):
     if args.all == bool(args.ids):
         raise UsageError("give job ids or --all, not both or neither")
-    with _open_store(args) as store:
-        ids = store.retry_dead(None if args.all else list(dict.fromkeys(args.ids)))
+    with _open_store(args, note=args.all) as store:
+        ids = store.retry_dead(None if args.all else list(dict.fromkeys(args.ids)),
+                               reset_retries=args.reset_retries)
     _err("%d job%s moved back to pending" % (len(ids), "" if len(ids) == 1 else "s"))
     return EXIT_OK
 
 
 def _config_key(key):
     k = key.replace("-", "_")
+    k = CONFIG_ALIASES.get(k, k)
     if k not in CONFIG_DEFAULTS:
-        raise QueueError("unknown config key %r (valid: %s)" % (key, ", ".join(CONFIG_DEFAULTS)))
+        import difflib
+        hint = difflib.get_close_matches(k, list(CONFIG_DEFAULTS) + list(CONFIG_ALIASES), 1)
+        raise QueueError("unknown config key %r%s (valid: %s)" % (
+            key, " (did you mean %r?)" % CONFIG_ALIASES.get(hint[0], hint[0]) if hint else "",
+            ", ".join(CONFIG_DEFAULTS)))
     return k
 
 
@@ -2733,10 +3059,12 @@ def parse_config_value(key, text):
             if not 1 <= value <= 1000:
                 raise ValueError
             return value
-        if key in ("timeout", "retention"):
-            if text.strip().lower() in ("none", "null", "0", ""):
+        if key in NONE_MEANS:
+            if text.strip().lower() in ("none", "null"):
                 return None
-            return parse_duration(text)
+            if parse_duration(text) == 0:
+                raise QueueError("invalid value %r for %s: zero is ambiguous here; use 'none' (%s) "
+                                 "or a positive duration" % (text, key, NONE_MEANS[key]))
         return parse_duration(text)
     except ValueError:
         raise QueueError("invalid value %r for %s: expected %s" % (text, key, CONFIG_HELP[key]))
@@ -2750,11 +3078,23 @@ def _config_text(value):
     return str(value)
 
 
+def _config_shown(key, value):
+    """A value for people: a duration also in its largest whole unit, as it
+    was likely given (`604800 (7d)`); the seconds stay, as `config get` prints them."""
+    text = _config_text(value)
+    if key in ("backoff_max", "timeout", "retention") and value:
+        for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+            if value >= seconds and value % seconds == 0:
+                return "%s (%d%s)" % (text, value // seconds, unit)
+    return text
+
+
 def cmd_config_set(args):
     key = _config_key(args.key)
     value = parse_config_value(key, args.value)
     with _open_store(args, create=True) as store:
         store.set_config(key, value)
+    _err("%s set to %s" % (key, _config_text(value)))
     return EXIT_OK
 
 
@@ -2773,7 +3113,7 @@ def cmd_config_list(args):
         print_json(config)
     else:
         print_table(("KEY", "VALUE", "MEANING"),
-                    [(k, _config_text(v), CONFIG_HELP[k]) for k, v in config.items()])
+                    [(k, _config_shown(k, v), CONFIG_HELP[k]) for k, v in config.items()])
     return EXIT_OK
 
 
@@ -2831,9 +3171,10 @@ def cmd_stats(args):
 
 def cmd_purge(args):
     states = sorted(set(args.state or ["completed"]))
+    before = time.time() - args.older_than
     with _open_store(args) as store:
-        n = store.purge(states, time.time() - args.older_than)
-    _err("purged %d %s job%s" % (n, " and ".join(states), "" if n == 1 else "s"))
+        counts = [(store.purge([state], before), state) for state in states]
+    _err("purged " + ", ".join("%d %s job%s" % (n, state, "" if n == 1 else "s") for n, state in counts))
     return EXIT_OK
 
 
@@ -2842,7 +3183,17 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
+        # A locale that cannot encode a command (ISO-8859-1 and a check mark):
+        # print it escaped rather than fail half-way through a table.
+        sys.stdout.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError):
+        pass
+    try:
+        argv = _expand_aliases(argv)
         parser = build_parser(only=_command_word(argv))
+        if _word_index(argv) is None and not {"-h", "--help", "--version"} & set(argv):
+            sys.stderr.write(parser.format_help())     # a bare `queuectl`
+            return EXIT_USAGE
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:          # --help and --version

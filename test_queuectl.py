@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -117,6 +118,31 @@ def command_paths():
 
     walk(queuectl.build_parser(), [])
     return paths
+
+
+def skip_or_fail(test, reason):
+    """Skip with `reason`, except under CI (CI=true), where a case that cannot
+    run must fail rather than pass unnoticed."""
+    if os.environ.get("CI") == "true":
+        test.fail("cannot run under CI: %s" % reason)
+    test.skipTest(reason)
+
+
+def python_for_uid(test, uid):
+    """A Python interpreter that user `uid` may run (ours may live in root's home),
+    run through setpriv; skips (fails under CI) unless we are root with setpriv."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        skip_or_fail(test, "two-user cases need root and setpriv (they run queuectl as other uids)")
+    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        argv = as_uid(uid) + [python, "-c", "import sqlite3"]
+        if os.path.exists(python) and subprocess.run(argv, stderr=subprocess.DEVNULL).returncode == 0:
+            return python
+    skip_or_fail(test, "no Python interpreter that uid %d may run" % uid)
+
+
+def as_uid(uid):
+    """argv prefix that runs a command as user and group `uid`, without supplementary groups."""
+    return ["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups"]
 
 
 class QueueTestCase(unittest.TestCase):
@@ -225,7 +251,7 @@ class QueueTestCase(unittest.TestCase):
 
     def init_db(self):
         """Create the database the way a user does: with a command that writes."""
-        self.expect_success("config", "set", "max_retries", "3")
+        self.expect_success("config", "set", "max_retries", "3", err=None)
 
     def add(self, command, **fields):
         """Enqueue one job from JSON through the CLI; returns its id."""
@@ -291,13 +317,16 @@ class QueueTestCase(unittest.TestCase):
         env.update(extra)
         return env
 
-    def script(self, *args, db=True, env=None, stdin=None, cwd=None, timeout=DEADLINE, python_flags=()):
-        """Run `python queuectl.py ARGS` as a real process: (code, stdout bytes, stderr bytes)."""
+    def script(self, *args, db=True, env=None, stdin=None, cwd=None, timeout=DEADLINE, python_flags=(),
+               nofile=None):
+        """Run `python queuectl.py ARGS` as a real process: (code, stdout bytes, stderr bytes).
+        `nofile`: its (soft, hard) limit of open files."""
         argv = [sys.executable] + list(python_flags) + [QUEUECTL] + (["--db", self.db] if db else [])
         argv += [str(a) for a in args]
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or self.env(),
-                                cwd=cwd or self.tmp, start_new_session=True)
+                                cwd=cwd or self.tmp, start_new_session=True,
+                                preexec_fn=nofile and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)))
         try:
             out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -427,6 +456,33 @@ class TestHelpers(unittest.TestCase):
             self.assertLessEqual(len(job_id), 16)
         later = queuectl.new_job_id()
         self.assertGreater(later, ids[-1])
+
+    def test_cut_marker_counts_bytes_in_words(self):
+        for data, marker in ((b"abcde", b"1 byte"), (b"abcdef", b"2 bytes")):
+            capture = queuectl._Capture(4)
+            capture.feed(data)
+            self.assertEqual(capture.value(), data[:2] + b"\n[... queuectl: %s cut ...]\n" % marker + data[-2:])
+
+    def test_time_edge_cases(self):
+        parse, fmt = queuectl.parse_time, queuectl.format_time
+        self.assertEqual(parse("2030-01-01T05:59:00+05:59"), 1893456000.0)
+        for text in ("2030-01-01T00:00:00+05:60", "2030-01-01T00:00:00+0560", "2030-01-01T00:00:00-00:99",
+                     "2030-01-01T00:00:00+24:00", "9999-12-31T23:59:59-05:00", "9999-12-31T23:59:59.9999Z",
+                     "0001-01-01T00:00:00+05:00"):
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                parse(text)
+        for text in ("0001-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z", "0999-03-04T05:06:07.890Z"):
+            self.assertEqual(fmt(parse(text)), text)
+        # Naive times are local: in a zone west of UTC, the last second of 9999 is in 10000 UTC.
+        with mock.patch.dict(os.environ, TZ="EST5"):
+            time.tzset()
+            try:
+                with self.assertRaises(ValueError):
+                    parse("9999-12-31T23:59:59")
+                self.assertEqual(queuectl.format_local(parse("0001-01-02T03:04:05")), "0001-01-02 03:04:05")
+            finally:
+                os.environ.pop("TZ")
+                time.tzset()
 
     def test_parse_time(self):
         t = 1893456000.0        # 2030-01-01T00:00:00Z
@@ -728,6 +784,146 @@ class TestDatabaseLocation(QueueTestCase):
         self.init_db()
         self.assert_private_db(self.db)
 
+    def test_every_missing_directory_is_created_private(self):
+        old_umask = os.umask(0o022)
+        self.addCleanup(os.umask, old_umask)
+        self.db = os.path.join(self.tmp, "a", "b", "c", "queue.db")
+        self.init_db()
+        for d in ("a", "a/b", "a/b/c"):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.tmp, d)).st_mode), 0o700, d)
+
+    def test_symlink_at_the_database_path_is_refused(self):
+        victim = os.path.join(self.tmp, "victim.txt")
+        with open(victim, "w") as f:
+            f.write("precious\n")
+        self.db = os.path.join(self.tmp, "q.db")
+        os.symlink(victim, self.db)
+        err = "queuectl: error: refusing database %s: it is a symbolic link (to %s); give the real path" % (
+            self.db, victim)
+        self.expect_failure("enqueue", "--", "true", err=err, check_db=False)
+        self.expect_failure("status", err=err, check_db=False)
+        os.unlink(self.db)
+        os.symlink(os.path.join(self.tmp, "nowhere.db"), self.db)      # dangling: not created either
+        self.expect_failure("enqueue", "--", "true", err_prefix="queuectl: error: refusing database",
+                            check_db=False)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "nowhere.db")))
+        with open(victim) as f:
+            self.assertEqual(f.read(), "precious\n")
+
+    def test_database_others_may_write_is_refused(self):
+        self.init_db()
+        before = self.db_dump()
+        os.chmod(self.db, 0o606)
+        self.expect_failure("status", check_db=False, err=(
+            "queuectl: error: refusing database %s: the file is writable by others (mode 0606), so another "
+            "user could read your jobs and run commands as you; chmod go-w %s" % (self.db, self.db)))
+        # Group write: fine for our own user private group (umask 002 systems), not for another group.
+        os.chmod(self.db, 0o660)
+        if queuectl._private_group(os.stat(self.db).st_gid):
+            self.expect_success("status")
+        if os.geteuid() == 0:
+            os.chown(self.db, 0, 61003)
+            self.expect_failure("status", check_db=False, err_prefix=(
+                "queuectl: error: refusing database %s: the file is writable by group (mode 0660)" % self.db))
+        os.chmod(self.db, 0o600)
+        for suffix in ("-wal", "-shm"):
+            companion = self.db + suffix
+            fd = os.open(companion, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+            os.chmod(companion, 0o606)
+            self.expect_failure("enqueue", "--", "true", check_db=False,
+                                err_prefix="queuectl: error: refusing database %s: its file %s is writable "
+                                "by others (mode 0606)" % (self.db, companion))
+            os.unlink(companion)
+        shared = os.path.join(self.tmp, "shared")
+        os.mkdir(shared)
+        os.chmod(shared, 0o1777)
+        self.db = os.path.join(shared, "q.db")
+        self.expect_failure("enqueue", "--", "true", check_db=False, err_prefix=(
+            "queuectl: error: refusing database %s: its directory %s is writable by others "
+            "(mode 1777)" % (self.db, shared)))
+        self.assertEqual(os.listdir(shared), [])
+        self.db = os.path.join(self.tmp, "q.db")
+        self.assertEqual(self.db_dump(), before)
+
+    def test_database_on_a_read_only_mount_can_be_read(self):
+        self.dir = self.tmp
+        mnt = _mount_tmpfs(self)
+        self.db = os.path.join(mnt, "q.db")
+        job_id = self.add("true", id="ro")
+        self.expect_success("config", "set", "retention", "7d", err=None)
+        subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+        self.assertEqual(json.loads(self.expect_success("status", "--json"))["counts"]["pending"], 1)
+        self.assertEqual([j["id"] for j in self.jobs()], [job_id])
+        self.assertEqual(self.job(job_id)["command"], "true")
+        self.assertEqual(self.expect_success("config", "get", "retention"), "604800\n")
+        self.expect_failure("cancel", job_id, check_db=False,
+                            err_prefix="queuectl: error: cannot write database %s" % self.db)
+        self.expect_failure("enqueue", "--", "true", check_db=False, err_prefix=(
+            "queuectl: error: cannot open database %s: Read-only file system" % self.db))
+        self.assertEqual(sorted(os.listdir(mnt)), ["q.db"])
+
+    def test_database_file_the_user_may_only_read_can_be_read(self):
+        """A 0444 database of one's own (in a directory one may not write
+        either): the read commands work, as uid 61002."""
+        python = python_for_uid(self, 61002)
+        os.chmod(self.tmp, 0o711)
+        mine = os.path.join(self.tmp, "mine")
+        os.mkdir(mine)
+        self.db = os.path.join(mine, "q.db")
+        job_id = self.add("true", id="ro")
+        for root, dirs, files in os.walk(mine):
+            for name in dirs + files + [""]:
+                os.chown(os.path.join(root, name), 61002, 61002)
+        os.chmod(self.db, 0o444)
+        os.chmod(mine, 0o555)
+        self.addCleanup(os.chmod, mine, 0o700)
+        for args, expected in ((["list", "--json"], job_id), (["status"], "pending     1"), (["show", job_id], "true")):
+            r = subprocess.run(as_uid(61002) + [python, QUEUECTL, "--db", self.db] + args, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd="/", env=self.env(), timeout=DEADLINE)
+            self.assertEqual((r.returncode, r.stderr), (0, b""), args)
+            self.assertIn(expected, r.stdout.decode(), args)
+
+    def test_database_another_user_made_is_refused(self):
+        """User A (uid 61001) makes a world-writable directory with a 0666
+        database holding a job of theirs; user B (uid 61002) must neither
+        enqueue into it nor run A's job as B."""
+        python = python_for_uid(self, 61002)
+        os.chmod(self.tmp, 0o711)               # others may pass through, not list
+        shared = os.path.join(self.tmp, "shared")
+        os.mkdir(shared)
+        self.db = os.path.join(shared, "queue.db")
+        pwned = os.path.join(shared, "pwned")
+        self.add("id -u > %s" % shlex.quote(pwned), id="evil")
+        for path in (shared, self.db):
+            os.chown(path, 61001, 61001)
+            os.chmod(path, 0o777 if path == shared else 0o666)
+        before = self.db_dump()
+
+        def as_b(*args):
+            return subprocess.run(as_uid(61002) + [python, QUEUECTL, "--db", self.db] + list(args),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
+                                  env=self.env(XDG_DATA_HOME=os.path.join(shared, "xdg")), timeout=DEADLINE)
+
+        for args in (["enqueue", "--", "echo secret-token"], ["worker", "start", "--once"], ["list"]):
+            r = as_b(*args)
+            self.assertEqual(r.returncode, 1, (args, r.stderr))
+            self.assertEqual(r.stdout, b"", args)
+            self.assertEqual(r.stderr.decode(), (
+                "queuectl: error: refusing database %s: its directory %s belongs to uid 61001, not to you "
+                "(uid 61002), so another user could read your jobs and run commands as you; use a database "
+                "in a directory of your own\n" % (self.db, shared)), args)
+        os.chown(shared, 0, 0)      # a directory only root may write, A's file: still refused
+        os.chmod(shared, 0o755)
+        r = as_b("worker", "start", "--once")
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertEqual(r.stderr.decode(), (
+            "queuectl: error: refusing database %s: the file belongs to uid 61001, not to you (uid 61002), "
+            "so another user could read your jobs and run commands as you; use a database in a directory "
+            "of your own\n" % self.db))
+        self.assertFalse(os.path.exists(pwned), "A's job ran as B")
+        self.assertEqual(self.db_dump(), before)
+
     def test_db_option_anywhere_on_the_line(self):
         out = self.expect_success("enqueue", "--db", self.db, '{"command": "true", "id": "j1"}', db=False)
         self.assertEqual(out, "j1\n")
@@ -747,32 +943,47 @@ class TestDatabaseLocation(QueueTestCase):
     def test_xdg_data_home_and_home_defaults(self):
         xdg = os.path.join(self.tmp, "xdg")
         os.environ["XDG_DATA_HOME"] = xdg
-        self.expect_success("config", "set", "max_retries", "2", db=False)
+        self.expect_success("config", "set", "max_retries", "2", db=False, err=None)
         self.assert_private_db(os.path.join(xdg, "queuectl", "queue.db"))
         del os.environ["XDG_DATA_HOME"]
         home = os.path.join(self.tmp, "home")
         os.environ["HOME"] = home
-        self.expect_success("config", "set", "max_retries", "2", db=False)
+        self.expect_success("config", "set", "max_retries", "2", db=False, err=None)
         self.assert_private_db(os.path.join(home, ".local", "share", "queuectl", "queue.db"))
 
     def test_read_commands_do_not_create_the_database(self):
+        """They read an empty queue, and say on stderr that there is no
+        database there (a mistyped --db), still exiting 0 for scripts."""
         self.db = os.path.join(self.tmp, "new", "queue.db")
-        status = json.loads(self.expect_success("status", "--json"))
+        note = "queuectl: no database at %s yet, so the queue is empty (a mistyped --db or $QUEUECTL_DB?)\n" \
+            % self.db
+        status = json.loads(self.expect_success("status", "--json", err=note))
         self.assertEqual((status["counts"], status["workers"]), ({s: 0 for s in STATES}, []))
-        self.assertEqual(json.loads(self.expect_success("list", "--json")), [])
-        self.assertEqual(json.loads(self.expect_success("dlq", "list", "--json")), [])
-        self.assertEqual(self.expect_success("config", "get", "max-retries"), "3\n")
-        self.assertEqual(json.loads(self.expect_success("stats", "--json"))["last_hour"]["completed"], 0)
-        self.expect_success("worker", "stop", err=None)
-        self.expect_failure("show", "x", err="queuectl: error: job 'x' not found")
-        self.expect_failure("wait", "x", err="queuectl: error: job 'x' not found")
+        self.assertEqual(json.loads(self.expect_success("list", "--json", err=note)), [])
+        self.assertEqual(json.loads(self.expect_success("dlq", "list", "--json", err=note)), [])
+        self.assertEqual(self.expect_success("config", "get", "max-retries", err=note), "3\n")
+        self.assertEqual(json.loads(self.expect_success("stats", "--json", err=note))["last_hour"]["completed"], 0)
+        self.assertEqual(self.expect_success("status", err=None).count("\n"), 8)
+        self.expect_success("worker", "stop", err=note + "queuectl: no workers running\n")
+        missing = "(there is no database at %s)" % self.db
+        for args in (["show", "x"], ["wait", "x"], ["logs", "x"], ["cancel", "x"], ["dlq", "retry", "x"]):
+            self.expect_failure(*args, err="queuectl: error: job 'x' not found %s" % missing)
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "new")), "a read command created files")
+
+    def test_empty_db_option_is_a_usage_error(self):
+        os.environ["QUEUECTL_DB"] = self.db
+        self.init_db()
+        before = self.db_dump()
+        for args in (["status"], ["enqueue", "--", "true"], ["worker", "start", "--once"], ["init"]):
+            self.expect_failure("--db", "", *args, code=2, db=False, err=(
+                "queuectl: error: --db needs a path, not an empty string (leave it out to use $QUEUECTL_DB "
+                "or the default)"))
+        self.assertEqual(self.db_dump(), before)
 
     def test_version(self):
         self.assertEqual(self.expect_success("--version", db=False), "queuectl %s\n" % queuectl.__version__)
 
     def test_usage_errors_exit_2(self):
-        self.expect_failure(code=2, db=False)
         self.expect_failure("bogus", code=2, db=False)
         self.expect_failure("worker", code=2)
         self.expect_failure("worker", "start", "--count", "0", code=2)
@@ -780,6 +991,19 @@ class TestDatabaseLocation(QueueTestCase):
         self.expect_failure("list", "--limit", "ten", code=2)
         self.expect_failure("wait", code=2)
         self.expect_failure("enqueue", "--priority", "high", "--", "true", code=2)
+
+    def test_huge_integer_options_are_usage_errors(self):
+        job_id = self.add("true")
+        self.run_once()
+        huge = "99999999999999999999"
+        for args in (["list", "-n", huge], ["logs", job_id, "-a", huge],
+                     ["enqueue", "-p", huge, "--", "true"], ["enqueue", "-p", "-" + huge, "--", "true"],
+                     ["enqueue", "-r", huge, "--", "true"]):
+            with self.subTest(args=args):
+                line = self.expect_failure(*args, code=2)
+                self.assertIn(" (at most 9223372036854775807)" if "-" + huge not in args else
+                              "must be at least -9223372036854775808", line)
+        self.assertEqual(self.expect_success("list", "-n", str(2 ** 63 - 1), "--json").count('"id"'), 1)
 
     def test_database_errors_are_one_line(self):
         os.mkdir(os.path.join(self.tmp, "adir"))
@@ -894,6 +1118,30 @@ class TestEnqueue(QueueTestCase):
         self.assertEqual(len(out), 3)
         self.assertEqual(self.job("a2")["priority"], 2)
 
+    def test_json_lines_split_on_newlines_only(self):
+        commands = ["echo 'a\u2028b'", "echo 'c\u2029d'", "echo 'e\u0085f'"]
+        text = "".join(json.dumps({"command": c}, ensure_ascii=False) + "\r\n" for c in commands)
+        out = self.expect_success("enqueue", "-f", "-", stdin=text.encode("utf-8"))
+        self.assertEqual(len(out.split()), 3)
+        self.assertEqual([j["command"] for j in self.jobs()], commands)
+        bad = text + '{"command": "x", "bogus": 1}\n'
+        self.expect_failure("enqueue", "-f", "-", stdin=bad.encode("utf-8"), err_prefix=(
+            "queuectl: error: line 4: unknown field 'bogus'"))
+
+    def test_current_directory_that_is_not_utf8(self):
+        where = os.path.join(os.fsencode(self.tmp), b"caf\xe9")
+        os.mkdir(where)
+        os.chdir(where)
+        self.expect_failure("enqueue", "--", "true", err=(
+            "queuectl: error: the current directory %s/caf\\xe9 is not valid UTF-8, so it cannot be stored "
+            "as the job's directory; enqueue from another directory" % self.tmp))
+
+    def test_json_array_as_the_argument(self):
+        out = self.expect_success("enqueue", '[{"command": "true", "id": "a1"}, {"command": "false", "id": "a2"}]')
+        self.assertEqual(out, "a1\na2\n")
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            self.assertIn("**one JSON object** as the argument, or a JSON array of them", f.read())
+
     def test_file_from_stdin(self):
         data = b'{"id": "s1", "command": "true"}\n{"id": "s2", "command": "true"}\n'
         self.assertEqual(self.expect_success("enqueue", "--file", "-", stdin=data), "s1\ns2\n")
@@ -964,7 +1212,7 @@ class TestEnqueue(QueueTestCase):
 
     def test_invalid_jobs_write_nothing(self):
         self.add("true", id="a")
-        self.expect_success("config", "set", "max_retries", "5")
+        self.expect_success("config", "set", "max_retries", "5", err=None)
         cases = [
             ('{"command": "x", "id": "a"}', "job 'a' already exists"),
             ("{}", "field 'command' is required"),
@@ -1045,7 +1293,7 @@ class TestCommands(QueueTestCase):
 
     def populate(self):
         """One job in each state but processing, made by a real `worker start --once`."""
-        self.expect_success("config", "set", "backoff-max", "1h")
+        self.expect_success("config", "set", "backoff-max", "1h", err=None)
         ids = {
             "ok": self.add("echo out; echo err >&2", id="ok"),
             "flaky": self.add("echo try $QUEUECTL_ATTEMPT; exit 4", id="flaky", max_retries=1),
@@ -1064,6 +1312,7 @@ class TestCommands(QueueTestCase):
         return counts
 
     def test_status_empty_shows_all_five_states(self):
+        self.init_db()      # an empty queue in a database (a missing one adds a note)
         out = self.expect_success("status")
         self.assertEqual(self.status_counts(out), {s: 0 for s in STATES})
         self.assertIn("no active workers", out)
@@ -1107,6 +1356,7 @@ class TestCommands(QueueTestCase):
         self.assertEqual(self.job(job_id)["command"], "echo a\necho b\x1b[31m")
 
     def test_list_empty_and_unknown_state(self):
+        self.init_db()      # an empty queue in a database (a missing one adds a note)
         self.assertEqual(self.expect_success("list", err=None), "")
         self.assertEqual(json.loads(self.expect_success("list", "--json")), [])
         self.expect_failure("list", "--state", "running",
@@ -1153,7 +1403,7 @@ class TestCommands(QueueTestCase):
         self.expect_failure("logs", "nope", err="queuectl: error: job 'nope' not found")
 
     def test_logs_after_retries(self):
-        self.expect_success("config", "set", "backoff-max", "0")
+        self.expect_success("config", "set", "backoff-max", "0", err=None)
         self.add("echo try $QUEUECTL_ATTEMPT; echo e$QUEUECTL_ATTEMPT >&2; exit 3", id="r", max_retries=2)
         self.run_once()
         self.assertEqual(self.expect_success("logs", "r", err="e3\n"), "try 3\n")
@@ -1215,6 +1465,7 @@ class TestCommands(QueueTestCase):
                             err="queuectl: error: job '%s' cannot be cancelled: it is already completed" % c)
 
     def test_config(self):
+        self.init_db()      # an empty queue in a database (a missing one adds a note)
         defaults = {"max_retries": 3, "backoff_base": 2, "backoff_max": 3600, "timeout": None}
         config = json.loads(self.expect_success("config", "list", "--json"))
         self.assertEqual({k: config.get(k) for k in defaults}, defaults)   # "at least" these keys
@@ -1224,30 +1475,31 @@ class TestCommands(QueueTestCase):
         for key, value in (("max_retries", "3"), ("max-retries", "3"), ("backoff_base", "2"),
                            ("backoff-max", "3600"), ("timeout", "none")):
             self.assertEqual(self.expect_success("config", "get", key), value + "\n")
-        self.assertEqual(self.expect_success("config", "set", "max-retries", "5"), "")
+        self.assertEqual(self.expect_success("config", "set", "max-retries", "5",
+                                             err="queuectl: max_retries set to 5\n"), "")
         self.assertEqual(self.expect_success("config", "get", "max_retries"), "5\n")
-        self.expect_success("config", "set", "backoff_base", "1.5")
+        self.expect_success("config", "set", "backoff_base", "1.5", err=None)
         self.assertEqual(self.expect_success("config", "get", "backoff-base"), "1.5\n")
-        self.expect_success("config", "set", "backoff-max", "1h")
+        self.expect_success("config", "set", "backoff-max", "1h", err=None)
         self.assertEqual(self.expect_success("config", "get", "backoff_max"), "3600\n")
-        self.expect_success("config", "set", "backoff-max", "0")
+        self.expect_success("config", "set", "backoff-max", "0", err=None)
         self.assertEqual(self.expect_success("config", "get", "backoff_max"), "0\n")
-        self.expect_success("config", "set", "timeout", "30s")
+        self.expect_success("config", "set", "timeout", "30s", err=None)
         self.assertEqual(self.expect_success("config", "get", "timeout"), "30\n")
         config = json.loads(self.expect_success("config", "list", "--json"))
         self.assertEqual({k: config.get(k) for k in defaults},
                          {"max_retries": 5, "backoff_base": 1.5, "backoff_max": 0, "timeout": 30})
-        self.expect_success("config", "set", "timeout", "none")
+        self.expect_success("config", "set", "timeout", "none", err=None)
         self.assertEqual(self.expect_success("config", "get", "timeout"), "none\n")
         # Config lives in the database: another process sees it.
         code, out, err = self.script("config", "get", "max-retries")
         self.assertEqual((code, out, err), (0, b"5\n", b""))
 
     def test_config_errors(self):
-        self.expect_success("config", "set", "max_retries", "4")
+        self.expect_success("config", "set", "max_retries", "4", err=None)
         for args in (("set", "retries", "4"), ("get", "max retries"), ("get", "max_retries_")):
             line = self.expect_failure("config", *args)
-            prefix = "queuectl: error: unknown config key %r (valid: " % args[1]
+            prefix = "queuectl: error: unknown config key %r (" % args[1]
             self.assertTrue(line.startswith(prefix), line)
             valid = re.search(r"\(valid: ([^)]*)\)", line).group(1).split(", ")
             for key in ("max_retries", "backoff_base", "backoff_max", "timeout"):
@@ -1263,10 +1515,134 @@ class TestCommands(QueueTestCase):
         self.expect_failure("config", "set", "max_retries", code=2)
         self.assertEqual(self.expect_success("config", "get", "max_retries"), "4\n")
 
+    def test_earlier_designs_spellings_are_accepted(self):
+        self.assertEqual(self.expect_success("config", "max_retries", "5", err="queuectl: max_retries set to 5\n"), "")
+        self.expect_success("config", "backoff_base", "3", err="queuectl: backoff_base set to 3\n")
+        self.expect_success("config", "max_backoff_seconds", "10", err="queuectl: backoff_max set to 10\n")
+        self.expect_success("config", "set", "job_time_out_seconds", "30", err="queuectl: timeout set to 30\n")
+        self.assertEqual(self.expect_success("config", "get", "timeout"), "30\n")
+        self.expect_success("config", "job_timeout", "1m", err="queuectl: timeout set to 60\n")
+        self.expect_success("config", "set", "max-retries", "5", err=None)
+        self.assertEqual(self.expect_success("config", "max_retries"), "5\n")
+        self.assertEqual(self.expect_success("config", "job-timeout"), "60\n")
+        config = json.loads(self.expect_success("config", "list", "--json"))
+        self.assertEqual((config["backoff_base"], config["backoff_max"], config["timeout"]), (3, 10, 60))
+        # dlq-retry ID, and dlq retry --reset-retries
+        dead = self.add("exit 3", id="d1", max_retries=0)
+        other = self.add("exit 3", id="d2", max_retries=0)
+        self.run_once()
+        self.expect_success("dlq-retry", dead, err="queuectl: 1 job moved back to pending\n")
+        self.assertEqual((self.job(dead)["state"], self.job(dead)["max_retries"]), ("pending", 0))
+        self.expect_success("dlq", "retry", "--reset-retries", other, err=None)
+        self.assertEqual((self.job(other)["state"], self.job(other)["max_retries"]), ("pending", 5))
+        # the JSON field next_run_at
+        job_id = self.add("true", next_run_at="2030-01-01T00:00:00Z")
+        self.assertEqual(self.job(job_id)["run_at"], "2030-01-01T00:00:00.000Z")
+        out = self.expect_success("enqueue", "--delay", "1h", "-f", "-",
+                                  stdin=b'{"command": "true", "next_run_at": "2031-01-01T00:00:00Z"}')
+        self.assertEqual(self.job(out.strip())["run_at"], "2031-01-01T00:00:00.000Z")
+        self.expect_failure("enqueue", json.dumps({"command": "true", "run_at": "2030-01-01T00:00:00Z",
+                                                   "next_run_at": "2030-01-01T00:00:00Z"}),
+                            err="queuectl: error: give either 'run_at' or 'next_run_at', not both")
+
+    def test_init_creates_the_database_and_says_where(self):
+        self.db = os.path.join(self.tmp, "new", "q.db")
+        self.assertEqual(self.expect_success("init", err="queuectl: database created\n"), self.db + "\n")
+        self.assertEqual(self.db_dump()["user_version"], queuectl.SCHEMA_VERSION)
+        self.add("true", id="kept")
+        self.assertEqual(self.expect_success("init", err="queuectl: database exists; nothing changed\n"),
+                         self.db + "\n")
+        self.assertEqual([j["id"] for j in self.jobs()], ["kept"])
+        os.environ["QUEUECTL_DB"] = os.path.join(self.tmp, "env.db")
+        self.assertEqual(self.expect_success("init", db=False, err=None), os.environ["QUEUECTL_DB"] + "\n")
+
+    def test_hints_for_mistakes(self):
+        self.expect_failure("config", "set", "max_retry", "4", err=(
+            "queuectl: error: unknown config key 'max_retry' (did you mean 'max_retries'?) "
+            "(valid: max_retries, backoff_base, backoff_max, timeout, retention)"))
+        self.expect_failure("config", "max-retires", "4", err_prefix=(
+            "queuectl: error: unknown config key 'max-retires' (did you mean 'max_retries'?)"))
+        self.expect_failure("config", "lst", code=2, err_prefix=(
+            "queuectl: error: config: argument ACTION: invalid choice: 'lst'"))
+        self.expect_failure("list", "--limt", "3", code=2, err=(
+            "queuectl: error: list: unrecognized arguments: --limt 3 (did you mean --limit?) "
+            "(see 'queuectl list --help')"))
+        self.expect_failure("worker", "start", "--cuont", "2", code=2, err=(
+            "queuectl: error: worker start: unrecognized arguments: --cuont 2 (did you mean --count?) "
+            "(see 'queuectl worker start --help')"))
+        self.expect_failure("enqueue", "ls", "-la", code=2, err=(
+            "queuectl: error: enqueue: unrecognized arguments: -la (to enqueue a command, put it after --: "
+            "queuectl enqueue -- COMMAND) (see 'queuectl enqueue --help')"))
+
+    def test_help_texts_and_confirmations(self):
+        for command in ("show", "logs"):
+            self.assertRegex(self.expect_success(command, "--help"), r"\n  ID +the job's id")
+        config_help = self.expect_success("config", "set", "--help")
+        for key in queuectl.CONFIG_DEFAULTS:
+            self.assertRegex(config_help, r"\n  %s +\S" % key)
+        top = self.expect_success("--help")
+        self.assertIn("\nenvironment:\n", top)
+        self.assertIn("\nexit codes:", top)
+        for args in (["list"], ["worker", "start"], ["config", "set"]):
+            self.assertNotIn("QUEUECTL_BUSY_TIMEOUT", self.expect_success(*(args + ["--help"])), args)
+        self.add("true")
+        self.add("exit 1", max_retries=0)
+        self.run_once()
+        self.expect_success("purge", "-s", "completed", "-s", "dead",
+                            err="queuectl: purged 1 completed job, 1 dead job\n")
+
+    def test_zero_durations_are_refused_and_values_round_trip(self):
+        self.expect_success("config", "set", "retention", "7d", err=None)
+        for key, meaning in (("timeout", "no timeout"), ("retention", "keep completed jobs forever")):
+            for value in ("0", "0s", "0.0", "0m", "00", "0.000h"):
+                self.expect_failure("config", "set", key, value, err=(
+                    "queuectl: error: invalid value %r for %s: zero is ambiguous here; use 'none' (%s) "
+                    "or a positive duration" % (value, key, meaning)))
+        self.expect_failure("enqueue", "--timeout", "0s", "--", "true")
+        self.expect_failure("enqueue", '{"command": "true", "timeout": "0m"}')
+        # Whatever `config get` prints, typed back, means the same.
+        for key, value in (("timeout", "30s"), ("timeout", "0.5"), ("timeout", "none"), ("retention", "7d"),
+                           ("retention", "1.25m"), ("backoff_max", "0"), ("backoff_base", "1.5"),
+                           ("max_retries", "0")):
+            with self.subTest(key=key, value=value):
+                self.expect_success("config", "set", key, value, err=None)
+                shown = self.expect_success("config", "get", key).strip()
+                stored = json.loads(self.expect_success("config", "list", "--json"))[key]
+                self.expect_success("config", "set", key, shown, err=None)
+                self.assertEqual(self.expect_success("config", "get", key).strip(), shown)
+                self.assertEqual(json.loads(self.expect_success("config", "list", "--json"))[key], stored)
+
+    def test_config_list_shows_durations_as_given(self):
+        for key, value in (("retention", "7d"), ("timeout", "90"), ("backoff_max", "2h")):
+            self.expect_success("config", "set", key, value, err=None)
+        rows = {line.split()[0]: line for line in self.expect_success("config", "list").splitlines()[1:]}
+        self.assertRegex(rows["retention"], r"^retention +604800 \(7d\) +workers delete")
+        self.assertRegex(rows["timeout"], r"^timeout +90 +default job timeout")
+        self.assertRegex(rows["backoff_max"], r"^backoff_max +7200 \(2h\) +upper bound")
+        self.assertRegex(rows["max_retries"], r"^max_retries +3 +retries")
+        self.assertEqual(self.expect_success("config", "get", "retention"), "604800\n")
+
+    def test_zero_stored_by_an_older_version_means_none(self):
+        """`config set retention 0s` used to store 0, which deleted every
+        completed job; `0` meant keep forever. Both now read as none."""
+        done = self.add("true")
+        self.run_once()
+        self.init_db()
+        conn = sqlite3.connect(self.db)
+        conn.execute("INSERT OR REPLACE INTO config (key, value) VALUES ('retention', '0.0'), ('timeout', '0.0')")
+        conn.commit()
+        conn.close()
+        self.assertEqual(self.expect_success("config", "get", "retention"), "none\n")
+        self.assertEqual(self.expect_success("config", "get", "timeout"), "none\n")
+        later = self.add("true")
+        self.assertIsNone(self.job(later)["timeout"])
+        self.run_once()
+        self.assertEqual([j["id"] for j in self.jobs()], [done, later])
+
     def test_config_defaults_apply_to_new_jobs(self):
         before = self.add("true")
-        self.expect_success("config", "set", "max_retries", "5")
-        self.expect_success("config", "set", "timeout", "90")
+        self.expect_success("config", "set", "max_retries", "5", err=None)
+        self.expect_success("config", "set", "timeout", "90", err=None)
         after = self.job(self.add("true"))
         self.assertEqual((after["max_retries"], after["timeout"]), (5, 90))
         explicit = self.job(self.add("true", max_retries=1, timeout=None))
@@ -1274,6 +1650,7 @@ class TestCommands(QueueTestCase):
         self.assertEqual((self.job(before)["max_retries"], self.job(before)["timeout"]), (3, None))
 
     def test_stats(self):
+        self.init_db()      # an empty queue in a database (a missing one adds a note)
         empty = json.loads(self.expect_success("stats", "--json"))
         fields = {"completed", "failed_runs", "dead", "success_rate", "duration_p50", "duration_p95",
                   "duration_max", "throughput_per_min"}
@@ -1311,6 +1688,45 @@ class TestCommands(QueueTestCase):
         self.expect_failure("wait", "ok", "nope", err="queuectl: error: job 'nope' not found")
         self.expect_failure("wait", "ok", "--timeout", "soon", code=2)
 
+    def test_wait_on_a_cancelled_job_exits_1(self):
+        """Cancelled after a failed `exit 4` run: its exit code is that run's, but
+        the job died of the cancel (README: a cancelled job makes wait exit 1)."""
+        self.populate()
+        self.expect_success("cancel", "flaky", err=None)
+        self.assertEqual(self.job("flaky")["exit_code"], 4)
+        code, out, err = self.run_cli("wait", "flaky")
+        self.assertEqual((code, out, err), (1, "", "queuectl: job flaky is dead (cancelled)\n"))
+        code, out, err = self.run_cli("wait", "flaky", "broken")
+        self.assertEqual((code, out, err), (1, "", "queuectl: job flaky is dead (cancelled)\n"
+                                                     "queuectl: job broken is dead (exit 3)\n"))
+
+    def test_wait_on_a_job_deleted_while_waiting(self):
+        job_id = self.add("true", delay="1h")
+        other = self.add("true", delay="1h")
+        first_read = threading.Event()
+        real_states = queuectl.Store.states
+
+        def states(store, ids):         # tells the deleter that wait has seen the job
+            found = real_states(store, ids)
+            first_read.set()
+            return found
+
+        def delete():
+            if first_read.wait(DEADLINE):
+                with queuectl.Store(self.db) as store:
+                    store.cancel([job_id])
+                    store.purge(["dead"], time.time() + 1)
+
+        deleter = threading.Thread(target=delete)
+        with mock.patch.object(queuectl.Store, "states", states):
+            deleter.start()
+            started = time.monotonic()
+            code, out, err = self.run_cli("wait", other, job_id, "--timeout", "10")
+            deleter.join(DEADLINE)
+        self.assertEqual((code, out, err), (1, "", "queuectl: error: job %r no longer exists: it was deleted "
+                                                    "while waiting (purge or the retention setting)\n" % job_id))
+        self.assertLess(time.monotonic() - started, 5)
+
     def test_purge(self):
         self.populate()
         self.expect_success("purge", "--older-than", "1h", err="queuectl: purged 0 completed jobs\n")
@@ -1324,6 +1740,7 @@ class TestCommands(QueueTestCase):
         self.assertEqual(counts, {"pending": 1, "processing": 0, "completed": 0, "failed": 1, "dead": 0})
 
     def test_worker_stop_without_workers(self):
+        self.init_db()      # an empty queue in a database (a missing one adds a note)
         self.assertEqual(self.expect_success("worker", "stop", err="queuectl: no workers running\n"), "")
 
 
@@ -1356,7 +1773,7 @@ class TestWorkers(QueueTestCase):
         self.assertEqual(self.expect_success("wait", job_id), "")
 
     def test_failing_job_retried_with_backoff_then_dead(self):
-        self.expect_success("config", "set", "backoff-max", "0.3")   # min(2 ** k, 0.3): 0.3 s each
+        self.expect_success("config", "set", "backoff-max", "0.3", err=None)   # min(2 ** k, 0.3): 0.3 s each
         job_id = self.add(self.ledger_command("run-$QUEUECTL_ATTEMPT") + "; exit 3", id="flaky",
                           max_retries=2)
         pool = self.start_pool()
@@ -1377,6 +1794,30 @@ class TestWorkers(QueueTestCase):
         log = self.pool_log(pool)
         self.assertEqual(len(re.findall(r"flaky exit 3, retry at \d\d:\d\d:\d\d", log)), 2, log)
         self.assertEqual(len(re.findall(r"flaky exit 3, dead", log)), 1, log)
+
+    def test_worker_count_is_bounded(self):
+        """`--count 1000000` used to fork until the file descriptors ran out.
+        The cases run with a limit of 64 open files, so that the old code
+        fails after a few dozen workers instead of thousands."""
+        self.init_db()
+        cpus = os.cpu_count() or 1
+        limit = max(256, 32 * cpus)
+        for count in ("1000000", str(limit + 1)):
+            code, out, err = self.script("worker", "start", "--once", "--count", count, nofile=(64, 64))
+            self.assertEqual((code, out, err.decode()), (2, b"", (
+                "queuectl: error: --count %s is more than %d workers (32 per CPU, at least 256; this machine has "
+                "%d CPU%s) and each is a process; add --force if you mean it\n"
+                % (count, limit, cpus, "" if cpus == 1 else "s"))))
+        code, out, err = self.script("worker", "start", "--once", "--count", "300", "--force", nofile=(64, 64))
+        self.assertEqual((code, out, err.decode()), (1, b"", (
+            "queuectl: error: --count 300 needs about 632 open files in the supervisor, more than its limit "
+            "of 64 (ulimit -Hn); raise the limit or start fewer workers\n")))
+        # Under the hard limit, the soft one is raised: 40 workers with a soft limit of 32.
+        self.add(self.ledger_command())
+        code, out, err = self.script("worker", "start", "--once", "--count", "40", nofile=(32, 4096))
+        self.assertEqual((code, out), (0, b""), err.decode())
+        self.assertNotIn(b"Traceback", err)
+        self.assertEqual(len(self.ledger()), 1)
 
     def test_three_workers_run_three_sleeps_in_parallel(self):
         ids = [self.add("sleep 1") for _ in range(3)]
@@ -1522,6 +1963,51 @@ class TestWorkers(QueueTestCase):
         self.assertEqual((code, out, err), (0, b"\xff\xfeabc\n\x00end", b"\x80\x81"))
         self.expect_success("show", job_id)
         self.expect_success("list")
+
+    def latin1_env(self):
+        """The environment of an ISO-8859-1 locale, built with localedef into
+        our temp dir (LOCPATH); skips (fails under CI) where that cannot be done."""
+        locales = os.path.join(self.tmp, "locales")
+        name = "en_US.ISO-8859-1"
+        os.mkdir(locales)
+        if not shutil.which("localedef"):
+            skip_or_fail(self, "localedef is not installed (needed to build an ISO-8859-1 locale)")
+        r = subprocess.run(["localedef", "-i", "en_US", "-f", "ISO-8859-1", os.path.join(locales, name)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        env = self.env(LOCPATH=locales, LC_ALL=name, LANG=name)
+        for var in ("PYTHONUTF8", "PYTHONIOENCODING", "PYTHONCOERCECLOCALE"):
+            env.pop(var, None)
+        probe = subprocess.run([sys.executable, "-c", "import sys; print(sys.getfilesystemencoding())"],
+                               env=env, stdout=subprocess.PIPE)
+        if r.returncode != 0 or probe.stdout.strip() != b"iso8859-1":
+            skip_or_fail(self, "cannot build an ISO-8859-1 locale with localedef: %s %s"
+                         % (r.stdout.decode(errors="replace").strip()[-200:], probe.stdout))
+        return env
+
+    def test_command_the_locale_cannot_encode(self):
+        """A worker in an ISO-8859-1 locale runs `echo ✓` (passed as UTF-8)
+        and `echo é` (as the locale encodes it) and keeps going; the read
+        commands print what the locale can and escape the rest."""
+        env = self.latin1_env()
+        tick = self.add("echo \u2713", id="tick", max_retries=0)
+        eacute = self.add("echo \u00e9", id="eacute", max_retries=0)
+        code, out, err = self.script("worker", "start", "--once", env=env)
+        log = err.decode("utf-8", "replace")
+        self.assertEqual((code, out), (0, b""), log)
+        self.assertNotIn("Traceback", log)
+        self.assertEqual([(j["id"], j["state"]) for j in self.jobs()], [(tick, "completed"), (eacute, "completed")])
+        self.assertEqual(self.run_cli_bytes("logs", tick), (0, "\u2713\n".encode("utf-8"), b""))
+        self.assertEqual(self.run_cli_bytes("logs", eacute), (0, b"\xe9\n", b""))
+        for args in (["list"], ["show", tick], ["dlq", "list"], ["status"]):
+            code, out, err = self.script(*args, env=env)
+            self.assertEqual(code, 0, (args, err))
+            self.assertNotIn(b"Traceback", err, args)
+        code, out, err = self.script("list", env=env)
+        self.assertIn(b"echo \\u2713\n", out)
+        self.assertIn(b"echo \xe9\n", out)
+        code, out, err = self.script("list", "--json", env=env)
+        self.assertEqual(code, 0, err)
+        self.assertEqual([j["command"] for j in json.loads(out.decode("latin-1"))], ["echo \u2713", "echo \u00e9"])
 
     def test_multi_megabyte_output_is_bounded(self):
         size = 5 * 1000 * 1000
@@ -1680,7 +2166,7 @@ class TestWorkerLifecycle(QueueTestCase):
         self.assertEqual(self.job(job_id)["state"], "completed")
 
     def test_sigkilled_worker_does_not_leave_its_job_stuck(self):
-        self.expect_success("config", "set", "backoff-max", "0")
+        self.expect_success("config", "set", "backoff-max", "0", err=None)
         m = self.marker()
         job_id = self.add('if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep %s; fi; ' % m
                           + self.ledger_command("attempt-$QUEUECTL_ATTEMPT"))
@@ -1698,7 +2184,7 @@ class TestWorkerLifecycle(QueueTestCase):
         self.assertEqual(self.wait_pool(pool), 0)
 
     def test_killed_pool_job_reclaimed_by_worker_once(self):
-        self.expect_success("config", "set", "backoff-max", "0")
+        self.expect_success("config", "set", "backoff-max", "0", err=None)
         m = self.marker()
         job_id = self.add('if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep %s; fi; ' % m
                           + self.ledger_command("attempt-$QUEUECTL_ATTEMPT"))
@@ -1795,7 +2281,6 @@ class TestScript(QueueTestCase):
             (("config", "set", "nope", "1"), 1),
             (("bogus",), 2),
             (("list", "--limit", "x"), 2),
-            ((), 2),
         ]
         for args, expected in cases:
             with self.subTest(args=args):
@@ -1812,6 +2297,10 @@ class TestScript(QueueTestCase):
         code, out, err = self.script("-h", db=False)
         self.assertEqual((code, err), (0, b""))
         self.assertTrue(out.startswith(b"usage: queuectl"))
+        code, out, err = self.script()      # a bare `queuectl`: the help, as a usage error
+        self.assertEqual((code, out), (2, b""))
+        self.assertTrue(err.startswith(b"usage: queuectl"), err)
+        self.assertIn(b"\nexit codes:", err)
 
     def test_debug_shows_the_traceback(self):
         self.init_db()
@@ -1943,6 +2432,55 @@ class TestMeta(QueueTestCase):
         if not expected:
             self.skipTest("QUEUECTL_EXPECT_SQLITE is not set (only .ci/run sets it)")
         self.assertEqual(sqlite3.sqlite_version, expected)
+
+    def readme_pipelines(self):
+        """The shell lines of README.md that pipe queuectl's output into something."""
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            blocks = re.findall(r"```sh\n(.*?)```", f.read(), re.S)
+        return [line for block in blocks for line in block.splitlines()
+                if line.startswith("queuectl ") and " | " in line]
+
+    def test_readme_pipelines_work_on_empty_and_large_queues(self):
+        pipelines = self.readme_pipelines()
+        self.assertTrue(pipelines)
+        if not shutil.which("jq"):
+            skip_or_fail(self, "jq is not installed (README's pipelines use it)")
+        bindir = os.path.join(self.tmp, "bin")
+        os.mkdir(bindir)
+        with open(os.path.join(bindir, "queuectl"), "w") as f:
+            f.write("#!/bin/sh\nexec %s %s \"$@\"\n" % (shlex.quote(sys.executable), shlex.quote(QUEUECTL)))
+        os.chmod(os.path.join(bindir, "queuectl"), 0o755)
+        env = self.env(QUEUECTL_DB=self.db, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+
+        def run(line):
+            r = subprocess.run(["bash", "-o", "pipefail", "-c", line], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env, cwd=self.tmp, timeout=DEADLINE)
+            self.assertEqual(r.returncode, 0, "%s\n%s" % (line, r.stderr.decode(errors="replace")))
+            self.assertNotIn(b"Traceback", r.stderr)
+
+        self.init_db()
+        for line in pipelines:
+            run(line)       # an empty queue
+        # 150 jobs that died of a timeout (more than list's default 100), one of exit 3.
+        with queuectl.Store(self.db) as store:
+            worker = queuectl.this_host() + ":1:1"
+            store.register_worker(worker)
+            store.enqueue([{"command": "true", "cwd": self.tmp, "max_retries": 0} for _ in range(151)])
+            for n in range(151):
+                job = store.claim(worker)
+                store.finish(job["id"], job["run"], worker,
+                             queuectl.RunResult(3, "exit 3") if n == 0 else queuectl.RunResult(None, "timeout"))
+        for line in pipelines:
+            run(line)
+        self.assertEqual(json.loads(self.expect_success("status", "--json"))["counts"],
+                         {"pending": 150, "processing": 0, "completed": 0, "failed": 0, "dead": 1})
+
+    def test_gitignore_covers_build_output(self):
+        """`pip install .` and `python -m build` leave build/ and *.egg-info/ behind."""
+        with open(os.path.join(HERE, ".gitignore")) as f:
+            lines = f.read().split()
+        self.assertIn("build/", lines)
+        self.assertIn("*.egg-info/", lines)
 
     def test_every_command_is_in_the_readme(self):
         readme = os.path.join(HERE, "README.md")
@@ -2841,7 +3379,7 @@ def _mount_tmpfs(test, size="256k"):
         test.skipTest("mounting a tmpfs needs root")
     mnt = os.path.join(test.dir, "mnt")
     os.mkdir(mnt)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % size, "tmpfs", mnt],
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size, "tmpfs", mnt],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if r.returncode != 0:
         test.skipTest("cannot mount a tmpfs here: %s" % r.stdout.decode(errors="replace").strip())
@@ -3193,7 +3731,7 @@ class TestPurgeAndRetention(LeadTestCase):
     def test_purge_older_than_keeps_recent_jobs(self):
         self.make_jobs()
         _, _, err = _cli(self.db, "purge", "--older-than", "1h", "--state", "completed", "--state", "dead")
-        self.assertEqual(err, "queuectl: purged 0 completed and dead jobs\n")
+        self.assertEqual(err, "queuectl: purged 0 completed jobs, 0 dead jobs\n")
         self.assertEqual(len(self.states()), 5)
 
     def test_dlq_is_purged_only_when_named(self):
