@@ -110,7 +110,7 @@ EXIT_WORKER_TERMINATED = 3
 STOP_ASKED, STOP_SELF = 1, 2
 
 #: Schema version, kept in PRAGMA user_version. MIGRATIONS[v] upgrades v -> v+1.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE jobs (
@@ -131,10 +131,16 @@ CREATE TABLE jobs (
     run_count        INTEGER NOT NULL DEFAULT 0,   -- runs started, ever (numbers runs)
     worker_id        TEXT,                         -- lease holder while processing
     lease_until      REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    ready            INTEGER NOT NULL DEFAULT 0    -- 1: pending/failed and due (claimable)
 );
-CREATE INDEX jobs_due ON jobs (priority DESC, run_at, seq)
-    WHERE state IN ('pending', 'failed');
+-- The claim walks jobs_ready, which holds only jobs it may take, in its
+-- order; waiting jobs (not yet due) sit in jobs_waiting, ordered by due time,
+-- until a claim promotes them (ready = 1) in its own transaction.
+CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)
+    WHERE ready = 1;
+CREATE INDEX jobs_waiting ON jobs (run_at)
+    WHERE ready = 0 AND state IN ('pending', 'failed');
 CREATE INDEX jobs_state ON jobs (state, seq);
 
 CREATE TABLE runs (
@@ -199,6 +205,16 @@ MIGRATIONS = {
         ALTER TABLE jobs ADD COLUMN run_count INTEGER NOT NULL DEFAULT 0;
         UPDATE jobs SET run_count = (SELECT COALESCE(MAX(run), 0) FROM runs WHERE runs.job_id = jobs.id);
         DROP TRIGGER jobs_count_insert;
+    """,
+    # 2 -> 3: waiting jobs are staged apart from claimable ones (issue 13).
+    # Every job starts not ready; the first claim promotes those already due.
+    2: """
+        ALTER TABLE jobs ADD COLUMN ready INTEGER NOT NULL DEFAULT 0;
+        DROP INDEX jobs_due;
+        CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)
+            WHERE ready = 1;
+        CREATE INDEX jobs_waiting ON jobs (run_at)
+            WHERE ready = 0 AND state IN ('pending', 'failed');
     """,
 }
 
@@ -887,6 +903,7 @@ class Store:
             rows = []
             for job in jobs:
                 max_retries = job.get("max_retries")
+                run_at = job.get("run_at", now)
                 rows.append((
                     job.get("id") or new_job_id(),
                     job["command"],
@@ -894,15 +911,16 @@ class Store:
                     job.get("priority", 0),
                     config["max_retries"] if max_retries is None else max_retries,
                     job.get("timeout", config["timeout"]),
-                    job.get("run_at", now),
+                    run_at,
                     now,
                     now,
+                    1 if run_at <= now else 0,     # due now: claimable at once, no promotion
                 ))
             try:
                 self.conn.executemany("""
                     INSERT INTO jobs (id, command, cwd, state, priority, max_retries, timeout,
-                                      run_at, created_at, updated_at)
-                    VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)""", rows)
+                                      run_at, created_at, updated_at, ready)
+                    VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)""", rows)
             except sqlite3.IntegrityError:
                 raise       # a generated id collided: enqueue() rolls back and retries
             except sqlite3.Error as e:
@@ -920,20 +938,24 @@ class Store:
         return bool(row and row[0] & STOP_ASKED)
 
     def has_due(self, now):
-        """Cheap read-only check (no lock taken): is any job due?"""
+        """Cheap read-only check (no lock taken): is any job ready, or waiting
+        and due by now (a claim would promote it)? Two index seeks."""
         return self._one("""
-            SELECT 1 FROM jobs INDEXED BY jobs_due
-            WHERE state IN ('pending', 'failed') AND run_at <= ?
-            LIMIT 1""", (now,)) is not None
+            SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_ready
+                           WHERE ready = 1)
+                OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_waiting
+                           WHERE ready = 0 AND state IN ('pending', 'failed') AND run_at <= ?)""",
+                         (now,))[0] == 1
 
     def claim(self, worker_id, now=None, lease=LEASE_SECONDS):
         """Atomically take the next due job for `worker_id`, or return None.
 
-        Inside one BEGIN IMMEDIATE transaction: pick the due job with the
-        highest priority, then the earliest due time, then enqueue order (the
-        walk of the partial index jobs_due; named, because the planner would
-        rather use jobs_state and sort every due job); mark
-        it processing under a lease; count the attempt; open its run record.
+        Inside one BEGIN IMMEDIATE transaction: promote the waiting jobs whose
+        run_at has passed (ready = 1); pick the ready job with the highest
+        priority, then the earliest due time, then enqueue order (the first
+        entry of the partial index jobs_ready: jobs the claim cannot take are
+        not in it, so its cost does not depend on them); mark it processing
+        under a lease; count the attempt; open its run record.
         Returns the job as a dict with the new run number under 'run'; None
         when nothing is due or the worker has been asked to stop.
         """
@@ -945,11 +967,13 @@ class Store:
         """The body of claim(); the caller holds the transaction."""
         if self.stop_requested(worker_id):
             return None
+        self._promote(now)
+        # Indexes named: the planner would rather use jobs_state and sort.
         job = self._one("""
-            SELECT * FROM jobs INDEXED BY jobs_due
-            WHERE state IN ('pending', 'failed') AND run_at <= ?
+            SELECT * FROM jobs INDEXED BY jobs_ready
+            WHERE ready = 1
             ORDER BY priority DESC, run_at, seq
-            LIMIT 1""", (now,))
+            LIMIT 1""")
         if job is None:
             return None
         job = dict(job)
@@ -958,14 +982,23 @@ class Store:
         job["run"] = job["run_count"]
         self._execute("""
             UPDATE jobs
-            SET state = 'processing', attempts = ?, run_count = ?, worker_id = ?, lease_until = ?,
-                updated_at = ?
+            SET state = 'processing', ready = 0, attempts = ?, run_count = ?, worker_id = ?,
+                lease_until = ?, updated_at = ?
             WHERE seq = ?""", (job["attempts"], job["run"], worker_id, now + lease, now, job["seq"]))
         self._execute("""
             INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
             VALUES (?, ?, ?, ?, ?)""", (job["id"], job["run"], job["attempts"], worker_id, now))
         job["state"] = "processing"
         return job
+
+    def _promote(self, now):
+        """Mark waiting jobs whose run_at has passed ready; the caller holds
+        the transaction. A seek in jobs_waiting plus one write per job that
+        becomes due, once in its life (or once per backoff)."""
+        self._execute("""
+            UPDATE jobs INDEXED BY jobs_waiting
+            SET ready = 1
+            WHERE ready = 0 AND state IN ('pending', 'failed') AND run_at <= ?""", (now,))
 
     def heartbeat(self, worker_id, job_id=None, now=None, lease=LEASE_SECONDS, stopping=False):
         """Renew the worker's liveness and its job's lease, in one transaction.
@@ -1014,11 +1047,15 @@ class Store:
             config = self.config()
             state = "failed"
             run_at = now + backoff_delay(job["attempts"], config["backoff_base"], config["backoff_max"])
+        # A job due again at once (interrupted, or a zero backoff) is ready now;
+        # one that waits for its retry time is promoted by the claim after it.
+        ready = 1 if state in DUE_STATES and run_at <= now else 0
         self._execute("""
             UPDATE jobs
-            SET state = ?, run_at = ?, attempts = attempts - ?, exit_code = ?, outcome = ?,
+            SET state = ?, ready = ?, run_at = ?, attempts = attempts - ?, exit_code = ?, outcome = ?,
                 worker_id = NULL, lease_until = NULL, cancel_requested = 0, updated_at = ?
-            WHERE id = ?""", (state, run_at, 1 if interrupted else 0, exit_code, outcome, now, job["id"]))
+            WHERE id = ?""", (state, ready, run_at, 1 if interrupted else 0, exit_code, outcome, now,
+                              job["id"]))
         self._execute("""
             UPDATE runs
             SET finished_at = ?, exit_code = ?, outcome = ?, result_state = ?, stdout = ?, stderr = ?
@@ -1211,8 +1248,8 @@ class Store:
                     raise QueueError("job %r is not in the DLQ (it is %s)" % (job_id, row["state"]))
                 self._execute("""
                     UPDATE jobs
-                    SET state = 'pending', attempts = 0, run_at = ?, exit_code = NULL, outcome = NULL,
-                        cancel_requested = 0, updated_at = ?
+                    SET state = 'pending', ready = 1, attempts = 0, run_at = ?, exit_code = NULL,
+                        outcome = NULL, cancel_requested = 0, updated_at = ?
                     WHERE id = ?""", (now, now, job_id))
         return job_ids
 
@@ -1254,7 +1291,7 @@ class Store:
                 state = row["state"]
                 if state in DUE_STATES:
                     self._execute("""
-                        UPDATE jobs SET state = 'dead', outcome = 'cancelled', updated_at = ?
+                        UPDATE jobs SET state = 'dead', ready = 0, outcome = 'cancelled', updated_at = ?
                         WHERE id = ?""", (now, job_id))
                     result[job_id] = "dead"
                 elif state == "processing":

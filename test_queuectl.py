@@ -518,6 +518,82 @@ class TestStore(QueueTestCase):
             order.append(job["id"])
         self.assertEqual(order, [d, e, b, f, a, g, c])
 
+    def test_waiting_jobs_join_the_claim_order_when_due(self):
+        # Jobs that become due later (a delay, a retry's backoff) are claimed
+        # in exactly the order of jobs that were due all along.
+        a = self.put(priority=0)
+        b = self.put(priority=5, delay=10)
+        c = self.put(priority=5, delay=5)
+        d = self.put(priority=5)
+        e = self.put(priority=9, delay=30)
+        retried = self.put(priority=5, max_retries=1, now=self.T - 10)
+        job = self.store.claim(self.W, now=self.T - 10)
+        self.assertEqual(job["id"], retried)
+        self.assertEqual(self.fail_run(job, self.T - 9), ("failed", self.T - 9 + 2))   # due at T - 7
+        self.assertTrue(self.store.has_due(self.T))
+        order = []
+        while True:
+            job = self.store.claim(self.W, now=self.T + 20)
+            if job is None:
+                break
+            order.append(job["id"])
+        # e is not due at T + 20; the retry is due earliest among priority 5.
+        self.assertEqual(order, [retried, d, c, b, a])
+        self.assertFalse(self.store.has_due(self.T + 29.9))
+        self.assertTrue(self.store.has_due(self.T + 30))
+        self.assertEqual(self.store.get(e)["state"], "pending")
+        self.assertEqual(self.store.claim(self.W, now=self.T + 30)["id"], e)
+        self.assert_counts_consistent()
+
+    def waiting_store(self, kind, n):
+        """A store holding n priority-10 jobs that a claim at T cannot take
+        (`kind` says why), then one due job of priority 0; returns (store, due id)."""
+        store = queuectl.Store(os.path.join(self.tmp, "%s-%d.db" % (kind, n)), durable=False)
+        self.addCleanup(store.close)
+        if kind == "scheduled":             # for tomorrow
+            job = queuectl.validate_job({"command": "true", "priority": 10, "delay": 86400}, self.tmp, self.T)
+            store.enqueue([job] * n, now=self.T)
+        elif kind == "failed":              # waiting out a 1000 s backoff
+            store.set_config("backoff_base", 1000.0)
+            job = queuectl.validate_job({"command": "true", "priority": 10}, self.tmp, self.T - 10)
+            store.enqueue([job] * n, now=self.T - 10)
+            with store.transaction():       # one transaction: 20,000 commits would take long
+                for _ in range(n):
+                    claimed = store._claim(self.W, self.T - 5, queuectl.LEASE_SECONDS)
+                    store._finish(claimed["id"], claimed["run"], self.W, queuectl.RunResult(1, "exit 1"),
+                                  self.T - 5, False)
+            self.assertEqual(store.counts()["failed"], n)
+        else:
+            raise AssertionError(kind)
+        due = store.enqueue([queuectl.validate_job({"command": "true"}, self.tmp, self.T)], now=self.T)[0]
+        return store, due
+
+    def test_claim_cost_does_not_grow_with_jobs_it_cannot_take(self):
+        # Issue 13: a claim used to walk every not-yet-due job of a higher
+        # priority before reaching a due one. Counted in SQLite VM steps (the
+        # same on every SQLite version, unlike a query plan's text).
+        def steps(store, due):
+            count = [0]
+
+            def tick():
+                count[0] += 1
+                return 0
+            store.conn.set_progress_handler(tick, 1)
+            try:
+                self.assertTrue(store.has_due(self.T))
+                job = store.claim(self.W, now=self.T)
+            finally:
+                store.conn.set_progress_handler(None, 1)
+            self.assertEqual(job["id"], due)
+            return count[0]
+
+        for kind in ("scheduled", "failed"):
+            with self.subTest(kind=kind):
+                small = steps(*self.waiting_store(kind, 10))
+                big = steps(*self.waiting_store(kind, 20000))
+                self.assertLessEqual(big, small + 20, "claim beside 20,000 %s jobs: %d VM steps, beside 10: %d"
+                                     % (kind, big, small))
+
     def test_job_not_claimed_before_run_at(self):
         job_id = self.put(delay=60)
         self.assertIsNone(self.store.claim(self.W, now=self.T + 59.9))
@@ -3015,6 +3091,10 @@ class NonUtf8ArgumentTest(ReliabilityTestCase):
 ###############################################################################
 
 FIXTURE_V1 = os.path.join(HERE, "test_fixtures", "schema-v1.db")
+#: Written by queuectl at schema 2 (commit c792427): done-1 completed, dead-1 dead, backoff-1
+#: failed with its retry due in 2100 (priority 10), retry-1 failed and due (priority 1), due-1
+#: pending and due, sched-1 pending for 2100 (priority 10).
+FIXTURE_V2 = os.path.join(HERE, "test_fixtures", "schema-v2.db")
 
 
 def _cli(db, *args, check=True, timeout=60, env=None):
@@ -3066,9 +3146,17 @@ class TestSQLiteBuild(unittest.TestCase):
 
 
 class TestMigrations(LeadTestCase):
-    def copy_fixture(self, name="v1.db"):
+    def copy_fixture(self, name="v1.db", fixture=FIXTURE_V1):
         path = os.path.join(self.tmp, name)
-        shutil.copy(FIXTURE_V1, path)
+        shutil.copy(fixture, path)
+        # The fixtures' jobs ran in directories of the machine that wrote them
+        # (/tmp/v1): run them in this test's own directory instead.
+        conn = sqlite3.connect(path)
+        try:
+            with conn:
+                conn.execute("UPDATE jobs SET cwd = ?", (self.tmp,))
+        finally:
+            conn.close()
         return path
 
     def user_version(self, db):
@@ -3109,6 +3197,65 @@ class TestMigrations(LeadTestCase):
         self.assertEqual([r["run"] for r in json.loads(out)["runs"]], [1, 2, 3])
         _, out, _ = _cli(db, "show", "pending-1", "--json")
         self.assertEqual(json.loads(out)["state"], "completed")
+
+    def test_fixture_v2_is_schema_v2(self):
+        self.assertEqual(self.user_version(FIXTURE_V2), 2)
+
+    def assert_staged(self, db):
+        """Schema 3+: the claim's indexes exist and nothing is ready that is not claimable."""
+        conn = sqlite3.connect(db)
+        try:
+            self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+            indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+            self.assertLessEqual({"jobs_ready", "jobs_waiting", "jobs_state"}, indexes)
+            self.assertNotIn("jobs_due", indexes)
+            self.assertEqual(conn.execute("""
+                SELECT COUNT(*) FROM jobs WHERE ready = 1 AND state NOT IN ('pending', 'failed')""").fetchone()[0], 0)
+        finally:
+            conn.close()
+
+    def test_v2_database_is_migrated_and_waiting_jobs_stay_waiting(self):
+        db = self.copy_fixture("v2.db", FIXTURE_V2)
+        _, out, _ = _cli(db, "list", "--json")
+        jobs = {j["id"]: j for j in json.loads(out)}
+        self.assertEqual(self.user_version(db), queuectl.SCHEMA_VERSION)
+        self.assert_staged(db)
+        self.assertEqual({i: j["state"] for i, j in jobs.items()}, {
+            "done-1": "completed", "dead-1": "dead", "backoff-1": "failed", "retry-1": "failed",
+            "due-1": "pending", "sched-1": "pending"})
+        self.assertEqual(jobs["sched-1"]["run_at"], "2100-01-01T00:00:00.000Z")
+        self.assertEqual(jobs["backoff-1"]["run_at"], "2100-01-01T00:00:00.000Z")
+        _, out, _ = _cli(db, "status", "--json")
+        self.assertEqual(json.loads(out)["counts"],
+                         {"pending": 2, "processing": 0, "completed": 1, "failed": 2, "dead": 1})
+        # The due jobs run, in priority order; the ones waiting for 2100 do not.
+        _, _, err = _cli(db, "worker", "start", "--once")
+        self.assertLess(err.index("retry-1 claimed"), err.index("due-1 claimed"), err)
+        _, out, _ = _cli(db, "list", "--json")
+        states = {j["id"]: j["state"] for j in json.loads(out)}
+        self.assertEqual(states, {"done-1": "completed", "dead-1": "dead", "backoff-1": "failed",
+                                  "retry-1": "completed", "due-1": "completed", "sched-1": "pending"})
+        _, out, _ = _cli(db, "show", "retry-1", "--json")
+        self.assertEqual([r["run"] for r in json.loads(out)["runs"]], [1, 2])
+        _cli(db, "dlq", "retry", "dead-1")
+        _cli(db, "worker", "start", "--once")
+        _, out, _ = _cli(db, "show", "dead-1", "--json")
+        self.assertEqual(json.loads(out)["state"], "completed")
+        self.assertEqual([r["run"] for r in json.loads(out)["runs"]], [1, 2])
+        self.assert_staged(db)
+
+    def test_v1_database_due_jobs_are_claimed_after_migration(self):
+        db = self.copy_fixture()
+        _cli(db, "status")
+        self.assertEqual(self.user_version(db), queuectl.SCHEMA_VERSION)
+        self.assert_staged(db)
+        # Every waiting job of the fixture is long due: the first claim promotes
+        # them all, and they run by priority (pending-1 is priority 5).
+        _, _, err = _cli(db, "worker", "start", "--once")
+        claimed = re.findall(r" (\S+) claimed", err)
+        self.assertEqual(claimed[0], "pending-1", err)
+        self.assertEqual(sorted(claimed), ["fail-1", "pending-1", "sched-1"], err)
+        self.assert_staged(db)
 
     def test_two_processes_migrating_at_once(self):
         db = self.copy_fixture()
