@@ -193,7 +193,7 @@ class QueueTestCase(unittest.TestCase):
         conn = sqlite3.connect(path)
         try:
             dump = {"user_version": conn.execute("PRAGMA user_version").fetchone()[0]}
-            for table in ("jobs", "runs", "config", "workers", "counts"):
+            for table in ("jobs", "runs", "config", "workers", "counts", "queues", "deps", "output"):
                 try:
                     dump[table] = [tuple(r) for r in conn.execute("SELECT * FROM %s ORDER BY rowid" % table)]
                 except sqlite3.OperationalError:
@@ -563,6 +563,20 @@ class TestStore(QueueTestCase):
                     store._finish(claimed["id"], claimed["run"], self.W, queuectl.RunResult(1, "exit 1"),
                                   self.T - 5, False)
             self.assertEqual(store.counts()["failed"], n)
+        elif kind == "paused":              # in a paused queue
+            job = queuectl.validate_job({"command": "true", "priority": 10, "queue": "p"}, self.tmp, self.T)
+            store.enqueue([job] * n, now=self.T)
+            store.set_queue("p", paused=1)
+        elif kind == "blocked":             # waiting for a dependency that is not done
+            [parent] = store.enqueue([queuectl.validate_job({"command": "true", "delay": 86400}, self.tmp,
+                                                            self.T)], now=self.T)
+            job = queuectl.validate_job({"command": "true", "priority": 10, "after": [parent]}, self.tmp, self.T)
+            store.enqueue([job] * n, now=self.T)
+        elif kind == "limited":             # in a queue running as many jobs as its limit allows
+            store.set_queue("l", max_running=1)
+            job = queuectl.validate_job({"command": "true", "priority": 10, "queue": "l"}, self.tmp, self.T)
+            store.enqueue([job] * (n + 1), now=self.T)
+            self.assertEqual(store.claim(self.W, now=self.T)["queue"], "l")
         else:
             raise AssertionError(kind)
         due = store.enqueue([queuectl.validate_job({"command": "true"}, self.tmp, self.T)], now=self.T)[0]
@@ -587,7 +601,7 @@ class TestStore(QueueTestCase):
             self.assertEqual(job["id"], due)
             return count[0]
 
-        for kind in ("scheduled", "failed"):
+        for kind in ("scheduled", "failed", "paused", "blocked", "limited"):
             with self.subTest(kind=kind):
                 small = steps(*self.waiting_store(kind, 10))
                 big = steps(*self.waiting_store(kind, 20000))
@@ -1035,9 +1049,9 @@ class TestEnqueue(QueueTestCase):
             ('{"command": "x", "max_retries": -1}',
              "field 'max_retries' must be between 0 and 1000000, not -1"),
             ('{"command": "x", "comand": "y"}', "unknown field 'comand' (did you mean 'command'?) "
-             "(valid: id, command, max_retries, priority, run_at, delay, timeout)"),
+             "(valid: id, command, max_retries, priority, run_at, delay, timeout, queue, after, unique, env)"),
             ('{"command": "x", "priorty": 1}', "unknown field 'priorty' (did you mean 'priority'?) "
-             "(valid: id, command, max_retries, priority, run_at, delay, timeout)"),
+             "(valid: id, command, max_retries, priority, run_at, delay, timeout, queue, after, unique, env)"),
             ('{"command": "x", "run_at": "tomorrow"}', "field 'run_at': invalid time 'tomorrow' "
              "(use ISO-8601, e.g. 2026-01-31T14:00:00 or ...+02:00)"),
             ('{"command": "x", "run_at": 1700000000}', None),
@@ -1361,10 +1375,68 @@ class TestCommands(QueueTestCase):
         self.assertEqual((code, out), (1, ""))
         started = time.monotonic()
         code, out, err = self.run_cli("wait", "ok", "later", "--timeout", "0.3")
-        self.assertEqual((code, out, err), (124, "", "queuectl: timed out waiting for 1 job: later\n"))
+        # It says why the job waits (issue 9), then gives up.
+        self.assertEqual((code, out), (124, ""))
+        self.assertRegex(err, r"^queuectl: job later: scheduled at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\n"
+                              r"queuectl: timed out waiting for 1 job: later\n$")
         self.assertGreaterEqual(time.monotonic() - started, 0.3)
         self.expect_failure("wait", "ok", "nope", err="queuectl: error: job 'nope' not found")
         self.expect_failure("wait", "ok", "--timeout", "soon", code=2)
+
+    def test_retry_a_failed_job_now(self):
+        self.expect_success("config", "set", "backoff-max", "1h")
+        self.expect_success("config", "set", "backoff-base", "1000")
+        job_id = self.add("%s; test $QUEUECTL_ATTEMPT = 2" % self.ledger_command(), max_retries=2)
+        self.run_once()
+        job = self.job(job_id)
+        self.assertEqual(job["state"], "failed")
+        self.assertGreater(iso_to_ts(job["run_at"]), time.time() + 900)
+        self.assertRegex(job["waiting"], r"^retry at ")
+        self.run_once()
+        self.assertEqual(len(self.ledger()), 1, "retried before its time")
+        self.expect_success("retry", job_id, err="queuectl: 1 job due now\n")
+        self.run_once()
+        self.assertEqual((self.job(job_id)["state"], len(self.ledger())), ("completed", 2))
+        before = self.db_dump()
+        self.expect_failure("retry", job_id, err="queuectl: error: job %r is completed, not failed: only a failed "
+                                                 "job waiting for its retry can be retried now" % job_id)
+        dead = self.add("false", max_retries=0)
+        self.run_once()
+        before = self.db_dump()
+        self.expect_failure("retry", dead, err="queuectl: error: job %r is dead: use 'queuectl dlq retry %s'"
+                                               % (dead, dead))
+        self.expect_failure("retry", "nope", err="queuectl: error: job 'nope' not found")
+        self.assertEqual(self.db_dump(), before)
+
+    def test_job_environment_from_env(self):
+        out = os.path.join(self.tmp, "env-out")
+        job_id = self.expect_success("enqueue", "--env", "GREETING=hello world", "-e", "EMPTY=",
+                                     "--", "echo \"$GREETING|$EMPTY|${EMPTY+set}\" > %s" % out).strip()
+        other = self.add("echo \"$GREETING\" >> %s" % out, env={"GREETING": "json"})
+        self.assertNotIn("hello world", self.expect_success("list"))
+        self.assertNotIn("env", self.jobs()[0])
+        self.assertEqual(self.job(job_id)["env"], {"GREETING": "hello world", "EMPTY": ""})
+        self.assertIn("env:       GREETING=hello world\n", self.expect_success("show", job_id))
+        self.run_once()
+        with open(out) as f:
+            self.assertEqual(f.read(), "hello world||set\njson\n")
+        self.assertEqual(self.job(other)["state"], "completed")
+        before = self.db_dump()
+        for args, code, err in (
+                (("enqueue", "--env", "NOEQUALS", "--", "true"), 2, "expected NAME=VALUE, not 'NOEQUALS'"),
+                (("enqueue", "--env", "=x", "--", "true"), 2, "expected NAME=VALUE, not '=x'"),
+                (("enqueue", '{"command": "true", "env": {"A": 1}}'), 1,
+                 "field 'env': the value of A must be a string without NUL bytes, not an integer"),
+                (("enqueue", '{"command": "true", "env": ["A"]}'), 1,
+                 "field 'env' must be an object of NAME: value strings, not an array"),
+                (("enqueue", "--env", "QUEUECTL_JOB_ID=x", "--", "true"), 1,
+                 "field 'env': QUEUECTL_JOB_ID is reserved (queuectl sets the QUEUECTL_ variables)")):
+            with self.subTest(args=args):
+                code_, out_, err_ = self.run_cli(*args)
+                self.assertEqual((code_, out_), (code, ""))
+                self.assertIn(err, err_)
+                self.assertEqual(err_.count("\n"), 1, err_)
+        self.assertEqual(self.db_dump(), before)
 
     def test_purge(self):
         self.populate()
@@ -1807,6 +1879,294 @@ class TestWorkerLifecycle(QueueTestCase):
 ###############################################################################
 # The script as a program ######################################################
 ###############################################################################
+
+class TestQueues(QueueTestCase):
+    """Issue 9: named queues, their limits, pause and resume, workers serving some queues."""
+
+    def test_queue_field_flag_and_list(self):
+        a = self.add("true")
+        b = self.add("true", queue="thumbs")
+        c = self.expect_success("enqueue", "-q", "backups", "--", "true").strip()
+        self.assertEqual([self.job(i)["queue"] for i in (a, b, c)], ["default", "thumbs", "backups"])
+        self.expect_success("queue", "set", "backups", "--limit", "1", err="queuectl: queue backups limit: 1 running at once\n")
+        self.expect_success("queue", "pause", "thumbs", err=None)
+        queues = {q["name"]: q for q in json.loads(self.expect_success("queue", "list", "--json"))}
+        self.assertEqual(sorted(queues), ["backups", "default", "thumbs"])
+        self.assertEqual((queues["backups"]["limit"], queues["backups"]["paused"]), (1, False))
+        self.assertEqual((queues["thumbs"]["limit"], queues["thumbs"]["paused"]), (None, True))
+        self.assertEqual(queues["default"]["counts"]["pending"], 1)
+        self.assertEqual(queues["thumbs"]["counts"], {"pending": 1, "processing": 0, "completed": 0, "failed": 0,
+                                                      "dead": 0})
+        table = self.expect_success("queue", "list")
+        self.assertRegex(table, r"(?m)^thumbs +- +yes +1 +0 +0 +0 +0$")
+        self.assertRegex(table, r"(?m)^backups +1 +no +1 ")
+        self.assertIn("paused queue: thumbs", self.expect_success("status"))
+        self.assertIn("thumbs (paused)", self.expect_success("list"))
+        self.assertEqual(json.loads(self.expect_success("status", "--json"))["queues"][2],
+                         {"name": "thumbs", "limit": None, "paused": True})
+        self.expect_success("queue", "set", "backups", "--limit", "none", err=None)
+        self.assertIsNone(json.loads(self.expect_success("queue", "list", "--json"))[0]["limit"])
+        self.expect_success("queue", "resume", "nightly",
+                            err="queuectl: queue nightly resumed (a new queue: it has no jobs yet)\n")
+
+    def test_queue_mistakes_are_one_line_and_change_nothing(self):
+        self.add("true")
+        before = self.db_dump()
+        for args, code, err in (
+                (("enqueue", "-q", "no space", "--", "true"), 2, "invalid queue name 'no space'"),
+                (("enqueue", '{"command": "true", "queue": ""}'), 1, "field 'queue' must be 1-64"),
+                (("enqueue", '{"command": "true", "queue": 5}'), 1, "field 'queue' must be 1-64 letters, digits "
+                                                                     "and ._- (not starting with - or .), not an integer"),
+                (("queue", "set", "a", "--limit", "-1"), 2, "must be at least 1"),
+                (("queue", "set", "a"), 2, "required: --limit"),
+                (("queue", "pause", ".x"), 2, "invalid queue name '.x'"),
+                (("worker", "start", "--queue", "a,,b"), 2, "invalid queue name ''")):
+            with self.subTest(args=args):
+                code_, out, err_ = self.run_cli(*args)
+                self.assertEqual((code_, out), (code, ""))
+                self.assertIn(err, err_)
+                self.assertEqual(err_.count("\n"), 1, err_)
+                self.assertTrue(err_.startswith("queuectl: error: "), err_)
+        self.assertEqual(self.db_dump(), before)
+
+    def test_limit_and_pause_in_the_claim(self):
+        store = queuectl.Store(self.db, durable=False)
+        self.addCleanup(store.close)
+        now = time.time()
+        jobs = [queuectl.validate_job({"command": "true", "queue": q, "priority": p}, self.tmp, now)
+                for q, p in (("one", 9), ("one", 9), ("p", 8), ("default", 0))]
+        one1, one2, paused, plain = store.enqueue(jobs, now=now)
+        store.set_queue("one", max_running=1)
+        store.set_queue("p", paused=1)
+        first = store.claim("h:1:1", now=now)
+        self.assertEqual(first["id"], one1)
+        # `one` is at its limit and `p` is paused: the priority-0 job comes next.
+        self.assertEqual(store.claim("h:2:1", now=now)["id"], plain)
+        self.assertIsNone(store.claim("h:3:1", now=now))
+        self.assertFalse(store.has_due(now))
+        store.finish(one1, first["run"], "h:1:1", queuectl.RunResult(0, "exit 0"), now=now)
+        self.assertTrue(store.has_due(now))
+        self.assertFalse(store.has_due(now, ["default"]))
+        self.assertIsNone(store.claim("h:3:1", now=now, queues=["default", "p"]))
+        self.assertEqual(store.claim("h:3:1", now=now, queues=["one"])["id"], one2)
+        store.set_queue("p", paused=0)
+        self.assertEqual(store.claim("h:4:1", now=now)["id"], paused)
+
+    def test_limit_one_holds_across_two_pools(self):
+        # Four workers in two pools, eight jobs of a limit-1 queue: never two at once.
+        self.expect_success("queue", "set", "backups", "--limit", "1", err=None)
+        spans = os.path.join(self.tmp, "spans")
+        ids = [self.add("echo start $QUEUECTL_JOB_ID $(date +%%s.%%N) >> %s; sleep 0.2; "
+                        "echo end $QUEUECTL_JOB_ID $(date +%%s.%%N) >> %s" % (spans, spans), queue="backups")
+               for _ in range(8)]
+        others = [self.add("sleep 0.1", queue="thumbs") for _ in range(8)]
+        self.start_pool("--count", "2")
+        self.start_pool("--count", "2")
+        for job_id in ids + others:
+            self.wait_state(job_id, "completed")
+        with open(spans) as f:
+            events = [line.split() for line in f]
+        self.assertEqual(len(events), 16)
+        events.sort(key=lambda e: float(e[2]))
+        running = 0
+        for what, job_id, _ in events:
+            running += 1 if what == "start" else -1
+            self.assertLessEqual(running, 1, "two backups jobs ran at once: %s" % events)
+        # The other queue ran wide meanwhile: its jobs overlapped.
+        runs = [self.job(i)["runs"][0] for i in others]
+        spans_ = sorted((iso_to_ts(r["started_at"]), iso_to_ts(r["finished_at"])) for r in runs)
+        self.assertTrue(any(b[0] < a[1] for a, b in zip(spans_, spans_[1:])), spans_)
+
+    def test_paused_queue_never_starts_while_others_drain(self):
+        self.expect_success("queue", "pause", "slow", err=None)
+        held = [self.add(self.ledger_command(), queue="slow") for _ in range(3)]
+        free = [self.add(self.ledger_command()) for _ in range(5)]
+        self.run_once(count=2)
+        self.assertEqual(sorted(self.ledger()), sorted(free))
+        self.assertEqual({self.job(i)["state"] for i in held}, {"pending"})
+        self.assertEqual(self.job(held[0])["waiting"], "queue slow is paused")
+        code, out, err = self.run_cli("wait", held[0], "--timeout", "0.1")
+        self.assertEqual(code, 124)
+        self.assertIn("job %s: queue slow is paused\n" % held[0], err)
+        self.expect_success("queue", "resume", "slow", err=None)
+        self.run_once()
+        self.assertEqual(sorted(self.ledger()), sorted(free + held))
+
+    def test_worker_serves_only_its_queues(self):
+        a = self.add(self.ledger_command(), queue="a")
+        b = self.add(self.ledger_command(), queue="b")
+        c = self.add(self.ledger_command())
+        log = self.run_once_args("--queue", "a,default")
+        self.assertIn("queues a,default", log)
+        self.assertEqual(sorted(self.ledger()), sorted([a, c]))
+        self.assertEqual(self.job(b)["state"], "pending")
+
+    def run_once_args(self, *args):
+        code, out, err = self.script("worker", "start", "--once", *args)
+        self.assertEqual((code, out), (0, b""), err)
+        return err.decode()
+
+
+class TestDependencies(QueueTestCase):
+    """Issue 9: --after, the DLQ down a chain, dlq retry re-arming it."""
+
+    def test_chain_where_the_middle_job_dies_and_is_retried(self):
+        gate = os.path.join(self.tmp, "gate")
+        a = self.add(self.ledger_command(), id="a")
+        b = self.add(self.ledger_command() + " && test -f %s" % shlex.quote(gate), id="b", after=["a"],
+                     max_retries=0)
+        c = self.expect_success("enqueue", "--after", "b", "--id", "c", "--", self.ledger_command()).strip()
+        d = self.add(self.ledger_command(), id="d", after="c,a")
+        self.assertEqual(self.job("c")["waiting"], "waiting for b (pending)")
+        self.assertEqual([x["id"] for x in self.job("d")["after"]], ["a", "c"])
+        self.run_once()
+        self.assertEqual(self.ledger(), [a, b])
+        self.assertEqual({i: (self.job(i)["state"], self.job(i)["outcome"]) for i in "abcd"}, {
+            "a": ("completed", "exit 0"), "b": ("dead", "exit 1"),
+            "c": ("dead", "dependency b dead"), "d": ("dead", "dependency c dead")})
+        self.assertEqual(self.job("c")["runs"], [])
+        self.assertEqual(self.run_cli("wait", "d"), (1, "", "queuectl: job d is dead (no exit code)\n"))
+        with open(gate, "w"):
+            pass
+        self.expect_failure("dlq", "retry", "c", err="queuectl: error: job 'c' depends on 'b', which is dead: "
+                                                     "retry that one (its dependents follow)")
+        self.expect_success("dlq", "retry", "b", err=None)
+        self.assertEqual({i: self.job(i)["state"] for i in "bcd"}, {"b": "pending", "c": "pending", "d": "pending"})
+        self.assertEqual(self.job("d")["waiting"], "waiting for c (pending)")
+        self.run_once()
+        self.assertEqual(self.ledger(), [a, b, b, c, d])
+        self.assertEqual({self.job(i)["state"] for i in "abcd"}, {"completed"})
+
+    def test_dependents_of_a_cancelled_job_go_to_the_dlq(self):
+        a = self.add("true", id="a", delay="1h")
+        self.add("true", id="b", after=[a])
+        self.expect_success("cancel", "a", err=None)
+        self.assertEqual((self.job("b")["state"], self.job("b")["outcome"]), ("dead", "dependency a dead"))
+        # A job added after a dead one is dead at once, unrun.
+        self.add("true", id="c", after=["a"])
+        self.assertEqual(self.job("c")["outcome"], "dependency a dead")
+
+    def test_a_dependency_that_completed_long_ago_is_no_wait(self):
+        self.add("true", id="a")
+        self.run_once()
+        self.add(self.ledger_command(), id="b", after=["a"])
+        self.assertIsNone(self.job("b")["waiting"])
+        self.run_once()
+        self.assertEqual(self.ledger(), ["b"])
+
+    def test_file_with_dependencies_inside_it_and_cycles(self):
+        path = os.path.join(self.tmp, "jobs.jsonl")
+        with open(path, "w") as f:
+            f.write('{"id": "deploy", "command": "%s", "after": ["build"]}\n' % self.ledger_command())
+            f.write('{"id": "build", "command": "%s"}\n' % self.ledger_command())
+        self.expect_success("enqueue", "--file", path)
+        self.run_once()
+        self.assertEqual(self.ledger(), ["build", "deploy"])
+        before = self.db_dump()
+        with open(path, "w") as f:
+            f.write('{"id": "x", "command": "true", "after": ["y"]}\n{"id": "y", "command": "true", "after": ["x"]}\n')
+        self.expect_failure("enqueue", "--file", path, err_prefix="queuectl: error: dependency cycle: ")
+        for args, err in (
+                (("enqueue", "--after", "nope", "--", "true"), "queuectl: error: job '%s': dependency 'nope' not found"),
+                (("enqueue", '{"command": "true", "id": "s", "after": ["s"]}'),
+                 "queuectl: error: field 'after': job 's' cannot run after itself"),
+                (("enqueue", '{"command": "true", "after": 5}'),
+                 "queuectl: error: field 'after' must be a list of job ids, not an integer"),
+                (("enqueue", '{"command": "true", "after": ["a b"]}'),
+                 "queuectl: error: field 'after': 'a b' is not a job id")):
+            with self.subTest(args=args):
+                code, out, err_ = self.run_cli(*args)
+                self.assertEqual((code, out), (1, ""))
+                if "%s" in err:
+                    self.assertRegex(err_, "^" + re.escape(err).replace("%s", ".*") + "\n$")
+                else:
+                    self.assertEqual(err_, err + "\n")
+        self.expect_failure("enqueue", "--after", ",", "--", "true", code=2, err_prefix="queuectl: error: ")
+        self.assertEqual(self.db_dump(), before)
+
+
+class TestUniqueJobs(QueueTestCase):
+    """Issue 9: --unique KEY adds nothing while a job with that key is active."""
+
+    def test_existing_id_is_printed_and_json_says_which(self):
+        first = self.expect_success("enqueue", "--unique", "nightly", "--", "true").strip()
+        code, out, err = self.run_cli("enqueue", "--unique", "nightly", "--", "true")
+        self.assertEqual((code, out), (0, first + "\n"))
+        self.assertEqual(err, "queuectl: job %s has unique key nightly and is still active: nothing added\n" % first)
+        self.assertEqual(json.loads(self.expect_success("enqueue", "--json", "--unique", "nightly", "--", "true")),
+                         [{"id": first, "created": False}])
+        self.assertEqual(len(self.jobs()), 1)
+        self.assertEqual(self.job(first)["unique"], "nightly")
+        self.run_once()
+        again = json.loads(self.expect_success("enqueue", "--json", '{"command": "true", "unique": "nightly"}'))
+        self.assertTrue(again[0]["created"])
+        self.assertNotEqual(again[0]["id"], first)
+        self.expect_failure("enqueue", '{"command": "true", "unique": ""}',
+                            err="queuectl: error: field 'unique' must be a non-empty string of at most 256 "
+                                "characters, not ''")
+
+    def test_sixteen_concurrent_enqueuers_create_one_job(self):
+        self.init_db()
+        procs = [subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "enqueue", "--unique", "k", "--",
+                                   "true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env(),
+                                  cwd=self.tmp) for _ in range(16)]
+        outs = []
+        for p in procs:
+            out, err = p.communicate(timeout=DEADLINE)
+            self.assertEqual(p.returncode, 0, err)
+            outs.append(out.decode().strip())
+        self.assertEqual(len(set(outs)), 1, outs)
+        self.assertEqual([j["id"] for j in self.jobs()], outs[:1])
+
+
+class TestLiveLogs(QueueTestCase):
+    """Issue 9: logs --follow."""
+
+    def test_follow_prints_as_it_comes_and_matches_logs_afterwards(self):
+        job_id = self.add("for i in $(seq 30); do echo out $i; echo err $i >&2; sleep 0.1; done; "
+                          "printf 'no newline \\377'; exit 3", max_retries=0)
+        follower = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "logs", job_id, "--follow"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env(), cwd=self.tmp,
+                                    start_new_session=True)
+        self.addCleanup(lambda: follower.poll() is None and kill_session(follower.pid))
+        self.start_pool()
+        first = follower.stdout.readline()          # a deadline: the job's own end, then the pool's kill
+        self.assertEqual(first, b"out 1\n")
+        self.assertEqual(self.job(job_id)["state"], "processing", "the first line came only after the run")
+        out = first + follower.stdout.read()
+        err = follower.stderr.read()
+        self.assertEqual(follower.wait(DEADLINE), 3)
+        code, logged_out, logged_err = self.run_cli_bytes("logs", job_id)
+        self.assertEqual(code, 0)
+        self.assertEqual(out, logged_out)
+        self.assertEqual(err, logged_err)
+        self.assertTrue(out.endswith(b"out 30\nno newline \377"), out[-40:])
+        conn = sqlite3.connect(self.db)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("SELECT COUNT(*) FROM output").fetchone()[0], 0)
+
+    def test_follow_a_finished_job_and_a_job_that_never_ran(self):
+        job_id = self.add("echo hi; exit 4", max_retries=0)
+        self.run_once()
+        code, out, err = self.run_cli("logs", job_id, "--follow")
+        self.assertEqual((code, out, err), (4, "hi\n", ""))
+        self.add("true", id="a", delay="1h")
+        self.add("true", id="b", after=["a"])
+        self.expect_success("cancel", "a", err=None)
+        self.expect_failure("logs", "b", "--follow", err="queuectl: error: job 'b' never ran (it is dead)")
+        self.expect_failure("logs", "b", "--follow", "-a", "1", code=2, err_prefix="queuectl: error: ")
+
+    def test_live_output_storage_is_bounded(self):
+        store = queuectl.Store(self.db, durable=False)
+        self.addCleanup(store.close)
+        live = queuectl.LiveOutput(limit=100)
+        for i in range(50):
+            live.add(1, i * 10, b"x" * 10)
+        chunks = live.take()
+        self.assertEqual(sum(len(c[2]) for c in chunks), 100)
+        self.assertEqual(chunks[0][1], 400)
+        self.assertEqual(live.take(), [])
+
 
 class TestScript(QueueTestCase):
 
