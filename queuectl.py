@@ -1296,7 +1296,7 @@ class Store:
         return bool(stop), cancel, held
 
     def _settle(self, job, run, outcome, exit_code, ok, now, stdout=None, stderr=None,
-                interrupted=False):
+                interrupted=False, live=True):
         """Move a processing job on after a run; the caller holds the transaction.
 
         ok -> completed; interrupted -> pending with the attempt given back;
@@ -1327,20 +1327,29 @@ class Store:
             SET finished_at = ?, exit_code = ?, outcome = ?, result_state = ?, stdout = ?, stderr = ?
             WHERE job_id = ? AND run = ?""",
                       (now, exit_code, outcome, state, stdout, stderr, job["id"], run))
-        self._execute("DELETE FROM output WHERE job_id = ? AND run = ?", (job["id"], run))
+        if live:        # the run stored live output (or may have: a reclaim)
+            self._execute("DELETE FROM output WHERE job_id = ? AND run = ?", (job["id"], run))
         if state == "completed":
             self._unblock(job["id"])
         elif state == "dead":
             self._bury_dependents(job["id"], now)
         return state, run_at
 
+    def _dependents(self, job_id, states):
+        """Ids of the jobs in `states` that run after this one. (One by one by id:
+        with `id IN (SELECT ...)` the planner would walk jobs_state instead.)"""
+        out = []
+        for row in self._all("SELECT job_id FROM deps WHERE after_id = ?", (job_id,)):
+            job = self._one("SELECT state FROM jobs WHERE id = ?", (row[0],))
+            if job is not None and job[0] in states:
+                out.append(row[0])
+        return out
+
     def _unblock(self, job_id):
         """A job completed: its dependents wait for one dependency fewer (those
         left with none enter jobs_waiting, and the next claim promotes them)."""
-        self._execute("""
-            UPDATE jobs SET blocked = blocked - 1
-            WHERE id IN (SELECT job_id FROM deps WHERE after_id = ?)
-              AND state IN ('pending', 'failed') AND blocked > 0""", (job_id,))
+        for dependent in self._dependents(job_id, DUE_STATES):
+            self._execute("UPDATE jobs SET blocked = blocked - 1 WHERE id = ? AND blocked > 0", (dependent,))
 
     def _bury_dependents(self, job_id, now):
         """A job went dead: every job waiting for it goes dead too, unrun, with
@@ -1349,18 +1358,14 @@ class Store:
         dead = [job_id]
         while dead:
             parent = dead.pop()
-            rows = self._all("""
-                SELECT id FROM jobs
-                WHERE id IN (SELECT job_id FROM deps WHERE after_id = ?)
-                  AND state IN ('pending', 'failed')""", (parent,))
-            for row in rows:
+            for dependent in self._dependents(parent, DUE_STATES):
                 self._execute("""
                     UPDATE jobs SET state = 'dead', ready = 0, outcome = ?, exit_code = NULL, updated_at = ?
-                    WHERE id = ?""", ("dependency %s dead" % parent, now, row["id"]))
-                dead.append(row["id"])
+                    WHERE id = ?""", ("dependency %s dead" % parent, now, dependent))
+                dead.append(dependent)
 
     def finish(self, job_id, run, worker_id, result, now=None, interrupted=False, claim_next=False,
-               lease=LEASE_SECONDS, queues=None):
+               lease=LEASE_SECONDS, queues=None, live=True):
         """Record a run's result and move the job on, if `worker_id` still holds it.
 
         Returns (state, run_at), or None when the lease was lost (the job was
@@ -1368,15 +1373,16 @@ class Store:
         With claim_next, the worker's next job is claimed in the same
         transaction (half the commits and lock waits of a busy worker) and
         ((state, run_at) or None, next job or None) is returned (from `queues`).
+        live=False: the worker stored no live output for this run (nothing to delete).
         """
         now = time.time() if now is None else now
         with self.transaction():
-            settled = self._finish(job_id, run, worker_id, result, now, interrupted)
+            settled = self._finish(job_id, run, worker_id, result, now, interrupted, live)
             if not claim_next:
                 return settled
             return settled, self._claim(worker_id, now, lease, queues)
 
-    def _finish(self, job_id, run, worker_id, result, now, interrupted):
+    def _finish(self, job_id, run, worker_id, result, now, interrupted, live=True):
         """The body of finish(); the caller holds the transaction."""
         job = self._one("""
             SELECT * FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ?""",
@@ -1392,7 +1398,7 @@ class Store:
         if job["cancel_requested"] and not result.ok:
             outcome, interrupted = "cancelled", False    # a cancel wins over a hard stop
         return self._settle(job, run, outcome, result.exit_code, result.ok, now,
-                            result.stdout, result.stderr, interrupted=interrupted)
+                            result.stdout, result.stderr, interrupted=interrupted, live=live)
 
     # -- workers and reclaiming lost jobs ---------------------------------------
 
@@ -1601,18 +1607,17 @@ class Store:
             parents = list(job_ids)
             while parents:
                 parent = parents.pop()
-                for row in self._all("""
-                        SELECT id FROM jobs
-                        WHERE id IN (SELECT job_id FROM deps WHERE after_id = ?)
-                          AND state = 'dead' AND outcome = ?""", (parent, "dependency %s dead" % parent)):
-                    waits, dead_dep = self._dependency_state(row["id"], retried)
+                for dependent in self._dependents(parent, ("dead",)):
+                    if self.get(dependent)["outcome"] != "dependency %s dead" % parent:
+                        continue    # died of its own run, or of another dependency
+                    waits, dead_dep = self._dependency_state(dependent, retried)
                     if dead_dep is not None:
                         self._execute("UPDATE jobs SET outcome = ? WHERE id = ?",
-                                      ("dependency %s dead" % dead_dep, row["id"]))
+                                      ("dependency %s dead" % dead_dep, dependent))
                         continue
-                    self._rearm(row["id"], waits, now)
-                    retried.add(row["id"])
-                    parents.append(row["id"])
+                    self._rearm(dependent, waits, now)
+                    retried.add(dependent)
+                    parents.append(dependent)
         return job_ids
 
     def _dependency_state(self, job_id, reviving=()):
@@ -2166,6 +2171,7 @@ class Worker:
         self._next_heartbeat = 0.0
         self._next_retention = 0.0
         self._live = None               # output not yet stored for `logs --follow`
+        self._live_written = False      # whether any of this run's was
         self._parent = os.getppid()
 
     def run(self):
@@ -2366,6 +2372,7 @@ class Worker:
         try:
             if self.store.append_output(job["id"], job["run"], self.id, chunks, drop):
                 self._live_stored += size - drop
+                self._live_written = True
         except StoreError as e:
             self.log("%s %s could not store live output (%s)" % (self.name, job["id"], e))
 
@@ -2392,6 +2399,7 @@ class Worker:
             self.name, job["id"], job["attempts"], job["max_retries"] + 1, job["command"]))
 
         self._live, self._live_sizes, self._live_stored = LiveOutput(), [], 0
+        self._live_written = False
         self._live_at = time.monotonic() + LIVE_OUTPUT_SECONDS
         result = run_command(job["command"], cwd=job["cwd"], env=self._environ(job),
                              timeout=job["timeout"],
@@ -2430,7 +2438,7 @@ class Worker:
             claim_next = self.stop_level == 0
             try:
                 done = self.store.finish(job["id"], job["run"], self.id, result, interrupted=interrupted,
-                                         claim_next=claim_next, queues=self.queues)
+                                         claim_next=claim_next, queues=self.queues, live=self._live_written)
                 return done if claim_next else (done, None)
             except StoreError as e:
                 if time.monotonic() >= give_up:
