@@ -1117,30 +1117,39 @@ class Store:
                 a = alias.get(a, a)
                 if a not in state and a not in new:
                     raise QueueError("job %r: dependency %r not found" % (job_id, a))
-        born_dead, blocked, done = {}, {}, set()
-
-        def visit(job_id, path):
-            # Depth first through the new jobs only: old jobs cannot depend on new ones.
-            if job_id in done:
-                return
-            if job_id in path:
-                cycle = path[path.index(job_id):] + [job_id]
-                raise QueueError("dependency cycle: %s" % " -> ".join(cycle))
+        # Dependencies before dependents (a depth-first walk of the new jobs,
+        # without recursion: a --file may hold a chain of thousands); old jobs
+        # cannot depend on new ones, so a cycle can only be among new ones.
+        order, color = [], {}
+        for root in new:
+            if root in color:
+                continue
+            color[root] = "open"
+            stack = [(root, iter(new[root].get("after", ())))]
+            while stack:
+                job_id, deps = stack[-1]
+                a = next(deps, None)
+                if a is None:
+                    color[job_id] = "done"
+                    order.append(job_id)
+                    stack.pop()
+                    continue
+                a = alias.get(a, a)
+                if a not in new or color.get(a) == "done":
+                    continue
+                if color.get(a) == "open":
+                    path = [j for j, _ in stack]
+                    raise QueueError("dependency cycle: %s" % " -> ".join(path[path.index(a):] + [a]))
+                color[a] = "open"
+                stack.append((a, iter(new[a].get("after", ()))))
+        born_dead, blocked = {}, {}
+        for job_id in order:
             for a in new[job_id].get("after", ()):
                 a = alias.get(a, a)
-                if a in new:
-                    visit(a, path + [job_id])
-                    if a in born_dead:
-                        born_dead.setdefault(job_id, "dependency %s dead" % a)
-                    blocked[job_id] = blocked.get(job_id, 0) + 1
-                elif state[a] == "dead":
+                if a in born_dead or state.get(a) == "dead":
                     born_dead.setdefault(job_id, "dependency %s dead" % a)
-                elif state[a] != "completed":
+                elif a in new or state[a] != "completed":
                     blocked[job_id] = blocked.get(job_id, 0) + 1
-            done.add(job_id)
-
-        for job_id in new:
-            visit(job_id, [])
         return born_dead, blocked
 
     # -- claim, heartbeat, finish ------------------------------------------------

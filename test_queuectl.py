@@ -2085,6 +2085,13 @@ class TestDependencies(QueueTestCase):
                     self.assertEqual(err_, err + "\n")
         self.expect_failure("enqueue", "--after", ",", "--", "true", code=2, err_prefix="queuectl: error: ")
         self.assertEqual(self.db_dump(), before)
+        # A chain deeper than Python's recursion limit, in one file, in reverse order.
+        with open(path, "w") as f:
+            for i in reversed(range(2000)):
+                f.write(json.dumps(dict({"id": "n%d" % i, "command": "true"},
+                                        **({"after": ["n%d" % (i - 1)]} if i else {}))) + "\n")
+        self.assertEqual(len(self.expect_success("enqueue", "--file", path).split()), 2000)
+        self.assertEqual(self.job("n1999")["waiting"], "waiting for n1998 (pending)")
 
 
 class TestUniqueJobs(QueueTestCase):
