@@ -77,9 +77,11 @@ EXIT_GRACE_SECONDS = 0.5
 #: Captured bytes kept per stream and run: the first and last half of this.
 OUTPUT_LIMIT = 1024 * 1024
 #: A running job's output is written for `logs --follow` this often (a job that
-#: ends sooner writes none), and at most this much of it is kept per run.
+#: ends sooner writes none), and at most this much of it is kept per run; a
+#: worker holds at most LIVE_BUFFER_LIMIT of it in memory between two writes.
 LIVE_OUTPUT_SECONDS = 0.5
 LIVE_OUTPUT_LIMIT = 1024 * 1024
+LIVE_BUFFER_LIMIT = 256 * 1024
 #: How long a command waits for another process's write lock before failing
 #: (QUEUECTL_BUSY_TIMEOUT overrides it).
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -1976,7 +1978,7 @@ class LiveOutput:
     `limit` bytes (older chunks are dropped first), so memory stays bounded
     however fast a command prints."""
 
-    def __init__(self, limit=LIVE_OUTPUT_LIMIT):
+    def __init__(self, limit=LIVE_BUFFER_LIMIT):
         self.limit = limit
         self.chunks = []
         self.size = 0
