@@ -3182,7 +3182,12 @@ def cmd_worker_start(args):
     db_path = getattr(args, "db", None) or default_db_path()
     # Open once here so that a bad path or a newer schema is one clear error,
     # before any process starts; the connection is closed before forking.
-    Store(db_path).close()
+    with Store(db_path) as store:
+        known = {q["name"] for q in store.queues()}
+    for name in args.queue or ():
+        if name not in known:
+            # Not an error (its jobs may come later), but a typo would idle silently.
+            _err("note: no job or setting names queue %s yet" % name)
     return Supervisor(db_path, count=args.count, once=args.once, queues=args.queue).run()
 
 

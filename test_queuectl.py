@@ -1998,8 +1998,9 @@ class TestQueues(QueueTestCase):
         a = self.add(self.ledger_command(), queue="a")
         b = self.add(self.ledger_command(), queue="b")
         c = self.add(self.ledger_command())
-        log = self.run_once_args("--queue", "a,default")
-        self.assertIn("queues a,default", log)
+        log = self.run_once_args("--queue", "a,default,nightly")
+        self.assertIn("queuectl: note: no job or setting names queue nightly yet\n", log)
+        self.assertIn("queues a,default,nightly", log)
         self.assertEqual(sorted(self.ledger()), sorted([a, c]))
         self.assertEqual(self.job(b)["state"], "pending")
 
