@@ -2166,7 +2166,24 @@ class TestLiveLogs(QueueTestCase):
         self.expect_failure("logs", "b", "--follow", err="queuectl: error: job 'b' never ran (it is dead)")
         self.expect_failure("logs", "b", "--follow", "-a", "1", code=2, err_prefix="queuectl: error: ")
 
-    def test_live_output_storage_is_bounded(self):
+    def test_a_chatty_job_keeps_at_most_the_live_limit_in_the_database(self):
+        # 4 MB over 4 s: unbounded, the worker would store 256 KiB every 0.5 s (2 MiB).
+        job_id = self.add("for i in $(seq 40); do head -c 100000 /dev/zero; sleep 0.1; done")
+        self.start_pool()
+        conn = sqlite3.connect(self.db, timeout=DEADLINE)
+        self.addCleanup(conn.close)
+        stored = []
+
+        def done():
+            stored.append(conn.execute("SELECT COALESCE(SUM(length(data)), 0) FROM output").fetchone()[0])
+            return conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] == "completed"
+
+        self.wait_until(done, message="the chatty job to complete", interval=0.1)
+        self.assertGreater(max(stored), 0, "no live output was stored while the job ran")
+        self.assertLessEqual(max(stored), queuectl.LIVE_OUTPUT_LIMIT + queuectl.LIVE_BUFFER_LIMIT)
+        self.assertEqual(conn.execute("SELECT COUNT(*) FROM output").fetchone()[0], 0)
+
+    def test_live_output_buffer_is_bounded(self):
         store = queuectl.Store(self.db, durable=False)
         self.addCleanup(store.close)
         live = queuectl.LiveOutput(limit=100)
