@@ -13,7 +13,9 @@ Runs, side by side in one process and one run (issue 4):
 * pickup latency: enqueue -> the job's first instruction, with an idle
   worker already running (p50/p95), and that worker's CPU use while idle;
 * scale: claim cost and `status` / `list --limit 20` with 1,000 and with
-  1,000,000 jobs stored (most completed, some pending);
+  1,000,000 jobs stored (most completed, some pending); and draining 300
+  due jobs beside 1,000 and beside 1,000,000 jobs that wait at a higher
+  priority (scheduled for tomorrow; failed, in a one-hour backoff), issue 13;
 * memory: a worker's peak RSS idle and while a job prints 100 MB;
 * task-spooler (`tsp`), when installed, on the same drain workload.
 
@@ -99,6 +101,8 @@ FULL = {
     "scale_claims": 200,
     "scale_cli_runs": 7,
     "scale_cache": True,
+    "waiting_sizes": (1000, 1000000),
+    "waiting_due": 300,
     "tsp_jobs": 2000,
     "tsp_slots": (1, 2),
     "repeat": 3,
@@ -107,6 +111,7 @@ FULL = {
 QUICK = dict(FULL, limit_jobs=60, drain_jobs=60, sleep_jobs=16, enqueue_runs=3, enqueue_variants=False,
              bulk_jobs=3000, pickup_samples=3, idle_seconds=0.5, big_output=5 * 1000 * 1000,
              scale_sizes=(1000, 10000), scale_claims=30, scale_cli_runs=1, scale_cache=False,
+             waiting_sizes=(1000, 10000), waiting_due=30,
              tsp_jobs=30, repeat=1)
 
 
@@ -274,11 +279,11 @@ def child_env(**extra):
 class Q:
     """queuectl.py: its path, the command line to run it, and the module."""
 
-    def __init__(self, path):
+    def __init__(self, path, module_name="queuectl_bench_copy"):
         self.path = os.path.abspath(path)
         if not os.path.isfile(self.path):
             raise SystemExit("bench.py: %s not found (use --queuectl PATH)" % self.path)
-        spec = importlib.util.spec_from_file_location("queuectl_bench_copy", self.path)
+        spec = importlib.util.spec_from_file_location(module_name, self.path)
         self.mod = importlib.util.module_from_spec(spec)
         dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True   # leave no __pycache__
         try:
@@ -416,21 +421,23 @@ def best(runs):
 # Drain ########################################################################
 ###############################################################################
 
-def drain(ctx, name, command, n, workers):
-    """Time `worker start --once --count workers` over n copies of command."""
+def drain(ctx, name, command, n, workers, q=None):
+    """Time `worker start --once --count workers` over n copies of command
+    (with queuectl `q`, by default the one under test)."""
+    q = q or ctx.q
     d = ctx.tmp(name)
     db = os.path.join(d, "queue.db")
-    ctx.q.enqueue(db, [command] * n, d)
+    q.enqueue(db, [command] * n, d)
     log = open(os.path.join(d, "worker.log"), "wb")
     cpu0 = children_cpu()
     wall0 = time.time()
     try:
-        code, _, _, secs = PROCS.run(ctx.q.cli(db, "worker", "start", "--once", "--count", workers),
+        code, _, _, secs = PROCS.run(q.cli(db, "worker", "start", "--once", "--count", workers),
                                      timeout=60 + n * 0.5, cwd=d, env=child_env(),
                                      stdout=log, stderr=log)
     finally:
         log.close()
-    counts = ctx.q.counts(db)
+    counts = q.counts(db)
     if code != 0 or counts["completed"] != n:
         with open(os.path.join(d, "worker.log"), "rb") as f:
             tail = f.read()[-800:].decode(errors="replace")
@@ -470,9 +477,15 @@ def run_timeline(db, wall0, wall1):
 
 
 def tasks_drain(ctx):
+    """The drains, and with --baseline the same drains by another queuectl.py
+    (say the last release) in the same rounds, for a ratio from one run."""
     n = ctx.size["drain_jobs"]
-    return [("workers_%d" % w, lambda w=w: drain(ctx, "drain%d" % w, "true", n, w))
-            for w in ctx.size["drain_workers"]], None
+    tasks = [("workers_%d" % w, lambda w=w: drain(ctx, "drain%d" % w, "true", n, w))
+             for w in ctx.size["drain_workers"]]
+    if ctx.baseline is not None:
+        tasks += [("baseline_workers_%d" % w, lambda w=w: drain(ctx, "base%d" % w, "true", n, w, ctx.baseline))
+                  for w in ctx.size["drain_workers"]]
+    return tasks, None
 
 
 def tasks_sleep(ctx):
@@ -796,39 +809,206 @@ def build_db(q, path, n, pending):
         FROM jobs WHERE state = 'completed'""")
     # The per-state counts (kept by triggers, or by Store.enqueue itself):
     # set from the rows, whichever way this schema keeps them.
-    conn.execute("UPDATE counts SET n = (SELECT count(*) FROM jobs WHERE jobs.state = counts.state)")
+    set_counts(conn)
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
 
 
-def scale_db(ctx, n, pending):
-    """Path of a fresh copy of an n-job database (built once and cached for big n)."""
-    d = ctx.tmp("scale%d" % n)
+def cached_db(ctx, name, prefix, key, big, build):
+    """Path of a fresh copy of the database that build(path) writes, in a
+    new directory `name`; when `big`, built once and cached in
+    $QUEUECTL_BENCH_CACHE as PREFIX-HASH.db (the hash of `key`, the builder's
+    version and queuectl's SCHEMA, so another schema gets its own copy)."""
+    d = ctx.tmp(name)
     path = os.path.join(d, "queue.db")
-    if not ctx.size["scale_cache"] or n < 100000:
-        build_db(ctx.q, path, n, pending)
+    if not ctx.size["scale_cache"] or not big:
+        build(path)
         return path
-    key = hashlib.sha256(("%s|%s|%s|%d|%d" % (BUILDER_VERSION, ctx.q.mod.SCHEMA_VERSION, ctx.q.mod.SCHEMA,
-                                             n, pending)).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(("%s|%s|%s|%s" % (BUILDER_VERSION, ctx.q.mod.SCHEMA_VERSION, ctx.q.mod.SCHEMA,
+                                              key)).encode()).hexdigest()[:12]
     cache_dir = os.environ.get("QUEUECTL_BENCH_CACHE") or os.path.join(tempfile.gettempdir(),
                                                                         "queuectl-bench-cache")
     os.makedirs(cache_dir, exist_ok=True)
-    cached = os.path.join(cache_dir, "jobs-%d-%s.db" % (n, key))
+    cached = os.path.join(cache_dir, "%s-%s.db" % (prefix, digest))
     if not os.path.exists(cached):
         for old in os.listdir(cache_dir):          # an older schema's copy
-            if old.startswith("jobs-%d-" % n):
+            if old.startswith(prefix + "-"):
                 os.remove(os.path.join(cache_dir, old))
         t0 = time.perf_counter()
         partial = cached + ".partial"
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(partial + suffix):
                 os.remove(partial + suffix)
-        build_db(ctx.q, partial, n, pending)
+        build(partial)
         os.rename(partial, cached)
-        ctx.note("built the %d-job database in %.1f s (cached as %s)" % (n, time.perf_counter() - t0, cached))
+        ctx.note("built the %s database in %.1f s (cached as %s)" % (prefix, time.perf_counter() - t0, cached))
     shutil.copyfile(cached, path)
     return path
+
+
+def scale_db(ctx, n, pending):
+    """Path of a fresh copy of an n-job database (built once and cached for big n)."""
+    return cached_db(ctx, "scale%d" % n, "jobs-%d" % n, "%d|%d" % (n, pending), n >= 100000,
+                     lambda path: build_db(ctx.q, path, n, pending))
+
+
+#: Jobs stored beside the due ones (priority 0), at priority 10: kind -> state,
+#: seconds until due (negative: due), attempts, queue (SQL of x, the row
+#: number), whether it needs the queues of schema 4. "scheduled": enqueued for
+#: tomorrow; "backoff": failed, retrying in an hour; "paused": in a paused
+#: queue; "blocked": waiting for a job scheduled tomorrow; "limited": in a
+#: queue with a limit of 1 and one job running; "queues20": due, spread over
+#: 20 queues (not waiting: the claim may take them; its cost is what counts).
+WAITING_KINDS = {
+    "scheduled": ("pending", 86400.0, 0, "'default'", False),
+    "backoff": ("failed", 3600.0, 1, "'default'", False),
+    "paused": ("pending", -60.0, 0, "'paused'", True),
+    "blocked": ("pending", -60.0, 0, "'default'", True),
+    "limited": ("pending", -60.0, 0, "'limited'", True),
+    "queues20": ("pending", -60.0, 0, "printf('q%02d', x % 20)", True),
+}
+
+
+def set_counts(conn):
+    """Set the counts table from the rows (per state, or per queue and state)."""
+    if "queue" in {r[1] for r in conn.execute("PRAGMA table_info(counts)")}:
+        conn.execute("UPDATE counts SET n = 0")
+        for queue, state, n in conn.execute("SELECT queue, state, count(*) FROM jobs GROUP BY queue, state").fetchall():
+            conn.execute("UPDATE counts SET n = ? WHERE queue = ? AND state = ?", (n, queue, state))
+    else:
+        conn.execute("UPDATE counts SET n = (SELECT count(*) FROM jobs WHERE jobs.state = counts.state)")
+
+
+def build_waiting_db(q, path, n, kind):
+    """n jobs of priority 10 of one of WAITING_KINDS, written by SQL into a
+    database created by queuectl's Store (queues and dependencies through the
+    Store). The due jobs are added later, by Store.enqueue."""
+    state, later, attempts, queue, _ = WAITING_KINDS[kind]
+    store = q.mod.Store(path, durable=False)
+    now = time.time()
+    parent = None
+    if kind == "blocked":
+        parent = store.enqueue([q.mod.validate_job({"command": "true", "delay": 86400}, "/tmp", now)], now=now)[0]
+    store.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+    extra = [(c, v) for c, v in (("run_count", ":attempts"), ("queue", queue),
+                                  ("ready", "CASE WHEN :later < 0 AND :parent IS NULL THEN 1 ELSE 0 END"),
+                                  ("blocked", "CASE WHEN :parent IS NULL THEN 0 ELSE 1 END")) if c in columns]
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("PRAGMA cache_size = -200000")
+    conn.execute("BEGIN")
+    conn.execute("""
+        WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < :n)
+        INSERT INTO jobs (id, command, cwd, state, priority, attempts, max_retries, timeout,
+                          run_at, created_at, updated_at, exit_code, outcome%s)
+        SELECT printf('wait%%010d', x), 'echo ' || x, '/tmp', :state, 10, :attempts, 3, NULL,
+               :now + :later + x * 0.001, :now, :now,
+               CASE WHEN :attempts THEN 1 ELSE NULL END, CASE WHEN :attempts THEN 'exit 1' ELSE NULL END%s
+        FROM c""" % ("".join(", " + c for c, _ in extra), "".join(", " + v for _, v in extra)),
+                 {"n": n, "state": state, "attempts": attempts, "now": now, "later": later, "parent": parent})
+    if parent is not None:
+        conn.execute("INSERT INTO deps (job_id, after_id) SELECT id, ? FROM jobs WHERE id LIKE 'wait%'", (parent,))
+    conn.execute("COMMIT")
+    conn.close()
+    store = q.mod.Store(path, durable=False)
+    for name in {"paused": ["paused"], "limited": ["limited"],
+                 "queues20": ["q%02d" % i for i in range(20)]}.get(kind, []):
+        store.set_queue(name, **({"paused": 1} if kind == "paused" else
+                                 {"max_running": 1} if kind == "limited" else {}))
+    store.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    set_counts(conn)
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def waiting_db(ctx, n, kind):
+    """Path of a fresh copy of an n-waiting-job database. Big ones are cached
+    for 20 minutes at most: their jobs must still be waiting when measured."""
+    return cached_db(ctx, "waiting-%s-%d" % (kind, n), "waiting-%s-%d" % (kind, n),
+                     "%d|%s|%d" % (n, kind, time.time() // 1200), n >= 100000,
+                     lambda path: build_waiting_db(ctx.q, path, n, kind))
+
+
+def section_waiting(ctx, res):
+    """Issues 13 and 9: drain `waiting_due` due jobs (priority 0) beside 1k
+    and 1M jobs of each of WAITING_KINDS at priority 10, two ways, small and
+    big side by side: claim + finish in-process (alternating rounds, least
+    round median counts), and a real `worker start --once --count 1` on a
+    second copy of each database (not for "queues20", whose jobs are due)."""
+    q = ctx.q
+    due = ctx.size["waiting_due"]
+    pid = os.getpid()
+    wid = "%s:%d:1" % (q.mod.this_host(), pid)
+    holder = "%s:%d:%s" % (q.mod.this_host(), pid, q.mod.process_start(pid))    # alive: never reclaimed
+    ok = q.mod.RunResult(0, "exit 0", b"", b"", 0.001)
+    rounds, warm = 4, 10
+    for kind, spec in WAITING_KINDS.items():
+        if spec[4] and not hasattr(q.mod.Store, "set_queue"):
+            continue            # a queuectl without named queues
+        dbs, stores = {}, {}
+        try:
+            for n in ctx.size["waiting_sizes"]:
+                dbs[n] = [waiting_db(ctx, n, kind) for _ in range(2)]
+                for db in dbs[n]:
+                    q.enqueue(db, ["true"] * (due + warm), os.path.dirname(db))
+                    if kind == "limited":
+                        with q.mod.Store(db, durable=False) as store:
+                            store.register_worker(holder)
+                            store.claim(holder, lease=86400 * 7, queues=["limited"])
+                stores[n] = q.mod.Store(dbs[n][0], durable=False)
+                stores[n].register_worker(wid)
+
+            def claim_finish(n):
+                t0 = time.perf_counter()
+                job = stores[n].claim(wid)
+                if job is None or (job["priority"] != 0 and kind != "queues20"):
+                    raise BenchError("claimed %r beside %d %s jobs" % (job and job["id"], n, kind))
+                stores[n].finish(job["id"], job["run"], wid, ok)
+                return (time.perf_counter() - t0) * 1e6
+
+            for n in stores:
+                for _ in range(warm):
+                    claim_finish(n)
+            per_round = {n: [] for n in stores}
+            for _ in range(rounds):
+                for n in stores:
+                    per_round[n].append(median([claim_finish(n) for _ in range(due // rounds)]))
+            for n in stores:
+                stores[n].unregister_worker(wid)
+                stores[n].close()
+            stores = {}
+            for n in dbs:
+                res["waiting_%s_%d" % (kind, n)] = {
+                    "jobs": n, "kind": kind, "due": due + warm,
+                    "claim_finish_us": round(min(per_round[n]), 1),
+                    "claim_finish_round_medians_us": [round(x, 1) for x in per_round[n]]}
+                if kind == "queues20":
+                    continue
+                db = dbs[n][1]
+                code, _, err, secs = PROCS.run(q.cli(db, "worker", "start", "--once", "--count", 1),
+                                               timeout=120 + due, cwd=os.path.dirname(db), env=child_env())
+                counts = q.counts(db)
+                if code != 0 or counts["completed"] != due + warm:
+                    raise BenchError("drain beside %d %s jobs: exit %s, counts %s: %s" % (
+                        n, kind, code, counts, err.decode(errors="replace")[-300:]))
+                res["waiting_%s_%d" % (kind, n)]["drain_s"] = round(secs, 3)
+            timed = {}
+            for n in dbs:
+                timed[(n, "status")] = (q.cli(dbs[n][1], "status"), child_env())
+                timed[(n, "list")] = (q.cli(dbs[n][1], "list", "--limit", "20"), child_env())
+            for (n, k), v in timed_runs(timed, ctx.size["scale_cli_runs"], ctx.root).items():
+                res["waiting_%s_%d" % (kind, n)]["%s_ms" % k] = v["median_ms"]
+        finally:
+            for store in stores.values():
+                store.close()
+            for paths in dbs.values():
+                shutil.rmtree(os.path.dirname(paths[0]), ignore_errors=True)
+                shutil.rmtree(os.path.dirname(paths[1]), ignore_errors=True)
 
 
 def section_scale(ctx):
@@ -891,6 +1071,7 @@ def section_scale(ctx):
         res["jobs_%d" % n]["%s_ms" % k] = v["median_ms"]
     for n in sizes:
         shutil.rmtree(os.path.dirname(dbs[n]), ignore_errors=True)
+    section_waiting(ctx, res)
     return res
 
 
@@ -1030,6 +1211,15 @@ def targets(res):
         out.append((name, (fmt % v) + unit, "%s %g%s" % (op, b, unit), ok))
 
     d2 = get(res, "drain", "workers_2", "jobs_per_s")
+    for key in sorted(k for k in (res.get("drain") or {}) if k.startswith("baseline_")):
+        w = key.rsplit("_", 1)[1]
+        ratio("drain %s worker%s / baseline queuectl (--baseline)" % (w, "" if w == "1" else "s"),
+              get(res, "drain", "workers_" + w, "jobs_per_s"), get(res, "drain", key, "jobs_per_s"), ">=", 0.95)
+        mine, base = get(res, "drain", "workers_" + w, "all_jobs_per_s"), get(res, "drain", key, "all_jobs_per_s")
+        if mine and base:
+            # Not a target: on a busy machine the median of the rounds moves less than the best.
+            out.append(("  (info) same, median of the rounds", "%.2fx" % (median(mine) / median(base)),
+                        "%.0f / %.0f jobs/s" % (median(mine), median(base)), None))
     ratio("drain 2 workers / minimal loop 2 procs", d2, get(res, "limit", "queue_2p", "jobs_per_s"), ">=", 0.9)
     c_loop, c_drain = get(res, "limit", "queue_2p", "cpu_ms_per_job"), get(res, "drain", "workers_2", "cpu_ms_per_job")
     if c_loop and c_drain:
@@ -1070,6 +1260,22 @@ def targets(res):
         bound("status at %s jobs" % human(sizes[-1]), None if v is None else v / 1000.0, "<", 0.5, " s", "%.3f")
     else:
         out.append(("scale targets", "n/a", "not measured", None))
+    for kind in WAITING_KINDS:
+        ws = sorted(int(k.rsplit("_", 1)[1]) for k in (res.get("scale") or {})
+                    if k.startswith("waiting_%s_" % kind))
+        if len(ws) < 2:
+            continue
+        lo, hi = "waiting_%s_%d" % (kind, ws[0]), "waiting_%s_%d" % (kind, ws[-1])
+        tag = "beside %s vs %s %s jobs" % (human(ws[-1]), human(ws[0]), kind)
+        if kind != "queues20":
+            ratio("drain of due jobs, " + tag, get(res, "scale", hi, "drain_s"), get(res, "scale", lo, "drain_s"),
+                  "<=", 1.5)
+        ratio("  claim+finish, " + tag, get(res, "scale", hi, "claim_finish_us"),
+              get(res, "scale", lo, "claim_finish_us"), "<=", 1.5)
+        for cmd in ("status", "list"):
+            v = get(res, "scale", hi, "%s_ms" % cmd)
+            bound("%s beside %s %s jobs" % (cmd, human(ws[-1]), kind), None if v is None else v / 1000.0,
+                  "<", 0.5, " s", "%.3f")
     bound("worker peak RSS idle", get(res, "pickup", "memory", "worker_idle_mb"), "<", 25, " MB", "%.1f")
     bound("worker RSS growth while a job prints %s" % human_bytes(get(res, "pickup", "memory", "output_bytes")),
           get(res, "pickup", "memory", "growth_mb"), "<=", 5, " MB", "%.1f")
@@ -1147,6 +1353,8 @@ def result_rows(res, size):
         r = D.get("workers_%d" % w)
         add("drain", "%d true jobs, %d worker%s" % (size["drain_jobs"], w, "" if w == 1 else "s"), jps(r),
             spread(r))
+        r = D.get("baseline_workers_%d" % w)
+        add("drain", "  same, baseline queuectl", jps(r), spread(r))
     T = res.get("tsp") or {}
     if T.get("skipped"):
         add("tsp", "task-spooler", "skipped", T["skipped"])
@@ -1195,7 +1403,18 @@ def result_rows(res, size):
         add("memory", "worker peak RSS, idle", "%.1f MB" % m["worker_idle_mb"], "supervisor %.1f MB" % m["supervisor_mb"])
         add("memory", "worker peak RSS after a job printed %s" % human_bytes(m["output_bytes"]),
             "%.1f MB" % m["worker_after_mb"], "growth %.1f MB; %d bytes kept" % (m["growth_mb"], m["stdout_kept_bytes"]))
-    for k, r in sorted((res.get("scale") or {}).items(), key=lambda kv: int(kv[0].split("_")[1])):
+    scale = res.get("scale") or {}
+    for k, r in sorted(((k, r) for k, r in scale.items() if k.startswith("waiting_")),
+                       key=lambda kv: (kv[1]["kind"], kv[1]["jobs"])):
+        tag = "beside %s %s jobs" % (human(r["jobs"]), r["kind"])
+        if r.get("drain_s") is None:
+            add("scale", "claim+finish, %s" % tag, "%.0f us" % r["claim_finish_us"])
+        else:
+            add("scale", "drain %d due jobs, %s" % (r["due"], tag), "%.2f s" % r["drain_s"],
+                "claim+finish %.0f us" % r["claim_finish_us"])
+        add("scale", "status / list --limit 20, " + tag, "%.1f / %.1f ms" % (r["status_ms"], r["list_ms"]))
+    for k, r in sorted(((k, r) for k, r in scale.items() if k.startswith("jobs_")),
+                       key=lambda kv: int(kv[0].split("_")[1])):
         tag = "%s jobs" % human(r["jobs"])
         add("scale", "claim+finish, " + tag, "%.0f us" % r["claim_finish_us"], "idle poll %.0f us" % r["idle_poll_us"])
         add("scale", "status, " + tag, "%.1f ms" % r["status_ms"], "db %.0f MB" % r["db_mb"])
@@ -1212,6 +1431,7 @@ class Context:
     def __init__(self, q, size, repeat, root):
         self.q, self.size, self.repeat, self.root = q, size, repeat, root
         self.notes = []
+        self.baseline = None        # --baseline: another queuectl to compare drains with
         self._n = 0
 
     def tmp(self, name):
@@ -1259,6 +1479,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, help="rounds of the throughput measurements; the best run of each counts "
                     "(default 3, 1 with --quick)")
     ap.add_argument("--queuectl", metavar="PATH", default=os.path.join(HERE, "queuectl.py"))
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="another queuectl.py (e.g. `git show main:queuectl.py > /tmp/base.py`) whose drains "
+                         "run in the same rounds, for a ratio from one run")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
@@ -1274,6 +1497,7 @@ def main(argv=None):
     q = Q(args.queuectl)
     root = tempfile.mkdtemp(prefix="queuectl-bench-")
     ctx = Context(q, size, repeat, root)
+    ctx.baseline = Q(args.baseline, "queuectl_bench_baseline") if args.baseline else None
 
     def on_term(signum, frame):
         raise SystemExit(128 + signum)

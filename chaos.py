@@ -8,6 +8,8 @@ Jobs are shell commands that append ``start <id> <shell pid> <worker pid>``
 and ``end <id> <shell pid>`` to a ledger file and take 0-300 ms; some leave a
 grandchild behind (``sleep 30.<marker> &``). They are enqueued in batches
 while a pool of workers (``queuectl worker start --count 4``) drains them.
+Jobs go to four queues: "default", "one" (limit 1), "two" (limit 2) and
+"wide" (no limit); about one job in five runs --after an earlier job.
 Meanwhile a random worker process of the pool gets SIGKILL about every second
 and the whole pool (supervisor and workers, not the jobs' processes) about
 every 20 s, and is started again. At the end a fresh pool drains the queue
@@ -21,7 +23,10 @@ and the run is checked:
 - no process of a job is left (found by QUEUECTL_DB=<this database> in its
   environment, or by the marker in its command line);
 - ``PRAGMA integrity_check`` is ok; no enqueue failed; no worker log line
-  contains a traceback or "database is locked".
+  contains a traceback or "database is locked";
+- the limits held: no two runs of a job of "one", and no three of "two",
+  overlap in time (a run lasts from its claim to its result or its reclaim);
+- every job with dependencies started after each of them completed.
 
 Prints the figures, writes them as JSON with --json, exits 0 only if every
 check passed. Standard library only; Linux (it reads /proc).
@@ -46,6 +51,8 @@ QUEUECTL = os.path.join(HERE, "queuectl.py")
 #: Jobs of a chaos run may be retried this often: a job killed many times must
 #: not go to the DLQ, so that "not completed" really means lost.
 MAX_RETRIES = 20
+#: Queues of a chaos run and their limits (None: no limit).
+QUEUES = {"default": None, "one": 1, "two": 2, "wide": None}
 
 
 # -- /proc helpers ---------------------------------------------------------------
@@ -198,7 +205,12 @@ class Chaos:
             parts.append('echo "end $QUEUECTL_JOB_ID $$" >> %s' % ledger)
             # "a & b" runs a in the background ("a &; b" is a syntax error).
             command = "; ".join(parts).replace("&;", "&")
-            jobs.append({"id": job_id, "command": command, "max_retries": MAX_RETRIES})
+            job = {"id": job_id, "command": command, "max_retries": MAX_RETRIES,
+                   "queue": self.rng.choice(sorted(QUEUES))}
+            if jobs and self.rng.random() < 0.2:
+                # Enqueued before this one (same or an earlier batch).
+                job["after"] = sorted({self.rng.choice(jobs)["id"] for _ in range(self.rng.randint(1, 2))})
+            jobs.append(job)
         return jobs
 
     # -- queuectl ----------------------------------------------------------------
@@ -212,7 +224,8 @@ class Chaos:
         for argv in (("config", "set", "max_retries", str(MAX_RETRIES)),
                      # Retry at once: a reclaimed job is claimable again at
                      # once, which is the hardest case for the reclaimer.
-                     ("config", "set", "backoff_max", "0")):
+                     ("config", "set", "backoff_max", "0")) + tuple(
+                        ("queue", "set", name, "--limit", str(limit)) for name, limit in QUEUES.items() if limit):
             r = self.queuectl(*argv)
             if r.returncode != 0:
                 raise RuntimeError("queuectl %s failed: %s" % (" ".join(argv), r.stderr.decode()))
@@ -385,6 +398,34 @@ class Chaos:
         end = run["finished_at"] if run["finished_at"] is not None else float("inf")
         return any(run["started_at"] <= t <= end for t in self.kills.get(pid, ()))
 
+    def check_queues(self, db_runs):
+        """Runs that overlapped more than their queue's limit; jobs that
+        started before a dependency completed."""
+        queue = {j["id"]: j["queue"] for j in self.jobs}
+        over = []
+        for name, limit in QUEUES.items():
+            if not limit:
+                continue
+            events = []
+            for r in db_runs.values():
+                if queue.get(r["job_id"]) == name:
+                    events.append((r["started_at"], 1, r["job_id"]))
+                    events.append((r["finished_at"] if r["finished_at"] is not None else float("inf"), -1,
+                                   r["job_id"]))
+            running = 0
+            for t, step, job_id in sorted(events, key=lambda e: (e[0], e[1])):     # ends first at a tie
+                running += step
+                if running > limit:
+                    over.append("%s: %d running at %.6f (%s)" % (name, running, t, job_id))
+        first_start, completed_at = {}, {}
+        for r in db_runs.values():
+            first_start[r["job_id"]] = min(first_start.get(r["job_id"], float("inf")), r["started_at"])
+            if r["outcome"] == "exit 0":
+                completed_at[r["job_id"]] = r["finished_at"]
+        early = ["%s after %s" % (j["id"], a) for j in self.jobs for a in j.get("after", ())
+                 if j["id"] in first_start and first_start[j["id"]] < completed_at.get(a, float("inf"))]
+        return over, early
+
     def read_ledger(self):
         starts, ends = {}, {}
         try:
@@ -456,6 +497,7 @@ class Chaos:
             integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
         finally:
             conn.close()
+        over_limit, early = self.check_queues(db_runs)
 
         lost = [i for i in ids if states[i] != "completed"]
         figures = {
@@ -484,6 +526,8 @@ class Chaos:
             "completed_but_last_run_unfinished": completed_without_end,
             "ledger_runs_above_db_runs": ledger_over_db,
             "final_pool_exit": stop_code,
+            "runs_over_a_queue_limit": over_limit[:20],
+            "started_before_a_dependency_completed": early[:20],
             "seconds": round(elapsed, 1),
             "seed": self.args.seed,
             "workdir": self.workdir,
@@ -501,6 +545,8 @@ class Chaos:
             "every completed job ran to its end": not never_ran and not completed_without_end,
             "ledger runs <= recorded runs": not ledger_over_db,
             "final pool stopped cleanly (exit 0)": stop_code == 0,
+            "queue limits held": not over_limit,
+            "no job started before its dependencies completed": not early,
         }
         figures["checks"] = checks
         figures["passed"] = all(checks.values())

@@ -39,6 +39,9 @@ STATES = ("pending", "processing", "completed", "failed", "dead")
 #: States a worker may claim from (when the job's run_at has passed).
 DUE_STATES = ("pending", "failed")
 
+#: The queue of a job enqueued without one; workers serve every queue unless told.
+DEFAULT_QUEUE = "default"
+
 #: Environment variable naming the database file.
 DB_ENV = "QUEUECTL_DB"
 
@@ -87,6 +90,12 @@ KILL_GRACE_SECONDS = 5.0
 EXIT_GRACE_SECONDS = 0.5
 #: Captured bytes kept per stream and run: the first and last half of this.
 OUTPUT_LIMIT = 1024 * 1024
+#: A running job's output is written for `logs --follow` this often (a job that
+#: ends sooner writes none), and at most this much of it is kept per run; a
+#: worker holds at most LIVE_BUFFER_LIMIT of it in memory between two writes.
+LIVE_OUTPUT_SECONDS = 0.5
+LIVE_OUTPUT_LIMIT = 1024 * 1024
+LIVE_BUFFER_LIMIT = 256 * 1024
 #: How long a command waits for another process's write lock before failing
 #: (QUEUECTL_BUSY_TIMEOUT overrides it).
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -124,7 +133,7 @@ EXIT_WORKER_TERMINATED = 3
 STOP_ASKED, STOP_SELF = 1, 2
 
 #: Schema version, kept in PRAGMA user_version. MIGRATIONS[v] upgrades v -> v+1.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE jobs (
@@ -145,11 +154,56 @@ CREATE TABLE jobs (
     run_count        INTEGER NOT NULL DEFAULT 0,   -- runs started, ever (numbers runs)
     worker_id        TEXT,                         -- lease holder while processing
     lease_until      REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    ready            INTEGER NOT NULL DEFAULT 0,   -- 1: pending/failed, due, not blocked
+    queue            TEXT NOT NULL DEFAULT 'default',
+    blocked          INTEGER NOT NULL DEFAULT 0,   -- dependencies not completed yet
+    unique_key       TEXT,                         -- at most one active job per key
+    env              TEXT                          -- JSON object: extra environment variables
 );
-CREATE INDEX jobs_due ON jobs (priority DESC, run_at, seq)
-    WHERE state IN ('pending', 'failed');
+-- The claim reads the head of jobs_ready for each queue it may take from;
+-- it holds only jobs that are due and not blocked. Waiting jobs (not yet
+-- due) sit in jobs_waiting, ordered by due time, until a claim promotes them
+-- (ready = 1) in its own transaction; blocked ones are in neither.
+CREATE INDEX jobs_ready ON jobs (queue, priority DESC, run_at, seq)
+    WHERE ready = 1;
+CREATE INDEX jobs_waiting ON jobs (run_at)
+    WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed');
+CREATE INDEX jobs_running ON jobs (queue)
+    WHERE state = 'processing';
+CREATE UNIQUE INDEX jobs_unique ON jobs (unique_key)
+    WHERE unique_key IS NOT NULL AND state IN ('pending', 'failed', 'processing');
 CREATE INDEX jobs_state ON jobs (state, seq);
+
+-- Every queue that has (had) jobs or settings. max_running: the most jobs of
+-- the queue processing at once, across every pool and host (NULL: no limit).
+CREATE TABLE queues (
+    name        TEXT PRIMARY KEY,
+    max_running INTEGER,
+    paused      INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO queues (name) VALUES ('default');
+
+-- job_id runs only after after_id has completed.
+CREATE TABLE deps (
+    job_id   TEXT NOT NULL,
+    after_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, after_id)
+);
+CREATE INDEX deps_after ON deps (after_id);
+
+-- A running job's output as it comes, for `logs --follow`: chunks in arrival
+-- order, at most LIVE_OUTPUT_LIMIT bytes a run, deleted when the run ends
+-- (its head and tail are then in runs.stdout/stderr).
+CREATE TABLE output (
+    id     INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    run    INTEGER NOT NULL,
+    stream INTEGER NOT NULL,            -- 1 stdout, 2 stderr
+    pos    INTEGER NOT NULL,            -- bytes of this stream before this chunk
+    data   BLOB NOT NULL
+);
+CREATE INDEX output_run ON output (job_id, run, id);
 
 CREATE TABLE runs (
     job_id       TEXT NOT NULL,
@@ -183,23 +237,26 @@ CREATE TABLE config (
     value TEXT NOT NULL                 -- JSON
 );
 
--- Per-state job counts, so that `status` costs the same with a thousand jobs
--- or a million. Triggers keep them on UPDATE and DELETE; Store.enqueue, the
--- only INSERT, adds its rows itself (a per-row trigger tripled its cost).
+-- Per-queue, per-state job counts, so that `status` and `queue list` cost the
+-- same with a thousand jobs or a million. Triggers keep them on UPDATE and
+-- DELETE; Store.enqueue, the only INSERT, adds its rows itself (a per-row
+-- trigger tripled its cost) and the five rows of a new queue.
 CREATE TABLE counts (
-    state TEXT PRIMARY KEY,
-    n     INTEGER NOT NULL
+    queue TEXT NOT NULL,
+    state TEXT NOT NULL,
+    n     INTEGER NOT NULL,
+    PRIMARY KEY (queue, state)
 );
-INSERT INTO counts (state, n) VALUES
-    ('pending', 0), ('processing', 0), ('completed', 0), ('failed', 0), ('dead', 0);
+INSERT INTO counts (queue, state, n) VALUES ('default', 'pending', 0), ('default', 'processing', 0),
+    ('default', 'completed', 0), ('default', 'failed', 0), ('default', 'dead', 0);
 
 CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
 WHEN OLD.state <> NEW.state BEGIN
-    UPDATE counts SET n = n - 1 WHERE state = OLD.state;
-    UPDATE counts SET n = n + 1 WHERE state = NEW.state;
+    UPDATE counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
+    UPDATE counts SET n = n + 1 WHERE queue = NEW.queue AND state = NEW.state;
 END;
 CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN
-    UPDATE counts SET n = n - 1 WHERE state = OLD.state;
+    UPDATE counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
 END;
 """
 
@@ -213,6 +270,74 @@ MIGRATIONS = {
         ALTER TABLE jobs ADD COLUMN run_count INTEGER NOT NULL DEFAULT 0;
         UPDATE jobs SET run_count = (SELECT COALESCE(MAX(run), 0) FROM runs WHERE runs.job_id = jobs.id);
         DROP TRIGGER jobs_count_insert;
+    """,
+    # 2 -> 3: waiting jobs are staged apart from claimable ones (issue 13).
+    # Every job starts not ready; the first claim promotes those already due.
+    2: """
+        ALTER TABLE jobs ADD COLUMN ready INTEGER NOT NULL DEFAULT 0;
+        DROP INDEX jobs_due;
+        CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)
+            WHERE ready = 1;
+        CREATE INDEX jobs_waiting ON jobs (run_at)
+            WHERE ready = 0 AND state IN ('pending', 'failed');
+    """,
+    # 3 -> 4: named queues with limits and pause, dependencies, unique keys,
+    # per-job environment, live output (issue 9). Counts become per queue.
+    3: """
+        ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT 'default';
+        ALTER TABLE jobs ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE jobs ADD COLUMN unique_key TEXT;
+        ALTER TABLE jobs ADD COLUMN env TEXT;
+        DROP INDEX jobs_ready;
+        DROP INDEX jobs_waiting;
+        CREATE INDEX jobs_ready ON jobs (queue, priority DESC, run_at, seq)
+            WHERE ready = 1;
+        CREATE INDEX jobs_waiting ON jobs (run_at)
+            WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed');
+        CREATE INDEX jobs_running ON jobs (queue)
+            WHERE state = 'processing';
+        CREATE UNIQUE INDEX jobs_unique ON jobs (unique_key)
+            WHERE unique_key IS NOT NULL AND state IN ('pending', 'failed', 'processing');
+        CREATE TABLE queues (
+            name        TEXT PRIMARY KEY,
+            max_running INTEGER,
+            paused      INTEGER NOT NULL DEFAULT 0
+        );
+        INSERT INTO queues (name) VALUES ('default');
+        CREATE TABLE deps (
+            job_id   TEXT NOT NULL,
+            after_id TEXT NOT NULL,
+            PRIMARY KEY (job_id, after_id)
+        );
+        CREATE INDEX deps_after ON deps (after_id);
+        CREATE TABLE output (
+            id     INTEGER PRIMARY KEY,
+            job_id TEXT NOT NULL,
+            run    INTEGER NOT NULL,
+            stream INTEGER NOT NULL,
+            pos    INTEGER NOT NULL,
+            data   BLOB NOT NULL
+        );
+        CREATE INDEX output_run ON output (job_id, run, id);
+        DROP TRIGGER jobs_count_update;
+        DROP TRIGGER jobs_count_delete;
+        CREATE TABLE queue_counts (
+            queue TEXT NOT NULL,
+            state TEXT NOT NULL,
+            n     INTEGER NOT NULL,
+            PRIMARY KEY (queue, state)
+        );
+        INSERT INTO queue_counts (queue, state, n) SELECT 'default', state, n FROM counts;
+        DROP TABLE counts;
+        ALTER TABLE queue_counts RENAME TO counts;
+        CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
+        WHEN OLD.state <> NEW.state BEGIN
+            UPDATE counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
+            UPDATE counts SET n = n + 1 WHERE queue = NEW.queue AND state = NEW.state;
+        END;
+        CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN
+            UPDATE counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
+        END;
     """,
 }
 
@@ -551,6 +676,13 @@ def valid_job_id(job_id):
     if job_id[0] in "-.":
         return False
     return all(c.isascii() and (c.isalnum() or c in "._:@+-") for c in job_id)
+
+
+def valid_queue_name(name):
+    """1-64 letters, digits and ._- (not starting with - or .)."""
+    if not isinstance(name, str) or not 1 <= len(name) <= 64 or name[0] in "-.":
+        return False
+    return all(c.isascii() and (c.isalnum() or c in "._-") for c in name)
 
 
 _HOST = None
@@ -999,11 +1131,19 @@ class Store:
     # -- enqueue ---------------------------------------------------------------
 
     def enqueue(self, jobs, now=None):
-        """Insert jobs (dicts from `validate_job`); all or none. Returns their ids.
+        """Insert jobs (dicts from `validate_job`); all or none. Returns their ids
+        (for a job whose unique key an active job holds: that job's id)."""
+        return [job_id for job_id, _ in self.submit(jobs, now)]
+
+    def submit(self, jobs, now=None):
+        """enqueue(), returning (id, created) for each job: created is False when
+        an active job held its unique key and nothing was added for it.
 
         Fields left out take the configured defaults. A user-supplied id that
         exists already is an error; a generated id that collides (two processes
-        in the same millisecond drew the same counter) is drawn again.
+        in the same millisecond drew the same counter) is drawn again. Unique
+        keys and dependencies are checked inside the write transaction, so two
+        enqueuers racing with one key serialize and the second finds the first.
         """
         now = time.time() if now is None else now
         for _ in range(5):
@@ -1023,33 +1163,135 @@ class Store:
                                  chunk)
                 if rows:
                     raise QueueError("job %r already exists" % rows[0]["id"])
-            rows = []
-            for job in jobs:
+            if len(set(given)) != len(given):
+                seen = set()
+                raise QueueError("job %r appears twice in the input" % next(
+                    i for i in given if i in seen or seen.add(i)))
+            ids = [job.get("id") or new_job_id() for job in jobs]
+            result = [(job_id, True) for job_id in ids]
+            alias = {}          # a given id -> the existing job that its unique key found
+            keys = {}
+            for i, job in enumerate(jobs):
+                key = job.get("unique")
+                if key is None:
+                    continue
+                if key not in keys:
+                    row = self._one("""
+                        SELECT id FROM jobs
+                        WHERE unique_key = ? AND unique_key IS NOT NULL
+                          AND state IN ('pending', 'failed', 'processing')""", (key,))
+                    keys[key] = (row["id"], False) if row else (ids[i], True)
+                    if row is None:
+                        continue
+                result[i] = keys[key][0], False
+                alias[ids[i]] = keys[key][0]
+            new = {ids[i]: job for i, job in enumerate(jobs) if result[i][1]}
+            born_dead, blocked = self._dependencies(new, alias)
+            rows, deps, added = [], [], {}
+            for job_id, job in new.items():
                 max_retries = job.get("max_retries")
+                run_at = job.get("run_at", now)
+                queue = job.get("queue", DEFAULT_QUEUE)
+                state = "dead" if job_id in born_dead else "pending"
+                waits = blocked.get(job_id, 0)
                 rows.append((
-                    job.get("id") or new_job_id(),
+                    job_id,
                     job["command"],
                     job["cwd"],
+                    state,
                     job.get("priority", 0),
                     config["max_retries"] if max_retries is None else max_retries,
                     job.get("timeout", config["timeout"]),
-                    job.get("run_at", now),
+                    run_at,
                     now,
                     now,
+                    # Due now and not blocked: claimable at once, no promotion.
+                    1 if state == "pending" and not waits and run_at <= now else 0,
+                    queue,
+                    waits,
+                    job.get("unique"),
+                    None if job.get("env") is None else _json_dumps(job["env"]),
+                    born_dead.get(job_id),
                 ))
+                deps.extend((job_id, alias.get(a, a)) for a in job.get("after", ()))
+                added[(queue, state)] = added.get((queue, state), 0) + 1
+            for queue in {q for q, _ in added}:
+                self._add_queue(queue)
             try:
                 self.conn.executemany("""
                     INSERT INTO jobs (id, command, cwd, state, priority, max_retries, timeout,
-                                      run_at, created_at, updated_at)
-                    VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)""", rows)
+                                      run_at, created_at, updated_at, ready, queue, blocked,
+                                      unique_key, env, outcome)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", rows)
+                if deps:
+                    self.conn.executemany("INSERT OR IGNORE INTO deps (job_id, after_id) VALUES (?, ?)", deps)
             except sqlite3.IntegrityError:
                 raise       # a generated id collided: enqueue() rolls back and retries
             except sqlite3.Error as e:
                 raise self._error(e)
             except UnicodeEncodeError:
                 raise _not_utf8([value for row in rows for value in row])
-            self._execute("UPDATE counts SET n = n + ? WHERE state = 'pending'", (len(rows),))
-        return [row[0] for row in rows]
+            for (queue, state), n in added.items():
+                self._execute("UPDATE counts SET n = n + ? WHERE queue = ? AND state = ?", (n, queue, state))
+        return result
+
+    def _add_queue(self, name):
+        """Make sure the queue has its row and its five counts; the caller holds the transaction."""
+        if self._execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (name,)).rowcount:
+            self.conn.executemany("INSERT OR IGNORE INTO counts (queue, state, n) VALUES (?, ?, 0)",
+                                  [(name, state) for state in STATES])
+
+    def _dependencies(self, new, alias):
+        """Check the `after` lists of the jobs about to be added ({id: job});
+        the caller holds the transaction. Returns ({id: outcome} of jobs born
+        dead because a dependency is dead, {id: dependencies not completed}).
+        Unknown ids and cycles are errors."""
+        state = {}
+        wanted = sorted({alias.get(a, a) for job in new.values() for a in job.get("after", ())} - set(new))
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            for row in self._all("SELECT id, state FROM jobs WHERE id IN (%s)" % ",".join("?" * len(chunk)),
+                                 chunk):
+                state[row["id"]] = row["state"]
+        for job_id, job in new.items():
+            for a in job.get("after", ()):
+                a = alias.get(a, a)
+                if a not in state and a not in new:
+                    raise QueueError("job %r: dependency %r not found" % (job_id, a))
+        # Dependencies before dependents (a depth-first walk of the new jobs,
+        # without recursion: a --file may hold a chain of thousands); old jobs
+        # cannot depend on new ones, so a cycle can only be among new ones.
+        order, color = [], {}
+        for root in new:
+            if root in color:
+                continue
+            color[root] = "open"
+            stack = [(root, iter(new[root].get("after", ())))]
+            while stack:
+                job_id, deps = stack[-1]
+                a = next(deps, None)
+                if a is None:
+                    color[job_id] = "done"
+                    order.append(job_id)
+                    stack.pop()
+                    continue
+                a = alias.get(a, a)
+                if a not in new or color.get(a) == "done":
+                    continue
+                if color.get(a) == "open":
+                    path = [j for j, _ in stack]
+                    raise QueueError("dependency cycle: %s" % " -> ".join(path[path.index(a):] + [a]))
+                color[a] = "open"
+                stack.append((a, iter(new[a].get("after", ()))))
+        born_dead, blocked = {}, {}
+        for job_id in order:
+            for a in new[job_id].get("after", ()):
+                a = alias.get(a, a)
+                if a in born_dead or state.get(a) == "dead":
+                    born_dead.setdefault(job_id, "dependency %s dead" % a)
+                elif a in new or state[a] != "completed":
+                    blocked[job_id] = blocked.get(job_id, 0) + 1
+        return born_dead, blocked
 
     # -- claim, heartbeat, finish ------------------------------------------------
 
@@ -1058,37 +1300,70 @@ class Store:
         row = self._one("SELECT stop_requested FROM workers WHERE id = ?", (worker_id,))
         return bool(row and row[0] & STOP_ASKED)
 
-    def has_due(self, now):
-        """Cheap read-only check (no lock taken): is any job due?"""
-        return self._one("""
-            SELECT 1 FROM jobs INDEXED BY jobs_due
-            WHERE state IN ('pending', 'failed') AND run_at <= ?
-            LIMIT 1""", (now,)) is not None
+    @staticmethod
+    def _served(queues):
+        """SQL that keeps the queues a worker serves (all when None), and its parameters."""
+        if queues is None:
+            return "", ()
+        return "AND q.name IN (%s)" % ",".join("?" * len(queues)), tuple(queues)
 
-    def claim(self, worker_id, now=None, lease=LEASE_SECONDS):
+    def has_due(self, now, queues=None):
+        """Cheap read-only check (no lock taken): could a claim take a job now?
+        A job is ready in a queue we serve that is neither paused nor at its
+        limit, or a waiting job is due (a claim would promote it). An index
+        seek per queue, and one."""
+        served, params = self._served(queues)
+        return self._one("""
+            SELECT EXISTS (SELECT 1 FROM queues q
+                           WHERE q.paused = 0 %s
+                             AND EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_ready
+                                         WHERE ready = 1 AND queue = q.name)
+                             AND (q.max_running IS NULL
+                                  OR (SELECT COUNT(*) FROM jobs INDEXED BY jobs_running
+                                      WHERE state = 'processing' AND queue = q.name) < q.max_running))
+                OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_waiting
+                           WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed')
+                             AND run_at <= ?)""" % served, params + (now,))[0] == 1
+
+    def claim(self, worker_id, now=None, lease=LEASE_SECONDS, queues=None):
         """Atomically take the next due job for `worker_id`, or return None.
 
-        Inside one BEGIN IMMEDIATE transaction: pick the due job with the
-        highest priority, then the earliest due time, then enqueue order (the
-        walk of the partial index jobs_due; named, because the planner would
-        rather use jobs_state and sort every due job); mark
-        it processing under a lease; count the attempt; open its run record.
+        Inside one BEGIN IMMEDIATE transaction: promote the waiting jobs whose
+        run_at has passed (ready = 1); among the queues in `queues` (None: all)
+        that are not paused and run fewer jobs than their limit, take the head
+        of each in jobs_ready (highest priority, then earliest due time, then
+        enqueue order) and pick the best of those heads; mark it processing
+        under a lease; count the attempt; open its run record. jobs_ready
+        holds only ready jobs, and a paused or full queue is skipped whole, so
+        the cost does not depend on jobs the claim cannot take. The limit holds
+        across every pool and host: the count of the queue's processing jobs
+        and the claim are in one write transaction.
         Returns the job as a dict with the new run number under 'run'; None
         when nothing is due or the worker has been asked to stop.
         """
         now = time.time() if now is None else now
         with self.transaction():
-            return self._claim(worker_id, now, lease)
+            return self._claim(worker_id, now, lease, queues)
 
-    def _claim(self, worker_id, now, lease):
+    def _claim(self, worker_id, now, lease, queues=None):
         """The body of claim(); the caller holds the transaction."""
         if self.stop_requested(worker_id):
             return None
+        self._promote(now)
+        served, params = self._served(queues)
+        # Indexes named: the planner would rather use jobs_state and sort.
         job = self._one("""
-            SELECT * FROM jobs INDEXED BY jobs_due
-            WHERE state IN ('pending', 'failed') AND run_at <= ?
-            ORDER BY priority DESC, run_at, seq
-            LIMIT 1""", (now,))
+            SELECT j.* FROM queues q
+            JOIN jobs j ON j.seq = (SELECT seq FROM jobs INDEXED BY jobs_ready
+                                    WHERE ready = 1 AND queue = q.name
+                                    ORDER BY priority DESC, run_at, seq
+                                    LIMIT 1)
+            WHERE q.paused = 0 %s
+              AND (q.max_running IS NULL
+                   OR (SELECT COUNT(*) FROM jobs INDEXED BY jobs_running
+                       WHERE state = 'processing' AND queue = q.name) < q.max_running)
+            ORDER BY j.priority DESC, j.run_at, j.seq
+            LIMIT 1""" % served, params)
         if job is None:
             return None
         job = dict(job)
@@ -1097,14 +1372,49 @@ class Store:
         job["run"] = job["run_count"]
         self._execute("""
             UPDATE jobs
-            SET state = 'processing', attempts = ?, run_count = ?, worker_id = ?, lease_until = ?,
-                updated_at = ?
+            SET state = 'processing', ready = 0, attempts = ?, run_count = ?, worker_id = ?,
+                lease_until = ?, updated_at = ?
             WHERE seq = ?""", (job["attempts"], job["run"], worker_id, now + lease, now, job["seq"]))
         self._execute("""
             INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
             VALUES (?, ?, ?, ?, ?)""", (job["id"], job["run"], job["attempts"], worker_id, now))
         job["state"] = "processing"
         return job
+
+    def _promote(self, now):
+        """Mark waiting jobs whose run_at has passed ready; the caller holds
+        the transaction. A seek in jobs_waiting plus one write per job that
+        becomes due, once in its life (or once per backoff)."""
+        self._execute("""
+            UPDATE jobs INDEXED BY jobs_waiting
+            SET ready = 1
+            WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed') AND run_at <= ?""", (now,))
+
+    def append_output(self, job_id, run, worker_id, chunks, drop):
+        """Store chunks [(stream, pos, data)] of a running job's output for
+        `logs --follow`, if `worker_id` still holds the run; first delete its
+        `drop` oldest bytes' worth of chunks (the worker keeps the total under
+        LIVE_OUTPUT_LIMIT). One transaction; False if the lease is gone."""
+        with self.transaction(wait=HEARTBEAT_BUSY_MS / 1000.0):
+            held = self._one("""
+                SELECT 1 FROM jobs
+                WHERE id = ? AND state = 'processing' AND worker_id = ? AND run_count = ?""",
+                             (job_id, worker_id, run))
+            if held is None:
+                return False
+            while drop > 0:
+                row = self._one("""
+                    SELECT id, length(data) FROM output WHERE job_id = ? AND run = ?
+                    ORDER BY id LIMIT 1""", (job_id, run))
+                if row is None:
+                    break
+                self._execute("DELETE FROM output WHERE id = ?", (row[0],))
+                drop -= row[1]
+            with self._errors():
+                self.conn.executemany("""
+                    INSERT INTO output (job_id, run, stream, pos, data) VALUES (?, ?, ?, ?, ?)""",
+                                      [(job_id, run, stream, pos, data) for stream, pos, data in chunks])
+        return True
 
     def heartbeat(self, worker_id, job_id=None, now=None, lease=LEASE_SECONDS, stopping=False):
         """Renew the worker's liveness and its job's lease, in one transaction.
@@ -1136,8 +1446,9 @@ class Store:
         return bool(stop), cancel, held
 
     def _settle(self, job, run, outcome, exit_code, ok, now, stdout=None, stderr=None,
-                interrupted=False):
+                interrupted=False, live=True, dependents=True):
         """Move a processing job on after a run; the caller holds the transaction.
+        dependents=False: no job depends on this one (nothing to unblock or bury).
 
         ok -> completed; interrupted -> pending with the attempt given back;
         cancelled -> dead; otherwise failed with backoff, or dead when the
@@ -1153,39 +1464,83 @@ class Store:
             config = self.config()
             state = "failed"
             run_at = now + backoff_delay(job["attempts"], config["backoff_base"], config["backoff_max"])
+        # A job due again at once (interrupted, or a zero backoff) is ready now;
+        # one that waits for its retry time is promoted by the claim after it.
+        ready = 1 if state in DUE_STATES and run_at <= now else 0
         self._execute("""
             UPDATE jobs
-            SET state = ?, run_at = ?, attempts = attempts - ?, exit_code = ?, outcome = ?,
+            SET state = ?, ready = ?, run_at = ?, attempts = attempts - ?, exit_code = ?, outcome = ?,
                 worker_id = NULL, lease_until = NULL, cancel_requested = 0, updated_at = ?
-            WHERE id = ?""", (state, run_at, 1 if interrupted else 0, exit_code, outcome, now, job["id"]))
+            WHERE id = ?""", (state, ready, run_at, 1 if interrupted else 0, exit_code, outcome, now,
+                              job["id"]))
         self._execute("""
             UPDATE runs
             SET finished_at = ?, exit_code = ?, outcome = ?, result_state = ?, stdout = ?, stderr = ?
             WHERE job_id = ? AND run = ?""",
                       (now, exit_code, outcome, state, stdout, stderr, job["id"], run))
+        if live:        # the run stored live output (or may have: a reclaim)
+            self._execute("DELETE FROM output WHERE job_id = ? AND run = ?", (job["id"], run))
+        if state in ("completed", "dead") and dependents:
+            if state == "completed":
+                self._unblock(job["id"])
+            else:
+                self._bury_dependents(job["id"], now)
         return state, run_at
 
+    def _dependents(self, job_id, states):
+        """Ids of the jobs in `states` that run after this one. (One by one by id:
+        with `id IN (SELECT ...)` the planner would walk jobs_state instead.)"""
+        out = []
+        for row in self._all("SELECT job_id FROM deps WHERE after_id = ?", (job_id,)):
+            job = self._one("SELECT state FROM jobs WHERE id = ?", (row[0],))
+            if job is not None and job[0] in states:
+                out.append(row[0])
+        return out
+
+    def _unblock(self, job_id):
+        """A job completed: its dependents wait for one dependency fewer (those
+        left with none enter jobs_waiting, and the next claim promotes them)."""
+        for dependent in self._dependents(job_id, DUE_STATES):
+            self._execute("UPDATE jobs SET blocked = blocked - 1 WHERE id = ? AND blocked > 0", (dependent,))
+
+    def _bury_dependents(self, job_id, now):
+        """A job went dead: every job waiting for it goes dead too, unrun, with
+        the outcome 'dependency ID dead', and so on down the chain (one
+        transaction; the chain is walked breadth first)."""
+        dead = [job_id]
+        while dead:
+            parent = dead.pop()
+            for dependent in self._dependents(parent, DUE_STATES):
+                self._execute("""
+                    UPDATE jobs SET state = 'dead', ready = 0, outcome = ?, exit_code = NULL, updated_at = ?
+                    WHERE id = ?""", ("dependency %s dead" % parent, now, dependent))
+                dead.append(dependent)
+
     def finish(self, job_id, run, worker_id, result, now=None, interrupted=False, claim_next=False,
-               lease=LEASE_SECONDS):
+               lease=LEASE_SECONDS, queues=None, live=True):
         """Record a run's result and move the job on, if `worker_id` still holds it.
 
         Returns (state, run_at), or None when the lease was lost (the job was
         reclaimed meanwhile): then only the run's own record is completed.
         With claim_next, the worker's next job is claimed in the same
         transaction (half the commits and lock waits of a busy worker) and
-        ((state, run_at) or None, next job or None) is returned.
+        ((state, run_at) or None, next job or None) is returned (from `queues`).
+        live=False: the worker stored no live output for this run (nothing to delete).
         """
         now = time.time() if now is None else now
         with self.transaction():
-            settled = self._finish(job_id, run, worker_id, result, now, interrupted)
+            settled = self._finish(job_id, run, worker_id, result, now, interrupted, live)
             if not claim_next:
                 return settled
-            return settled, self._claim(worker_id, now, lease)
+            return settled, self._claim(worker_id, now, lease, queues)
 
-    def _finish(self, job_id, run, worker_id, result, now, interrupted):
+    def _finish(self, job_id, run, worker_id, result, now, interrupted, live=True):
         """The body of finish(); the caller holds the transaction."""
+        # Whether any job depends on it, in the same read (one statement less
+        # a job: a busy worker's transaction is a dozen of them).
         job = self._one("""
-            SELECT * FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ?""",
+            SELECT *, EXISTS (SELECT 1 FROM deps WHERE after_id = jobs.id) AS has_dependents
+            FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ?""",
                         (job_id, worker_id))
         if job is None:
             # Reclaimed meanwhile: keep the reclaimer's record of the run,
@@ -1198,7 +1553,8 @@ class Store:
         if job["cancel_requested"] and not result.ok:
             outcome, interrupted = "cancelled", False    # a cancel wins over a hard stop
         return self._settle(job, run, outcome, result.exit_code, result.ok, now,
-                            result.stdout, result.stderr, interrupted=interrupted)
+                            result.stdout, result.stderr, interrupted=interrupted, live=live,
+                            dependents=bool(job["has_dependents"]))
 
     # -- workers and reclaiming lost jobs ---------------------------------------
 
@@ -1312,9 +1668,54 @@ class Store:
 
     def counts(self):
         counts = {s: 0 for s in STATES}
-        for row in self._all("SELECT state, n FROM counts"):
+        for row in self._all("SELECT state, SUM(n) AS n FROM counts GROUP BY state"):
             counts[row["state"]] = row["n"]
         return counts
+
+    def queues(self):
+        """Every queue: name, max_running, paused and its per-state counts
+        (from the counts table: the same cost at any number of jobs)."""
+        out = {r["name"]: dict(r, counts={s: 0 for s in STATES}) for r in self._all("""
+            SELECT name, max_running, paused FROM queues ORDER BY name""")}
+        for row in self._all("SELECT queue, state, n FROM counts"):
+            if row["queue"] in out:
+                out[row["queue"]]["counts"][row["state"]] = row["n"]
+        return list(out.values())
+
+    def dependencies(self, job_id):
+        """[(id, state or None if purged)] of the jobs this one runs after."""
+        return [(r["after_id"], r["state"]) for r in self._all("""
+            SELECT d.after_id, j.state FROM deps d LEFT JOIN jobs j ON j.id = d.after_id
+            WHERE d.job_id = ?
+            ORDER BY j.seq""", (job_id,))]
+
+    def queue_state(self, name):
+        """{max_running, paused, running} of one queue (None if it has no row)."""
+        row = self._one("SELECT max_running, paused FROM queues WHERE name = ?", (name,))
+        if row is None:
+            return None
+        running = self._one("""
+            SELECT COUNT(*) FROM jobs INDEXED BY jobs_running
+            WHERE state = 'processing' AND queue = ?""", (name,))[0]
+        return {"max_running": row["max_running"], "paused": bool(row["paused"]), "running": running}
+
+    def live_output(self, job_id, run, after=0):
+        """Chunks of a running job's output stored since chunk id `after`:
+        [(id, stream, pos, data)]."""
+        return [(r[0], r[1], r[2], bytes(r[3])) for r in self._all("""
+            SELECT id, stream, pos, data FROM output
+            WHERE job_id = ? AND run = ? AND id > ?
+            ORDER BY id""", (job_id, run, after))]
+
+    def run_state(self, job_id):
+        """(state, run_count, exit_code of the last run, whether it finished): what `logs --follow` polls."""
+        row = self._one("""
+            SELECT j.state, j.run_count, r.exit_code, r.finished_at
+            FROM jobs j LEFT JOIN runs r ON r.job_id = j.id AND r.run = j.run_count
+            WHERE j.id = ?""", (job_id,))
+        if row is None:
+            raise JobNotFound(job_id, self.missing)
+        return row[0], row[1], row[2], row[3] is not None
 
     def states(self, job_ids):
         """{id: (state, exit_code, outcome)} for the given ids that exist."""
@@ -1337,8 +1738,10 @@ class Store:
 
     def retry_dead(self, job_ids=None, now=None, reset_retries=False):
         """Move dead jobs (the given ones, or all) back to pending, attempts 0, due now,
-        with the configured max_retries if `reset_retries`, else their own.
-        All or nothing: an id that is unknown or not dead changes nothing."""
+        with the configured max_retries if `reset_retries`, else their own, and
+        re-arm the jobs that died because they depended on them (recursively).
+        All or nothing: an id that is unknown or not dead, a job whose own
+        dependency is still dead, or a unique key an active job holds changes nothing."""
         now = time.time() if now is None else now
         with self.transaction():
             max_retries = self.config()["max_retries"] if reset_retries else None
@@ -1350,11 +1753,78 @@ class Store:
                     raise JobNotFound(job_id, self.missing)
                 if row["state"] != "dead":
                     raise QueueError("job %r is not in the DLQ (it is %s)" % (job_id, row["state"]))
+            retried = set(job_ids)
+            for job_id in job_ids:
+                waits, dead_dep = self._dependency_state(job_id, retried)
+                if dead_dep is not None:
+                    raise QueueError("job %r depends on %r, which is dead: retry that one (its dependents "
+                                     "follow)" % (job_id, dead_dep))
+                self._rearm(job_id, waits, now, max_retries)
+            # Jobs that died of a dependency come back with it, down the chain,
+            # unless another of their dependencies is still dead.
+            parents = list(job_ids)
+            while parents:
+                parent = parents.pop()
+                for dependent in self._dependents(parent, ("dead",)):
+                    if self.get(dependent)["outcome"] != "dependency %s dead" % parent:
+                        continue    # died of its own run, or of another dependency
+                    waits, dead_dep = self._dependency_state(dependent, retried)
+                    if dead_dep is not None:
+                        self._execute("UPDATE jobs SET outcome = ? WHERE id = ?",
+                                      ("dependency %s dead" % dead_dep, dependent))
+                        continue
+                    self._rearm(dependent, waits, now, max_retries)
+                    retried.add(dependent)
+                    parents.append(dependent)
+        return job_ids
+
+    def _dependency_state(self, job_id, reviving=()):
+        """(dependencies not completed, a dead dependency or None), counting the
+        jobs in `reviving` as no longer dead."""
+        waits, dead = 0, None
+        for row in self._all("""
+                SELECT d.after_id, j.state FROM deps d LEFT JOIN jobs j ON j.id = d.after_id
+                WHERE d.job_id = ?""", (job_id,)):
+            if row["state"] == "dead" and row["after_id"] not in reviving:
+                dead = dead or row["after_id"]
+            elif row["state"] not in ("completed", None):     # None: purged, so it had finished
+                waits += 1
+        return waits, dead
+
+    def _rearm(self, job_id, waits, now, max_retries=None):
+        """dead -> pending, attempts 0, due now (ready unless it waits for dependencies),
+        with `max_retries` if given."""
+        row = self._one("SELECT unique_key FROM jobs WHERE id = ?", (job_id,))
+        if row["unique_key"] is not None:
+            other = self._one("""
+                SELECT id FROM jobs
+                WHERE unique_key = ? AND unique_key IS NOT NULL
+                  AND state IN ('pending', 'failed', 'processing')""", (row["unique_key"],))
+            if other is not None:
+                raise QueueError("job %r has unique key %r, which job %r holds now" % (
+                    job_id, row["unique_key"], other["id"]))
+        self._execute("""
+            UPDATE jobs
+            SET state = 'pending', ready = ?, blocked = ?, attempts = 0, run_at = ?, exit_code = NULL,
+                outcome = NULL, cancel_requested = 0, updated_at = ?, max_retries = COALESCE(?, max_retries)
+            WHERE id = ?""", (0 if waits else 1, waits, now, now, max_retries, job_id))
+
+    def retry_failed(self, job_ids, now=None):
+        """Make failed jobs due now instead of at their backoff time. All or nothing."""
+        now = time.time() if now is None else now
+        with self.transaction():
+            for job_id in job_ids:
+                row = self._one("SELECT state FROM jobs WHERE id = ?", (job_id,))
+                if row is None:
+                    raise JobNotFound(job_id, self.missing)
+                if row["state"] == "dead":
+                    raise QueueError("job %r is dead: use 'queuectl dlq retry %s'" % (job_id, job_id))
+                if row["state"] != "failed":
+                    raise QueueError("job %r is %s, not failed: only a failed job waiting for its retry "
+                                     "can be retried now" % (job_id, row["state"]))
                 self._execute("""
-                    UPDATE jobs
-                    SET state = 'pending', attempts = 0, run_at = ?, exit_code = NULL, outcome = NULL,
-                        cancel_requested = 0, updated_at = ?, max_retries = COALESCE(?, max_retries)
-                    WHERE id = ?""", (now, now, max_retries, job_id))
+                    UPDATE jobs SET run_at = ?, ready = 1, updated_at = ?
+                    WHERE id = ?""", (now, now, job_id))
         return job_ids
 
     def purge(self, states, before, batch=PURGE_BATCH):
@@ -1379,7 +1849,20 @@ class Store:
             with self.transaction():
                 self._execute("DELETE FROM runs WHERE job_id IN (SELECT id FROM jobs WHERE %s)" % where,
                               params)
+                self._execute("DELETE FROM deps WHERE job_id IN (SELECT id FROM jobs WHERE %s)" % where,
+                              params)
                 deleted += self._execute("DELETE FROM jobs WHERE %s" % where, params).rowcount
+
+    def set_queue(self, name, **settings):
+        """Change a queue's max_running and/or paused (creating the queue);
+        returns whether it existed before."""
+        with self.transaction():
+            existed = self._one("SELECT 1 FROM queues WHERE name = ?", (name,)) is not None
+            self._add_queue(name)
+            for column in ("max_running", "paused"):
+                if column in settings:
+                    self._execute("UPDATE queues SET %s = ? WHERE name = ?" % column, (settings[column], name))
+        return existed
 
     def cancel(self, job_ids, now=None):
         """Cancel jobs: waiting ones go to the DLQ now, running ones are asked to
@@ -1395,8 +1878,9 @@ class Store:
                 state = row["state"]
                 if state in DUE_STATES:
                     self._execute("""
-                        UPDATE jobs SET state = 'dead', outcome = 'cancelled', updated_at = ?
+                        UPDATE jobs SET state = 'dead', ready = 0, outcome = 'cancelled', updated_at = ?
                         WHERE id = ?""", (now, job_id))
+                    self._bury_dependents(job_id, now)
                     result[job_id] = "dead"
                 elif state == "processing":
                     self._execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
@@ -1410,7 +1894,8 @@ class Store:
 # Job input validation ##########################################################
 ###############################################################################
 
-JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout")
+JOB_FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout", "queue", "after",
+              "unique", "env")
 #: Earlier designs' names of job fields, accepted as they were (README: Aliases).
 JOB_FIELD_ALIASES = {"next_run_at": "run_at"}
 
@@ -1509,7 +1994,50 @@ def validate_job(obj, cwd, now):
             if timeout <= 0:
                 raise ValueError("field 'timeout' must be positive (use null for no timeout)")
             job["timeout"] = timeout
+    if obj.get("queue") is not None:
+        if not valid_queue_name(obj["queue"]):
+            raise ValueError("field 'queue' must be 1-64 letters, digits and ._- (not starting with - or .), "
+                             "not %s" % _printable_value(obj["queue"]))
+        job["queue"] = obj["queue"]
+    if obj.get("after") is not None:
+        after = obj["after"]
+        if isinstance(after, str):
+            after = [a.strip() for a in after.split(",")]
+        if not isinstance(after, list) or not after:
+            raise ValueError("field 'after' must be a list of job ids, not %s" % _printable_value(after))
+        for a in after:
+            if not valid_job_id(a):
+                raise ValueError("field 'after': %s is not a job id" % _printable_value(a))
+        if job.get("id") in after:
+            raise ValueError("field 'after': job %r cannot run after itself" % job["id"])
+        job["after"] = list(dict.fromkeys(after))
+    if obj.get("unique") is not None:
+        key = obj["unique"]
+        if not isinstance(key, str) or not key.strip() or "\0" in key or len(key) > 256 or not _encodable(key):
+            raise ValueError("field 'unique' must be a non-empty string of at most 256 characters, not %s"
+                             % _printable_value(key))
+        job["unique"] = key
+    if obj.get("env") is not None:
+        env = obj["env"]
+        if not isinstance(env, dict):
+            raise ValueError("field 'env' must be an object of NAME: value strings, not %s" % _json_type(env))
+        for name, value in env.items():
+            if not name or "=" in name or "\0" in name or not _encodable(name):
+                raise ValueError("field 'env': %s is not a valid variable name" % _printable_value(name))
+            if name.startswith("QUEUECTL_"):
+                raise ValueError("field 'env': %s is reserved (queuectl sets the QUEUECTL_ variables)" % name)
+            if not isinstance(value, str) or "\0" in value or not _encodable(value):
+                raise ValueError("field 'env': the value of %s must be a string without NUL bytes, not %s"
+                                 % (name, _printable_value(value)))
+        job["env"] = dict(env)
     return job
+
+
+def _printable_value(value):
+    """A user's value for an error message: quoted and short if a string, else its JSON type."""
+    if isinstance(value, str):
+        return printable(repr(value))[:60]
+    return _json_type(value)
 
 
 def _reject_constant(name):
@@ -1607,6 +2135,27 @@ class _Capture:
             + bytes(tail)
 
 
+class LiveOutput:
+    """Output read since the caller last took it, for `logs --follow`: at most
+    `limit` bytes (older chunks are dropped first), so memory stays bounded
+    however fast a command prints."""
+
+    def __init__(self, limit=LIVE_BUFFER_LIMIT):
+        self.limit = limit
+        self.chunks = []
+        self.size = 0
+
+    def add(self, stream, pos, data):
+        self.chunks.append((stream, pos, data))
+        self.size += len(data)
+        while self.size > self.limit and len(self.chunks) > 1:
+            self.size -= len(self.chunks.pop(0)[2])
+
+    def take(self):
+        chunks, self.chunks, self.size = self.chunks, [], 0
+        return chunks
+
+
 def _exited(proc):
     """Has the process exited? Where possible, without reaping it, so that its
     pid (the group id) cannot be reused before we have killed the group."""
@@ -1630,7 +2179,7 @@ def _os_bytes(text):
 
 
 def run_command(command, cwd=None, env=None, timeout=None, check=None,
-                limit=OUTPUT_LIMIT, grace=KILL_GRACE_SECONDS):
+                limit=OUTPUT_LIMIT, grace=KILL_GRACE_SECONDS, live=None):
     """Run `command` with /bin/sh -c in a new session (its own process group).
 
     Output is read while the command runs, so no pipe fills up, and only the
@@ -1639,7 +2188,9 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
     ten times a second; if it returns a reason ('interrupted', 'cancelled',
     'lease lost') the group is killed the same way (at once for
     'interrupted'). When the shell exits, anything left in its group is killed.
-    Never touches the database.
+    With `live` (a LiveOutput), every chunk read is also added to it as
+    (stream, pos, data), stream 1 or 2, for check() to take away. Never
+    touches the database.
     """
     import selectors
     import signal
@@ -1656,6 +2207,7 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
         return RunResult(None, "error: %s%s" % (e.strerror or e, where))
     out, err = _Capture(limit), _Capture(limit)
     captures = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    streams = {proc.stdout.fileno(): 1, proc.stderr.fileno(): 2}
     sel = selectors.DefaultSelector()
     for fd in captures:
         sel.register(fd, selectors.EVENT_READ)
@@ -1721,6 +2273,8 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
                     continue
                 data = os.read(key.fd, 65536)
                 if data:
+                    if live is not None:
+                        live.add(streams[key.fd], captures[key.fd].total, data)
                     captures[key.fd].feed(data)
                 else:
                     sel.unregister(key.fd)
@@ -1790,10 +2344,11 @@ class Worker:
         if level >= 1:
             self._soft = True
 
-    def __init__(self, db_path, name="w1", once=False, log=_log):
+    def __init__(self, db_path, name="w1", once=False, log=_log, queues=None):
         self.db_path = db_path
         self.name = name
         self.once = once
+        self.queues = queues        # the queues this worker serves (None: all)
         self.log = log
         self.pause_requested = False    # Ctrl-Z, relayed by the supervisor
         self.stop_asked = False     # by `worker stop` (through the database)
@@ -1805,6 +2360,8 @@ class Worker:
         self._wal_retry_at, self._wal_step = 0, 0       # see _bound_wal()
         self._next_heartbeat = 0.0
         self._next_retention = 0.0
+        self._live = None               # output not yet stored for `logs --follow`
+        self._live_written = False      # whether any of this run's was
         self._parent = os.getppid()
 
     def run(self):
@@ -1824,7 +2381,7 @@ class Worker:
                     if self.stop_level:
                         break
                     if job is None:
-                        job = self.store.claim(self.id)
+                        job = self.store.claim(self.id, queues=self.queues)
                         if job is not None and self.stop_level:
                             continue    # a stop came during the claim: given back below
                     if job is not None:
@@ -1917,7 +2474,7 @@ class Worker:
         version = self.store.data_version()
         # A job enqueued after our last claim but before the counter was read
         # changes nothing we would see: look once now.
-        if self.store.has_due(time.time()):
+        if self.store.has_due(time.time(), self.queues):
             return
         recheck = time.monotonic() + IDLE_CLAIM_SECONDS
         nap, longest = IDLE_POLL_SECONDS
@@ -1931,7 +2488,7 @@ class Worker:
             if changed or now >= recheck:
                 if self._stop_requested():
                     return
-                if self.store.has_due(time.time()):
+                if self.store.has_due(time.time(), self.queues):
                     return
                 recheck = now + IDLE_CLAIM_SECONDS
             self.housekeeping()
@@ -1978,6 +2535,7 @@ class Worker:
     def _check(self, job):
         """Called by the runner while the command runs: stop, cancel or carry on."""
         self.maybe_pause()
+        self._flush_live(job)
         if self.stop_level >= 2:
             return "interrupted"
         cancel, held = self.housekeeping(job["id"])
@@ -1986,6 +2544,27 @@ class Worker:
         if cancel:
             return "cancelled"
         return None
+
+    def _flush_live(self, job):
+        """Every LIVE_OUTPUT_SECONDS, store the output read since the last time
+        for `logs --follow` (so a job shorter than that writes none). At most
+        LIVE_OUTPUT_LIMIT bytes a run stay stored: the oldest go first. A
+        failed write drops its chunks (the final output is stored anyway)."""
+        if self._live is None or not self._live.chunks or time.monotonic() < self._live_at:
+            return
+        self._live_at = time.monotonic() + LIVE_OUTPUT_SECONDS
+        chunks = self._live.take()
+        size = sum(len(c[2]) for c in chunks)
+        self._live_sizes.extend(len(c[2]) for c in chunks)
+        drop = 0
+        while self._live_stored + size - drop > LIVE_OUTPUT_LIMIT and self._live_sizes:
+            drop += self._live_sizes.pop(0)
+        try:
+            if self.store.append_output(job["id"], job["run"], self.id, chunks, drop):
+                self._live_stored += size - drop
+                self._live_written = True
+        except StoreError as e:
+            self.log("%s %s could not store live output (%s)" % (self.name, job["id"], e))
 
     def _environ(self, job):
         """The job's environment: ours, plus the names of this run, by which
@@ -1997,6 +2576,8 @@ class Worker:
             self._base_env["QUEUECTL_DB"] = os.path.realpath(self.db_path)
             self._base_env["QUEUECTL_WORKER_ID"] = self.id
         env = dict(self._base_env)
+        if job.get("env"):
+            env.update(_json_loads(job["env"]))     # never QUEUECTL_*: validate_job refuses them
         env["QUEUECTL_JOB_ID"] = job["id"]
         env["QUEUECTL_ATTEMPT"] = str(job["attempts"])
         return env
@@ -2007,9 +2588,13 @@ class Worker:
         self.log("%s %s claimed (attempt %d/%d): %s" % (
             self.name, job["id"], job["attempts"], job["max_retries"] + 1, job["command"]))
 
+        self._live, self._live_sizes, self._live_stored = LiveOutput(), [], 0
+        self._live_written = False
+        self._live_at = time.monotonic() + LIVE_OUTPUT_SECONDS
         result = run_command(job["command"], cwd=job["cwd"], env=self._environ(job),
                              timeout=job["timeout"],
-                             check=lambda: self._check(job))
+                             check=lambda: self._check(job), live=self._live)
+        self._live = None
         interrupted = result.outcome == "interrupted"
         if result.exit_code is None and result.outcome in ("timeout", "cancelled", "interrupted", "lease lost"):
             # Killing the process group misses what left it (setsid, daemons);
@@ -2043,7 +2628,7 @@ class Worker:
             claim_next = self.stop_level == 0
             try:
                 done = self.store.finish(job["id"], job["run"], self.id, result, interrupted=interrupted,
-                                         claim_next=claim_next)
+                                         claim_next=claim_next, queues=self.queues, live=self._live_written)
                 return done if claim_next else (done, None)
             except StoreError as e:
                 if time.monotonic() >= give_up:
@@ -2086,7 +2671,7 @@ class Worker:
 # Supervisor ##################################################################
 ###############################################################################
 
-def _worker_main(db_path, name, once):
+def _worker_main(db_path, name, once, queues=None):
     """Entry point of a worker process (module level, takes only plain values).
 
     A worker leaves the terminal's foreground process group for one of its
@@ -2117,7 +2702,7 @@ def _worker_main(db_path, name, once):
         finally:
             signal.signal(signal.SIGTTOU, old)
 
-    worker = Worker(db_path, name=name, once=once, log=log)
+    worker = Worker(db_path, name=name, once=once, log=log, queues=queues)
     told = {"supervisor": False, "term": False}
 
     def graceful(signum, frame):
@@ -2167,17 +2752,18 @@ class Supervisor:
     `once`, workers exit when nothing is due and the supervisor follows.
     """
 
-    def __init__(self, db_path, count=1, once=False, log=_log):
+    def __init__(self, db_path, count=1, once=False, log=_log, queues=None):
         self.db_path = db_path
         self.count = count
         self.once = once
+        self.queues = queues
         self.log = log
         self.stop_level = 0
         self.failed = False     # a --once worker failed
         self.workers = {}       # name -> Process
 
     def _start(self, ctx, name):
-        proc = ctx.Process(target=_worker_main, args=(self.db_path, name, self.once), name=name)
+        proc = ctx.Process(target=_worker_main, args=(self.db_path, name, self.once, self.queues), name=name)
         proc.daemon = False
         proc.start()
         proc.started_at = time.monotonic()
@@ -2230,8 +2816,11 @@ class Supervisor:
         try:
             for i in range(self.count):
                 self._start(ctx, "w%d" % (i + 1))
-            self.log("started %d worker%s on %s%s" % (
-                self.count, "" if self.count == 1 else "s", self.db_path, " (once)" if self.once else ""))
+            self.log("started %d worker%s on %s%s%s" % (
+                self.count, "" if self.count == 1 else "s", self.db_path,
+                "" if self.queues is None else ", queue%s %s" % ("" if len(self.queues) == 1 else "s",
+                                                                 ",".join(self.queues)),
+                " (once)" if self.once else ""))
             while self.workers or due:
                 timeout = 1.0
                 if due:
@@ -2325,6 +2914,8 @@ def job_to_json(job):
         "outcome": job["outcome"],
         "cwd": job["cwd"],
         "worker": job["worker_id"],
+        "queue": job["queue"],
+        "unique": job["unique_key"],
     }
 
 
@@ -2369,6 +2960,27 @@ def print_table(headers, rows):
 
 def _attempts(job):
     return "%d/%d" % (job["attempts"], job["max_retries"] + 1)
+
+
+def waiting_reason(store, job, now=None):
+    """Why a pending or failed job is not running, in a few words; None if it
+    is not waiting, or is ready and only needs a free worker."""
+    if job["state"] not in DUE_STATES:
+        return None
+    now = time.time() if now is None else now
+    reasons = []
+    if job["blocked"]:
+        waiting = [(i, st) for i, st in store.dependencies(job["id"]) if st not in ("completed", None)]
+        reasons.append("waiting for %s" % ", ".join("%s (%s)" % d for d in waiting))
+    if job["run_at"] > now:
+        reasons.append("%s at %s" % ("retry" if job["state"] == "failed" else "scheduled",
+                                     format_local(job["run_at"])))
+    q = store.queue_state(job["queue"])
+    if q is not None and q["paused"]:
+        reasons.append("queue %s is paused" % job["queue"])
+    elif q is not None and q["max_running"] is not None and q["running"] >= q["max_running"]:
+        reasons.append("queue %s is at its limit (%d running)" % (job["queue"], q["running"]))
+    return "; ".join(reasons) or None
 
 
 ###############################################################################
@@ -2480,6 +3092,41 @@ def _duration_arg(text):
         raise _argtype_error(str(e))
 
 
+def _queue_arg(text):
+    if not valid_queue_name(text):
+        raise _argtype_error("invalid queue name %s: use 1-64 letters, digits and ._- (not starting with - or .)"
+                             % printable(repr(text)))
+    return text
+
+
+def _queues_arg(text):
+    names = [n.strip() for n in text.split(",")]
+    for name in names:
+        _queue_arg(name)
+    return list(dict.fromkeys(names))
+
+
+def _ids_arg(text):
+    ids = [i.strip() for i in text.split(",")]
+    for job_id in ids:
+        if not valid_job_id(job_id):
+            raise _argtype_error("invalid job id %s" % printable(repr(job_id)))
+    return ids
+
+
+def _env_arg(text):
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        raise _argtype_error("expected NAME=VALUE, not %s" % printable(repr(text)))
+    return name, value
+
+
+def _limit_arg(text):
+    if text.strip().lower() in ("none", "0"):
+        return None
+    return _positive_int(text)
+
+
 def _argtype_error(message):
     import argparse
     return argparse.ArgumentTypeError(message)
@@ -2493,8 +3140,8 @@ class _Skipped:
 
 
 _SKIPPED = _Skipped()
-COMMANDS = ("init", "enqueue", "worker", "status", "list", "show", "logs", "wait", "cancel", "dlq", "config",
-            "stats", "purge")
+COMMANDS = ("init", "enqueue", "worker", "status", "list", "show", "logs", "wait", "cancel", "retry", "dlq",
+            "queue", "config", "stats", "purge")
 #: Earlier designs' spellings of commands, accepted as they were (README: Aliases).
 COMMAND_ALIASES = {"dlq-retry": ["dlq", "retry"]}
 
@@ -2594,6 +3241,17 @@ def build_parser(only=None):
                    help="kill the job after this long (e.g. 60, 10m; default: config timeout)")
     p.add_argument("--delay", type=_duration_arg, metavar="DURATION", help="run no earlier than this from now")
     p.add_argument("--run-at", metavar="TIME", help="run no earlier than this ISO-8601 time (local if no offset)")
+    p.add_argument("-q", "--queue", type=_queue_arg, metavar="NAME", help="the job's queue (default: default)")
+    p.add_argument("--after", type=_ids_arg, metavar="ID[,ID...]",
+                   help="run only after these jobs have completed (if one dies, this one goes to the DLQ)")
+    p.add_argument("--unique", metavar="KEY",
+                   help="add nothing if an active (pending, failed or processing) job has this key: "
+                        "print that job's id instead")
+    p.add_argument("-e", "--env", action="append", type=_env_arg, metavar="NAME=VALUE",
+                   help="set an environment variable for the job (repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="print [{\"id\": ..., \"created\": true|false}] (false: an active job with the "
+                        "same unique key)")
 
     p = add(sub, "worker", None, "start or stop workers")
     wsub = p.add_subparsers(dest="worker_cmd", metavar="ACTION")
@@ -2605,6 +3263,8 @@ def build_parser(only=None):
                    help="process every job that is due now, then exit (for cron)")
     w.add_argument("--force", action="store_true",
                    help="allow a --count above %d (or %d per CPU)" % (MAX_WORKERS, MAX_WORKERS_PER_CPU))
+    w.add_argument("-q", "--queue", type=_queues_arg, metavar="NAME[,NAME...]",
+                   help="serve only these queues (default: all)")
     w = add(wsub, "stop", cmd_worker_stop, "ask running workers to finish their jobs and exit")
     w.add_argument("--timeout", type=_duration_arg, default=None, metavar="DURATION",
                    help="give up waiting after this long (default: wait until they have stopped)")
@@ -2623,6 +3283,9 @@ def build_parser(only=None):
     p.add_argument("id", metavar="ID", help="the job's id (as enqueue printed it)")
     p.add_argument("-a", "--attempt", type=_positive_int, metavar="N",
                    help="the Nth run as numbered by 'show' (default: the last)")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="print a running job's output as it comes (waiting for the job to start) and exit "
+                        "with its exit code when the run ends")
 
     p = add(sub, "wait", cmd_wait, "wait until jobs are completed or dead; exit with the failure's code")
     p.add_argument("ids", nargs="+", metavar="ID")
@@ -2631,6 +3294,23 @@ def build_parser(only=None):
 
     p = add(sub, "cancel", cmd_cancel, "cancel jobs: waiting ones go to the DLQ, running ones are killed")
     p.add_argument("ids", nargs="+", metavar="ID")
+
+    p = add(sub, "retry", cmd_retry, "run failed jobs now instead of at their retry time")
+    p.add_argument("ids", nargs="+", metavar="ID")
+
+    p = add(sub, "queue", None, "named queues: list them, limit, pause or resume one")
+    qsub = p.add_subparsers(dest="queue_cmd", metavar="ACTION")
+    qsub.required = True
+    add(qsub, "list", cmd_queue_list, "every queue with its job counts, limit and whether it is paused",
+        parents=[json_opt])
+    q = add(qsub, "set", cmd_queue_set, "set a queue's concurrency limit (across every pool and host)")
+    q.add_argument("name", type=_queue_arg)
+    q.add_argument("--limit", type=_limit_arg, required=True, metavar="N",
+                   help="at most N of its jobs run at once ('none': no limit)")
+    q = add(qsub, "pause", cmd_queue_pause, "stop starting jobs of a queue (running ones finish)")
+    q.add_argument("name", type=_queue_arg)
+    q = add(qsub, "resume", cmd_queue_resume, "start jobs of a paused queue again")
+    q.add_argument("name", type=_queue_arg)
 
     p = add(sub, "dlq", None, "the dead letter queue: list or retry dead jobs")
     dsub = p.add_subparsers(dest="dlq_cmd", metavar="ACTION")
@@ -2722,10 +3402,12 @@ def cmd_enqueue(args):
         raise QueueError("the current directory %s is not valid UTF-8, so it cannot be stored as the "
                          "job's directory; enqueue from another directory" % printable(shown))
     flags = {}
-    for name in ("id", "priority", "max_retries", "timeout", "delay", "run_at"):
+    for name in ("id", "priority", "max_retries", "timeout", "delay", "run_at", "queue", "after", "unique"):
         value = getattr(args, name)
         if value is not None:
             flags[name] = value
+    if args.env:
+        flags["env"] = dict(args.env)
     if args.file is not None:
         if args.job:
             raise UsageError("give jobs either with --file or as an argument, not both")
@@ -2758,13 +3440,15 @@ def cmd_enqueue(args):
             raise QueueError("%s%s" % (where, e))
     if len(jobs) > 1 and "id" in flags:
         raise UsageError("--id cannot be used with several jobs")
-    given = [job["id"] for job in jobs if "id" in job]
-    if len(set(given)) != len(given):
-        seen = set()
-        raise QueueError("job %r appears twice in the input" % next(i for i in given if i in seen or seen.add(i)))
     with _open_store(args, create=True) as store:
-        ids = store.enqueue(jobs, now=now)
-    sys.stdout.write("".join(i + "\n" for i in ids))
+        added = store.submit(jobs, now=now)
+    if args.json:
+        print_json([{"id": job_id, "created": created} for job_id, created in added])
+        return EXIT_OK
+    for (job_id, created), job in zip(added, jobs):
+        if not created:
+            _err("job %s has unique key %s and is still active: nothing added" % (job_id, printable(job["unique"])))
+    sys.stdout.write("".join(job_id + "\n" for job_id, _ in added))
     return EXIT_OK
 
 
@@ -2808,8 +3492,13 @@ def cmd_worker_start(args):
     db_path = _db_path(args)
     # Open once here so that a bad path or a newer schema is one clear error,
     # before any process starts; the connection is closed before forking.
-    Store(db_path).close()
-    return Supervisor(db_path, count=args.count, once=args.once).run()
+    with Store(db_path) as store:
+        known = {q["name"] for q in store.queues()}
+    for name in args.queue or ():
+        if name not in known:
+            # Not an error (its jobs may come later), but a typo would idle silently.
+            _err("note: no job or setting names queue %s yet" % name)
+    return Supervisor(db_path, count=args.count, once=args.once, queues=args.queue).run()
 
 
 def cmd_worker_stop(args):
@@ -2848,6 +3537,7 @@ def cmd_status(args):
     with _open_store(args) as store:
         counts = store.counts()
         workers = store.workers()
+        queues = store.queues()
     now = time.time()
     for w in workers:
         w["alive"] = not holder_is_dead(w["host"], w["boot_id"], w["pid"], w["pid_start"]) and \
@@ -2860,10 +3550,15 @@ def cmd_status(args):
                          "heartbeat_at": format_time(w["heartbeat_at"]),
                          "job": w["job_id"], "alive": w["alive"],
                          "stopping": bool(w["stop_requested"])} for w in workers],
+            "queues": [{"name": q["name"], "limit": q["max_running"], "paused": bool(q["paused"])}
+                       for q in queues],
         })
         return EXIT_OK
     print_table(("STATE", "JOBS"), [(s, counts[s]) for s in STATES])
     sys.stdout.write("\n")
+    paused = [q["name"] for q in queues if q["paused"]]
+    if paused:
+        sys.stdout.write("paused queue%s: %s\n\n" % ("" if len(paused) == 1 else "s", ", ".join(paused)))
     if not workers:
         sys.stdout.write("no active workers\n")
         return EXIT_OK
@@ -2883,7 +3578,7 @@ def _check_state(state):
         raise QueueError("unknown state %r (valid: %s)" % (state, ", ".join(STATES)))
 
 
-def _print_jobs(jobs, as_json, dlq=False):
+def _print_jobs(jobs, as_json, dlq=False, paused=()):
     if as_json:
         print_json([job_to_json(j) for j in jobs])
         return
@@ -2895,19 +3590,24 @@ def _print_jobs(jobs, as_json, dlq=False):
                 for j in jobs]
         print_table(("ID", "ATTEMPTS", "LAST OUTCOME", "DIED", "COMMAND"), rows)
         return
+    # The QUEUE column only where there is more than the default queue to show.
+    queues = any(j["queue"] != DEFAULT_QUEUE or j["queue"] in paused for j in jobs)
     rows = []
     for j in jobs:
         when = j["run_at"] if j["state"] in DUE_STATES else j["updated_at"]
-        rows.append((j["id"], j["state"], _attempts(j), j["priority"], format_local(when),
-                     "-" if j["exit_code"] is None else j["exit_code"], j["command"]))
-    print_table(("ID", "STATE", "ATTEMPTS", "PRI", "RUN AT / UPDATED", "EXIT", "COMMAND"), rows)
+        queue = (j["queue"] + (" (paused)" if j["queue"] in paused else ""),) if queues else ()
+        rows.append((j["id"], j["state"]) + queue + (_attempts(j), j["priority"], format_local(when),
+                    "-" if j["exit_code"] is None else j["exit_code"], j["command"]))
+    print_table(("ID", "STATE") + (("QUEUE",) if queues else ()) +
+                ("ATTEMPTS", "PRI", "RUN AT / UPDATED", "EXIT", "COMMAND"), rows)
 
 
 def cmd_list(args):
     _check_state(args.state)
     with _open_store(args) as store:
         jobs = store.list_jobs(args.state, args.limit or None)
-    _print_jobs(jobs, args.json)
+        paused = {q["name"] for q in store.queues() if q["paused"]}
+    _print_jobs(jobs, args.json, paused=paused)
     return EXIT_OK
 
 
@@ -2915,7 +3615,10 @@ def cmd_show(args):
     with _open_store(args, note=False) as store:
         job = store.get(args.id)
         runs = store.runs(args.id)
-    data = job_to_json(job)
+        data = job_to_json(job)
+        data["after"] = [{"id": i, "state": st} for i, st in store.dependencies(args.id)]
+        data["waiting"] = waiting_reason(store, job)
+    data["env"] = _json_loads(job["env"]) if job["env"] else {}
     data["runs"] = [run_to_json(r) for r in runs]
     if args.json:
         print_json(data)
@@ -2926,7 +3629,15 @@ def cmd_show(args):
               ("timeout", format_seconds(job["timeout"] or None)),
               ("created", format_local(job["created_at"])), ("updated", format_local(job["updated_at"])),
               ("exit code", "-" if job["exit_code"] is None else job["exit_code"]),
-              ("outcome", job["outcome"] or "-"), ("cwd", job["cwd"])]
+              ("outcome", job["outcome"] or "-"), ("cwd", job["cwd"]), ("queue", job["queue"])]
+    if data["after"]:
+        fields.append(("after", ", ".join("%s (%s)" % (d["id"], d["state"] or "purged") for d in data["after"])))
+    if job["unique_key"] is not None:
+        fields.append(("unique", job["unique_key"]))
+    for name, value in sorted(data["env"].items()):
+        fields.append(("env", "%s=%s" % (name, value)))
+    if data["waiting"]:
+        fields.append(("waiting", data["waiting"]))
     if job["worker_id"]:
         fields.append(("worker", job["worker_id"]))
     out = "".join("%-10s %s\n" % (k + ":", printable(v)) for k, v in fields)
@@ -2942,7 +3653,56 @@ def cmd_show(args):
     return EXIT_OK
 
 
+def _write_output(stream, data):
+    """Bytes to stdout (1) or stderr (2), as they are."""
+    out = sys.stdout if stream == 1 else sys.stderr
+    out.flush()
+    out.buffer.write(data)
+    out.buffer.flush()
+
+
+def follow_logs(store, job_id, poll=0.05):
+    """`logs --follow`: wait for the job to start if it is pending, print its
+    output as the worker stores it, and when the run ends, the rest from the
+    run's record. A job that is not pending or running: its last run's output.
+    Returns the run's exit code (1 if it has none)."""
+    while True:
+        state, run, exit_code, finished = store.run_state(job_id)
+        if state != "pending":
+            break
+        time.sleep(poll)
+    if run == 0:
+        raise QueueError("job %r never ran (it is %s)" % (job_id, state))
+    printed = {1: 0, 2: 0}
+    last = 0
+    while state == "processing" and not finished:
+        for chunk_id, stream, pos, data in store.live_output(job_id, run, last):
+            last = chunk_id
+            if pos > printed[stream]:
+                _err("[... %d bytes of output not kept while following ...]" % (pos - printed[stream]))
+            _write_output(stream, data[max(0, printed[stream] - pos):])
+            printed[stream] = max(printed[stream], pos + len(data))
+        state, run_now, exit_code, finished = store.run_state(job_id)
+        if run_now != run:
+            break       # taken back and started again: this run's record is complete
+        time.sleep(poll)
+    _, _, out, err = store.run_output(job_id, run)
+    # The stored output is all of it up to OUTPUT_LIMIT a stream: print what
+    # was not printed live.
+    for stream, data in ((1, out), (2, err)):
+        if len(data) > printed[stream]:
+            _write_output(stream, data[printed[stream]:])
+    exit_code = store.runs(job_id)[run - 1]["exit_code"]
+    return EXIT_ERROR if exit_code is None else exit_code
+
+
 def cmd_logs(args):
+    if args.follow:
+        if args.attempt is not None:
+            raise UsageError("--follow shows the current run; it cannot be used with --attempt")
+        with _open_store(args, note=False) as store:
+            store.get(args.id)
+            return follow_logs(store, args.id)
     with _open_store(args, note=False) as store:
         store.get(args.id)
         found = store.run_output(args.id, args.attempt)
@@ -2972,10 +3732,17 @@ def cmd_wait(args):
             if job_id not in states:
                 raise JobNotFound(job_id, store.missing)
         delay = 0.05
+        told = {}
         while True:
             pending = [i for i in ids if states[i][0] not in ("completed", "dead")]
             if not pending:
                 break
+            for job_id in pending[:10]:
+                # Say why a job waits, once, and again when the reason changes.
+                reason = waiting_reason(store, store.get(job_id)) if states[job_id][0] != "processing" else None
+                if reason and told.get(job_id) != reason:
+                    _err("job %s: %s" % (job_id, reason))
+                told[job_id] = reason
             if deadline is not None and time.monotonic() >= deadline:
                 _err("timed out waiting for %d job%s: %s" % (
                     len(pending), "" if len(pending) == 1 else "s", " ".join(pending)))
@@ -3015,6 +3782,47 @@ def cmd_cancel(args):
         _err("job %s %s" % (job_id, "cancelled (moved to DLQ)" if what == "dead"
                             else "is running: its worker will kill it and move it to the DLQ"))
     return EXIT_OK
+
+
+def cmd_retry(args):
+    with _open_store(args, note=False) as store:
+        ids = store.retry_failed(list(dict.fromkeys(args.ids)))
+    _err("%d job%s due now" % (len(ids), "" if len(ids) == 1 else "s"))
+    return EXIT_OK
+
+
+def cmd_queue_list(args):
+    with _open_store(args) as store:
+        queues = store.queues()
+        running = {q["name"]: store.queue_state(q["name"])["running"] for q in queues}
+    if args.json:
+        print_json([{"name": q["name"], "limit": q["max_running"], "paused": bool(q["paused"]),
+                     "running": running[q["name"]], "counts": q["counts"]} for q in queues])
+        return EXIT_OK
+    print_table(("QUEUE", "LIMIT", "PAUSED") + tuple(s.upper() for s in STATES),
+                [(q["name"], "-" if q["max_running"] is None else q["max_running"],
+                  "yes" if q["paused"] else "no") + tuple(q["counts"][s] for s in STATES) for q in queues])
+    return EXIT_OK
+
+
+def _queue_change(args, message, **settings):
+    with _open_store(args, create=True) as store:
+        existed = store.set_queue(args.name, **settings)
+    _err("queue %s %s%s" % (args.name, message, "" if existed else " (a new queue: it has no jobs yet)"))
+    return EXIT_OK
+
+
+def cmd_queue_set(args):
+    return _queue_change(args, "limit: %s" % ("none" if args.limit is None else
+                                              "%d running at once" % args.limit), max_running=args.limit)
+
+
+def cmd_queue_pause(args):
+    return _queue_change(args, "paused: running jobs finish, no new ones start", paused=1)
+
+
+def cmd_queue_resume(args):
+    return _queue_change(args, "resumed", paused=0)
 
 
 def cmd_dlq_list(args):
