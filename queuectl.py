@@ -638,8 +638,13 @@ class Store:
         elif path != ":memory:":
             try:
                 os.makedirs(parent, mode=0o700, exist_ok=True)
-                # Create the file ourselves so that it is private (0600).
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+                # Create the file ourselves so that it is private (0600); only
+                # when it is missing: closing any descriptor of a file drops
+                # all of this process's POSIX locks on it, SQLite's too, and
+                # another process could then delete the WAL under our other
+                # connections (the dashboard opens several).
+                if not os.path.exists(path):
+                    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             except OSError as e:
                 raise StoreError("cannot open database %s: %s" % (path, e.strerror or e))
         try:

@@ -3370,5 +3370,24 @@ class TestBenchScript(unittest.TestCase):
                 self.assertIsInstance(json.load(f), dict)
 
 
+class TestStoreLocks(QueueTestCase):
+    """A process with two Stores on one file (the dashboard) keeps its SQLite locks."""
+
+    def test_opening_a_second_store_keeps_the_first_ones_locks(self):
+        """Opening a Store used to close a descriptor of the file, dropping every POSIX lock this
+        process held on it: another process closing then deleted the WAL under the first Store."""
+        self.init_db()
+        first = queuectl.Store(self.db)
+        self.addCleanup(first.close)
+        first.counts()
+        queuectl.Store(self.db).close()
+        code = subprocess.call([sys.executable, "-c", "import sqlite3, sys; "
+                                "sqlite3.connect(sys.argv[1]).execute('SELECT 1 FROM jobs').fetchall()", self.db])
+        self.assertEqual(code, 0)
+        self.assertTrue(os.path.exists(self.db + "-wal"), "the WAL was deleted under an open Store")
+        first.set_config("max_retries", 5)
+        self.assertEqual(self.expect_success("config", "get", "max_retries"), "5\n")
+
+
 if __name__ == "__main__":
     unittest.main()
