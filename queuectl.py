@@ -2688,6 +2688,8 @@ class _Watcher:
         self.marks = {}
         self.depth = []         # (time, pending, failed, processing), every 10 s, a day's worth
         self.error = None
+        self.store = None
+        self.last, self.next_full, self.next_sample = None, 0.0, 0.0
         self.thread = threading.Thread(target=self.run, name="queuectl-watcher", daemon=True)
 
     def start(self):
@@ -2708,55 +2710,61 @@ class _Watcher:
             self.cond.wait_for(lambda: self.version != version or self.stopped, timeout)
             return self.version, dict(self.marks), self.stopped
 
+    def prime(self):
+        """The first pass, before the dashboard serves: counters and marks ready."""
+        self.store = Store(self.db_path, create=False)
+        self.counters.start(self.store)
+        self.poll()
+
+    def poll(self):
+        """One look at the database: new marks (and waiters woken) if it changed."""
+        now = time.time()
+        dv = self.store.data_version()
+        if dv == self.last and now < self.next_full and now < self.next_sample:
+            return
+        self.last, self.next_full = dv, now + 5.0
+        counts, max_seq, max_finished, workers = self.store.change_marks()
+        states = tuple((w["id"], w["job_id"], w["stop_requested"], worker_alive(w, now)) for w in workers)
+        marks = {"jobs": "%x" % (hash((tuple(counts.values()), max_seq)) & 0xffffffffffff),
+                 "runs": repr(max_finished),
+                 "workers": "%x" % (hash(states) & 0xffffffffffff),
+                 "depth": self.marks.get("depth", "0")}
+        if now >= self.next_sample:
+            self.next_sample = now + 10.0
+            self.depth.append((now, counts["pending"], counts["failed"], counts["processing"]))
+            del self.depth[:-8640]
+            marks["depth"] = "%d" % len(self.depth)
+        if marks["runs"] != self.marks.get("runs"):
+            self.counters.update(self.store)
+        with self.cond:
+            if marks != self.marks:
+                self.marks = marks
+                self.version += 1
+                self.cond.notify_all()
+
     def run(self):
-        store = None
-        last, next_full, next_sample = None, 0.0, 0.0
         try:
             while True:
                 with self.cond:
                     if self.cond.wait_for(lambda: self.stopped, DASHBOARD_WATCH_SECONDS):
                         return
                 try:
-                    if store is None:
-                        store = Store(self.db_path, create=False)
-                        self.counters.start(store)
-                    now = time.time()
-                    dv = store.data_version()
-                    if dv == last and now < next_full and now < next_sample:
-                        continue
-                    last, next_full = dv, now + 5.0
-                    counts, max_seq, max_finished, workers = store.change_marks()
-                    states = tuple((w["id"], w["job_id"], w["stop_requested"], worker_alive(w, now))
-                                   for w in workers)
-                    marks = {"jobs": "%x" % (hash((tuple(counts.values()), max_seq)) & 0xffffffffffff),
-                             "runs": repr(max_finished),
-                             "workers": "%x" % (hash(states) & 0xffffffffffff)}
-                    if now >= next_sample:
-                        next_sample = now + 10.0
-                        self.depth.append((now, counts["pending"], counts["failed"], counts["processing"]))
-                        del self.depth[:-8640]
-                        marks["depth"] = "%d" % len(self.depth)
+                    if self.store is None:
+                        self.prime()
                     else:
-                        marks["depth"] = self.marks.get("depth", "0")
-                    if marks["runs"] != self.marks.get("runs"):
-                        self.counters.update(store)
+                        self.poll()
                     self.error = None
-                    with self.cond:
-                        if marks != self.marks:
-                            self.marks = marks
-                            self.version += 1
-                            self.cond.notify_all()
                 except QueueError as e:
                     if str(e) != self.error:
                         _err("dashboard: %s" % e)
                     self.error = str(e)
-                    if store is not None:
-                        store.close()
-                    store = None
+                    if self.store is not None:
+                        self.store.close()
+                    self.store = None
                     time.sleep(1.0)
         finally:
-            if store is not None:
-                store.close()
+            if self.store is not None:
+                self.store.close()
 
 
 class Dashboard:
@@ -3733,14 +3741,15 @@ def run_dashboard(db_path, host="127.0.0.1", port=DASHBOARD_PORT, read_only=Fals
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     thread = threading.Thread(target=server.serve_forever, name="queuectl-dashboard", daemon=True)
     try:
+        app.watcher.prime()
         app.watcher.start()
         thread.start()
-        sys.stdout.write("http://%s:%d/?token=%s\n" % (shown, port, token))
-        sys.stdout.flush()
         if not loopback:
             _err("warning: the dashboard listens on %s, not only on this machine: anyone who can reach "
                  "port %d and has the token can see and change the queue (plain HTTP: put TLS in front)"
                  % (host, port))
+        sys.stdout.write("http://%s:%d/?token=%s\n" % (shown, port, token))
+        sys.stdout.flush()
         _err("dashboard for %s on port %d%s; Ctrl-C stops it" % (db_path, port, " (read-only)" if read_only else ""))
         signal.sigwait(stops)
     finally:
