@@ -3475,13 +3475,19 @@ def _dashboard_handler(app):
         def _post(self, path):
             if app.read_only:
                 raise _Forbidden("the dashboard is read-only")
+            # Same origin only: Origin must be ours, and Sec-Fetch-Site (set by
+            # browsers, never by pages) same-origin when sent. Our own pages'
+            # forms arrive with "Origin: null": Referrer-Policy no-referrer
+            # makes browsers send that; it is accepted only with Sec-Fetch-Site
+            # same-origin.
             origin = self.headers.get("Origin")
             host = self.headers.get("Host").lower()
-            if origin is None or origin.lower() != "http://" + host:
-                raise _Forbidden("cross-origin request refused (Origin %s)" % (origin or "missing"))
             site = self.headers.get("Sec-Fetch-Site")
             if site is not None and site != "same-origin":
                 raise _Forbidden("cross-site request refused (Sec-Fetch-Site %s)" % site)
+            if not (origin is not None and origin.lower() == "http://" + host or
+                    origin == "null" and site == "same-origin"):
+                raise _Forbidden("cross-origin request refused (Origin %s)" % (origin or "missing"))
             if self.headers.get("Transfer-Encoding"):
                 return self.send_error(411)
             try:

@@ -3592,6 +3592,8 @@ class TestDashboardServer(DashboardTestCase):
             ({"origin": "http://evil.example"}, 403),
             ({"origin": "http://localhost:%d" % dash.port}, 403),      # another origin, even if local
             ({"origin": "null"}, 403),
+            ({"origin": "null", "headers": {"Sec-Fetch-Site": "cross-site"}}, 403),
+            ({"origin": "http://evil.example", "headers": {"Sec-Fetch-Site": "same-origin"}}, 403),
             ({"headers": {"Sec-Fetch-Site": "cross-site"}}, 403),
             ({"headers": {"Sec-Fetch-Site": "same-site"}}, 403),
             ({"auth": None}, 401),
@@ -3606,6 +3608,11 @@ class TestDashboardServer(DashboardTestCase):
         status, headers, _ = dash.post("/actions/retry", form, headers={"Sec-Fetch-Site": "same-origin"})
         self.assertEqual(status, 303)
         self.assertEqual(headers["Location"], "/dlq?done=retried&n=1")
+        self.assertEqual(self.job(job_id)["state"], "pending")
+        # A browser posting our own form: no-referrer makes it send "Origin: null".
+        self.expect_success("cancel", job_id, err=None)
+        status, _, _ = dash.post("/actions/retry", form, origin="null", headers={"Sec-Fetch-Site": "same-origin"})
+        self.assertEqual(status, 303)
         self.assertEqual(self.job(job_id)["state"], "pending")
 
     def test_get_never_changes_anything(self):
@@ -3900,6 +3907,228 @@ class TestStoreLocks(QueueTestCase):
         self.assertTrue(os.path.exists(self.db + "-wal"), "the WAL was deleted under an open Store")
         first.set_config("max_retries", 5)
         self.assertEqual(self.expect_success("config", "get", "max_retries"), "5\n")
+
+
+def _browser_binaries():
+    """(chromedriver, chromium) paths, or None when either is missing."""
+    driver = shutil.which("chromedriver")
+    browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    return (driver, browser) if driver and browser else None
+
+
+class WebDriver:
+    """A chromedriver process and one headless Chromium session, spoken to in W3C
+    WebDriver JSON over urllib (no Python package needed)."""
+
+    def __init__(self, driver, browser, tmp):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.log = open(os.path.join(tmp, "chromedriver.log"), "wb")
+        self.proc = subprocess.Popen([driver, "--port=%d" % port], stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.base = "http://127.0.0.1:%d" % port
+        self.session = None
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            try:
+                if self._call("GET", "/status")["ready"]:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.quit()
+                raise AssertionError("chromedriver did not start")
+            time.sleep(0.05)
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,1000",
+                "--user-data-dir=" + os.path.join(tmp, "chromium-profile")]
+        caps = {"browserName": "chrome", "goog:chromeOptions": {"binary": browser, "args": args},
+                "goog:loggingPrefs": {"browser": "ALL", "performance": "ALL"}}
+        self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
+
+    def _call(self, method, path, body=None, timeout=DEADLINE):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with _HTTP.open(req, timeout=timeout) as resp:
+                return json.loads(resp.read())["value"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError("webdriver %s %s: %s" % (method, path, e.read()[:1000]))
+
+    def call(self, method, path, body=None):
+        return self._call(method, "/session/%s%s" % (self.session, path), body)
+
+    def go(self, url):
+        self.call("POST", "/url", {"url": url})
+
+    def js(self, script, *args):
+        return self.call("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def find(self, css):
+        found = self.call("POST", "/element", {"using": "css selector", "value": css})
+        return next(iter(found.values()))      # {"element-6066-...": id}
+
+    def click(self, css):
+        self.call("POST", "/element/%s/click" % self.find(css), {})
+
+    def screenshot(self, path):
+        import base64
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self.call("GET", "/screenshot")))
+
+    def logs(self, kind):
+        """Chromium's 'browser' (console) or 'performance' (DevTools) log since the last call."""
+        return self.call("POST", "/se/log", {"type": kind})
+
+    def cdp(self, cmd, params):
+        return self.call("POST", "/goog/cdp/execute", {"cmd": cmd, "params": params})
+
+    def quit(self):
+        if self.session is not None:
+            try:
+                self._call("DELETE", "/session/%s" % self.session, timeout=10)
+            except (AssertionError, OSError):
+                pass
+        if self.proc.poll() is None:
+            kill_session(self.proc.pid)
+        self.proc.wait(10)
+        self.log.close()
+
+
+#: Records what the page does that it must not: CSP violations and markup from job data run.
+_WATCH_PAGE = """
+window.__csp = [];
+document.addEventListener('securitypolicyviolation', function (e) {
+  window.__csp.push(e.violatedDirective + ' ' + e.blockedURI);
+});
+window.__xss = [];
+"""
+_EVIL = "<img src=x onerror=window.__xss.push(1)><script>window.__xss.push(2)</script>"
+
+
+class TestDashboardBrowser(DashboardTestCase):
+    """The dashboard in headless Chromium: what an operator sees and clicks, and what the page must never do."""
+
+    @classmethod
+    def setUpClass(cls):
+        found = _browser_binaries()
+        if found is None:
+            message = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+            if os.environ.get("CI") == "true":
+                raise AssertionError("CI=true: browser tests must run, but " + message)
+            sys.stderr.write("\nskipping the dashboard browser tests: %s\n" % message)
+            raise unittest.SkipTest(message)
+        cls.browser_tmp = tempfile.TemporaryDirectory(prefix="queuectl-browser-")
+        cls.driver = WebDriver(found[0], found[1], cls.browser_tmp.name)
+        cls.driver.cdp("Page.addScriptToEvaluateOnNewDocument", {"source": _WATCH_PAGE})
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.driver.quit()
+        cls.browser_tmp.cleanup()
+
+    def setUp(self):
+        super().setUp()
+        self.driver.logs("browser")
+        self.driver.logs("performance")
+
+    def open(self, dash, path="/"):
+        """Load a page the way a user does: the printed URL first (token -> cookie), then `path`."""
+        self.driver.go(dash.line)
+        if path != "/":
+            self.driver.go(dash.base + path)
+        self.wait_until(lambda: self.driver.js("return document.readyState") == "complete", message="page load")
+
+    def shot(self, name):
+        """Save a screenshot in the test's directory (and in $QUEUECTL_SCREENSHOTS, if set)."""
+        path = os.path.join(self.tmp, name + ".png")
+        self.driver.screenshot(path)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        if os.environ.get("QUEUECTL_SCREENSHOTS"):
+            shutil.copy(path, os.path.join(os.environ["QUEUECTL_SCREENSHOTS"], name + ".png"))
+        return path
+
+    def assert_page_behaved(self, dash):
+        """No CSP violation, no console error, no request to another origin, nothing from job data ran."""
+        self.assertEqual(self.driver.js("return window.__csp"), [])
+        self.assertEqual(self.driver.js("return window.__xss"), [])
+        errors = [e["message"] for e in self.driver.logs("browser") if e["level"] == "SEVERE"]
+        self.assertEqual(errors, [])
+        urls = []
+        for entry in self.driver.logs("performance"):
+            msg = json.loads(entry["message"])["message"]
+            if msg["method"] == "Network.requestWillBeSent":
+                urls.append(msg["params"]["request"]["url"])
+        self.assertTrue(urls, "the performance log recorded no request")
+        self.assertEqual([u for u in urls if not u.startswith(dash.base + "/")], [])
+
+    def test_overview_counts_equal_status_json(self):
+        """The overview's tiles show the counts `status --json` prints; a screenshot is saved."""
+        self.add("echo fine")
+        self.dead_jobs("exit 3")
+        self.add("echo waiting")
+        self.add("echo later", delay="1h")
+        dash = self.dashboard()
+        self.open(dash)
+        shown = self.driver.js("""
+            var out = {};
+            document.querySelectorAll('a.tile').forEach(function (t) {
+              out[t.querySelector('span').textContent] = parseInt(t.querySelector('b').textContent, 10);
+            });
+            return out;""")
+        self.assertEqual(shown, json.loads(self.expect_success("status", "--json"))["counts"])
+        self.shot("overview")
+        self.assert_page_behaved(dash)
+
+    def test_a_job_enqueued_from_the_cli_appears_within_2s_without_reload(self):
+        """Live updates: the jobs list and the counts change in place (the page is never reloaded)."""
+        self.add("echo first")
+        dash = self.dashboard()
+        self.open(dash, "/jobs")
+        self.wait_until(lambda: self.driver.js("return document.getElementById('live').textContent") == "live",
+                        message="the live indicator")
+        self.driver.js("window.__sameDocument = true;")
+        job_id = self.add("echo appears-live")
+        t0 = time.monotonic()
+        self.wait_until(lambda: job_id in self.driver.js("return document.querySelector('main').textContent"),
+                        timeout=2.0, message="job %s on the page" % job_id, interval=0.05)
+        self.assertLess(time.monotonic() - t0, 2.0)
+        self.assertTrue(self.driver.js("return window.__sameDocument === true"), "the page was reloaded")
+        self.assert_page_behaved(dash)
+
+    def test_clicking_retry_on_a_dlq_row_moves_it_to_pending(self):
+        """DLQ page: the row's retry button posts the action; the job is pending and the page says so."""
+        ids = self.dead_jobs("exit 3", "exit 4")
+        dash = self.dashboard()
+        self.open(dash, "/dlq")
+        self.shot("dlq")
+        self.driver.click('button[name=one][value="%s"]' % ids[0])
+        self.wait_until(lambda: self.job(ids[0])["state"] == "pending", message="the retried job to be pending")
+        self.assertEqual(self.job(ids[1])["state"], "dead")
+        self.wait_until(lambda: "1 job(s) moved back to pending" in self.driver.js(
+            "return document.body.textContent"), message="the confirmation on the page")
+        self.assert_page_behaved(dash)
+
+    def test_markup_in_job_data_adds_no_element_and_runs_nothing(self):
+        """A command and output full of <img onerror> and <script> show as text on every page."""
+        [job_id] = self.dead_jobs("echo '%s'; echo '%s' >&2; exit 3" % (_EVIL, _EVIL))
+        dash = self.dashboard()
+        for path in ("/", "/jobs", "/dlq", "/jobs/" + job_id, "/jobs?q=script"):
+            self.open(dash, path)
+            counts = self.driver.js("""return [document.querySelectorAll('img').length,
+                                               document.querySelectorAll('script').length,
+                                               document.querySelectorAll('[onerror]').length];""")
+            self.assertEqual(counts, [0, 1, 0], path)
+            if path != "/":
+                self.assertIn(_EVIL, self.driver.js("return document.querySelector('main').textContent"), path)
+            if path.startswith("/jobs/"):
+                self.shot("job")
+            self.assert_page_behaved(dash)
 
 
 if __name__ == "__main__":
