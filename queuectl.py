@@ -1389,22 +1389,30 @@ class Store:
             LIMIT ?""", (since, limit))
 
     def run_totals(self, bounds):
-        """Every finished run still stored, by (outcome, result_state): count,
-        summed duration and how many took <= each of `bounds` seconds. One
-        pass over the runs table: the dashboard reads it once, at start-up."""
-        cases = ", ".join("SUM(finished_at - started_at <= ?)" for _ in bounds)
+        """Every finished run still stored, as (outcome, result_state, bucket,
+        count, summed duration), bucket i holding durations <= bounds[i] (and
+        above the bound before; len(bounds): longer). One pass over the runs
+        table (about a second per million runs): the dashboard reads it once,
+        in the background, when it starts."""
+        case = " ".join("WHEN d <= ? THEN %d" % i for i in range(len(bounds)))
         return self._all("""
-            SELECT outcome, result_state, COUNT(*), SUM(finished_at - started_at), %s
-            FROM runs
-            WHERE finished_at IS NOT NULL
-            GROUP BY outcome, result_state""" % cases, list(bounds))
+            SELECT outcome, result_state, CASE %s ELSE %d END AS bucket, COUNT(*), SUM(d)
+            FROM (SELECT outcome, result_state, finished_at - started_at AS d
+                  FROM runs
+                  WHERE finished_at IS NOT NULL)
+            GROUP BY outcome, result_state, bucket""" % (case, len(bounds)), list(bounds))
+
+    def newest(self):
+        """(highest job seq, latest run finished_at, highest dead job's seq): None when none."""
+        return tuple(self._one("""
+            SELECT (SELECT MAX(seq) FROM jobs),
+                   (SELECT MAX(finished_at) FROM runs),
+                   (SELECT MAX(seq) FROM jobs WHERE state = 'dead')"""))
 
     def change_marks(self):
         """Cheap marks that change when the jobs, runs or workers shown change:
-        (counts, max seq, last finished_at, workers' (id, stop, pid, job))."""
-        counts = self.counts()
-        row = self._one("SELECT (SELECT MAX(seq) FROM jobs), (SELECT MAX(finished_at) FROM runs)")
-        return counts, row[0], row[1], self.workers()
+        (counts, max seq, last finished_at, max dead seq, workers as workers() gives them)."""
+        return (self.counts(),) + self.newest() + (self.workers(),)
 
 
 ###############################################################################
@@ -2374,8 +2382,8 @@ DASHBOARD_PORT = 8080
 DASHBOARD_PAGE = (50, 500)
 #: A search (or a DLQ group filter) looks at most this many jobs back per page.
 DASHBOARD_SCAN = 100000
-#: The DLQ page groups the newest this many dead jobs.
-DASHBOARD_DLQ_GROUP_SCAN = 20000
+#: The DLQ page groups the newest this many dead jobs (cached until the DLQ changes).
+DASHBOARD_DLQ_GROUP_SCAN = 10000
 #: "Retry all matching" moves at most this many jobs per click.
 DASHBOARD_RETRY_MAX = 100000
 #: Largest POST body (bytes) and longest request target accepted.
@@ -2617,26 +2625,33 @@ class _RunCounters:
         import threading
         self.lock = threading.Lock()
         self.totals = {o: [0, 0.0, [0] * len(DURATION_BUCKETS)] for o in RUN_OUTCOMES}
+        self.ready = threading.Event()
         self.seen = {}          # (job_id, run) -> finished_at, for runs that may show up again
         self.since = None       # the next read starts here
         self.cost = 0.0
         self.next_at = 0.0
 
-    def _add(self, outcome, result_state, count, total, below):
+    def _add(self, outcome, result_state, bucket, count, total):
         t = self.totals[run_outcome(outcome, result_state)]
         t[0] += count
         t[1] += total or 0.0
-        for i, n in enumerate(below):
-            t[2][i] += n or 0
+        for i in range(bucket, len(DURATION_BUCKETS)):     # cumulative, as Prometheus wants
+            t[2][i] += count
+
+    @staticmethod
+    def bucket(duration):
+        return next((i for i, b in enumerate(DURATION_BUCKETS) if (duration or 0.0) <= b), len(DURATION_BUCKETS))
 
     def start(self, store):
+        """Totals from every run stored, and the runs near the end marked as seen
+        (one read transaction, so that no run is counted twice or missed)."""
         with self.lock, store.snapshot():
             for row in store.run_totals(DURATION_BUCKETS):
-                self._add(row[0], row[1], row[2], row[3], row[4:])
-            newest = store._one("SELECT MAX(finished_at) FROM runs")[0]
-            self.since = (newest or time.time()) - _RUN_COMMIT_SLACK
+                self._add(*row)
+            self.since = (store.newest()[1] or time.time()) - _RUN_COMMIT_SLACK
             for job_id, run, finished_at, _, _, _ in self._read(store, self.since):
                 self.seen[(job_id, run)] = finished_at
+        self.ready.set()
 
     def _read(self, store, since):
         rows = []
@@ -2658,8 +2673,7 @@ class _RunCounters:
                 if (job_id, run) in self.seen:
                     continue
                 self.seen[(job_id, run)] = finished_at
-                self._add(outcome, state, 1, duration,
-                          [1 if (duration or 0) <= b else 0 for b in DURATION_BUCKETS])
+                self._add(outcome, state, self.bucket(duration), 1, duration)
             if self.seen:
                 self.since = max(self.since, max(self.seen.values()) - _RUN_COMMIT_SLACK)
                 self.seen = {k: v for k, v in self.seen.items() if v >= self.since}
@@ -2678,10 +2692,11 @@ class _Watcher:
     workers, depth). Open pages get the marks over SSE and re-fetch only the
     parts whose topic changed; no page ever polls the database itself."""
 
-    def __init__(self, db_path, counters):
+    def __init__(self, db_path, counters, on_runs):
         import threading
         self.db_path = db_path
         self.counters = counters
+        self.on_runs = on_runs      # called with the store when runs finished (and each minute)
         self.cond = threading.Condition()
         self.stopped = False
         self.version = 0
@@ -2689,7 +2704,7 @@ class _Watcher:
         self.depth = []         # (time, pending, failed, processing), every 10 s, a day's worth
         self.error = None
         self.store = None
-        self.last, self.next_full, self.next_sample = None, 0.0, 0.0
+        self.last, self.next_full, self.next_sample, self.next_runs = None, 0.0, 0.0, 0.0
         self.thread = threading.Thread(target=self.run, name="queuectl-watcher", daemon=True)
 
     def start(self):
@@ -2711,9 +2726,9 @@ class _Watcher:
             return self.version, dict(self.marks), self.stopped
 
     def prime(self):
-        """The first pass, before the dashboard serves: counters and marks ready."""
+        """The first pass, before the dashboard serves: marks ready (the run
+        counters and stats follow in the thread: they read every run)."""
         self.store = Store(self.db_path, create=False)
-        self.counters.start(self.store)
         self.poll()
 
     def poll(self):
@@ -2723,10 +2738,11 @@ class _Watcher:
         if dv == self.last and now < self.next_full and now < self.next_sample:
             return
         self.last, self.next_full = dv, now + 5.0
-        counts, max_seq, max_finished, workers = self.store.change_marks()
+        counts, max_seq, max_finished, max_dead, workers = self.store.change_marks()
         states = tuple((w["id"], w["job_id"], w["stop_requested"], worker_alive(w, now)) for w in workers)
         marks = {"jobs": "%x" % (hash((tuple(counts.values()), max_seq)) & 0xffffffffffff),
                  "runs": repr(max_finished),
+                 "dlq": "%d.%s" % (counts["dead"], max_dead),
                  "workers": "%x" % (hash(states) & 0xffffffffffff),
                  "depth": self.marks.get("depth", "0")}
         if now >= self.next_sample:
@@ -2734,8 +2750,10 @@ class _Watcher:
             self.depth.append((now, counts["pending"], counts["failed"], counts["processing"]))
             del self.depth[:-8640]
             marks["depth"] = "%d" % len(self.depth)
-        if marks["runs"] != self.marks.get("runs"):
+        if marks["runs"] != self.marks.get("runs") or now >= self.next_runs:
+            self.next_runs = now + 60.0
             self.counters.update(self.store)
+            self.on_runs(self.store)
         with self.cond:
             if marks != self.marks:
                 self.marks = marks
@@ -2751,8 +2769,10 @@ class _Watcher:
                 try:
                     if self.store is None:
                         self.prime()
-                    else:
-                        self.poll()
+                    if not self.counters.ready.is_set():
+                        self.counters.start(self.store)
+                        self.on_runs(self.store)
+                    self.poll()
                     self.error = None
                 except QueueError as e:
                     if str(e) != self.error:
@@ -2780,8 +2800,9 @@ class Dashboard:
         self.cookie = "queuectl_%d" % port
         self.pool = _StorePool(db_path)
         self.counters = _RunCounters()
-        self.watcher = _Watcher(db_path, counters=self.counters)
+        self.watcher = _Watcher(db_path, counters=self.counters, on_runs=self.refresh_stats)
         self.stats_cache = (None, None, 0.0, 0.0)     # key, value, computed at, cost
+        self.groups_cache = (None, None)                # dlq mark, dead_groups()
         import threading
         self.stats_lock = threading.Lock()
         self.streams = threading.BoundedSemaphore(DASHBOARD_MAX_STREAMS)
@@ -2795,17 +2816,25 @@ class Dashboard:
             w["alive"] = worker_alive(w, now)
         return {"counts": counts, "workers": [worker_to_json(w) for w in workers]}, workers
 
-    def stats(self, store, now, mark):
-        """`stats` for the last hour and day (compute_stats over finished_runs,
-        as the command does) and the chart series, cached per runs mark and
-        recomputed at most every 10 times its own cost (at least 1 s)."""
+    def stats(self, store):
+        """`stats` for the last hour and day plus the chart series, as the
+        watcher last computed them (computed here only before its first time)."""
+        value = self.stats_cache[1]
+        return value if value is not None else self.refresh_stats(store, force=True)
+
+    def refresh_stats(self, store, force=False):
+        """compute_stats over finished_runs, as the `stats` command does, and
+        the chart series from the same rows; run by the watcher when runs
+        finished, at most every 10 times its own cost (at least 1 s)."""
         with self.stats_lock:
-            key, value, at, cost = self.stats_cache
-            if value is not None and (key == mark or time.monotonic() - at < max(1.0, 10 * cost)):
+            _, value, at, cost = self.stats_cache
+            if not force and value is not None and time.monotonic() - at < max(1.0, 10 * cost):
                 return value
             t0 = time.monotonic()
+            now = time.time()
             rows = store.finished_runs(now - 86400)
-            value = {"last_hour": compute_stats(rows, now, 3600), "last_day": compute_stats(rows, now, 86400)}
+            value = {"last_hour": compute_stats(rows, now, 3600), "last_day": compute_stats(rows, now, 86400),
+                     "at": now}
             minutes = [[0, 0] for _ in range(60)]
             hours = [[0, 0] for _ in range(24)]
             durations = [[] for _ in range(24)]
@@ -2829,9 +2858,16 @@ class Dashboard:
             value["hours"] = hours
             value["p50"] = [_percentile(d, 0.5) for d in durations]
             value["p95"] = [_percentile(d, 0.95) for d in durations]
-            cost = time.monotonic() - t0
-            self.stats_cache = (mark, value, time.monotonic(), cost)
+            self.stats_cache = (None, value, time.monotonic(), time.monotonic() - t0)
             return value
+
+    def dead_groups(self, store, mark):
+        """store.dead_groups(), cached until the DLQ changes (the watcher's dlq mark)."""
+        key, groups = self.groups_cache
+        if key != mark or mark is None:
+            groups = store.dead_groups(DASHBOARD_DLQ_GROUP_SCAN)
+            self.groups_cache = (mark, groups)
+        return groups
 
     def latency(self, store, now):
         oldest = store.oldest_due(now)
@@ -2839,6 +2875,8 @@ class Dashboard:
 
     def metrics(self):
         """Prometheus text exposition format."""
+        if not self.counters.ready.wait(DASHBOARD_SOCKET_TIMEOUT):
+            raise QueueError("the run counters are still being read from the database; try again")
         now = time.time()
         with self.pool.store() as store:
             self.counters.update(store, force=True)
@@ -2942,7 +2980,7 @@ class Dashboard:
                 n["alive"], n["stopping"], n["lost"], stop, "".join(rows))
 
         def stats_html():
-            st = self.stats(store, now, marks.get("runs"))
+            st = self.stats(store)
             rows = [("completed", "completed", str), ("failed runs", "failed_runs", str), ("dead", "dead", str),
                     ("success rate", "success_rate",
                      lambda v: "-" if v is None else "%.1f%%" % (v * 100)),
@@ -2952,10 +2990,10 @@ class Dashboard:
             table = "".join("<tr><th>%s</th><td class=\"num\">%s</td><td class=\"num\">%s</td></tr>" % (
                 label, _h(fmt(st["last_hour"][k])), _h(fmt(st["last_day"][k]))) for label, k, fmt in rows)
             mins = [(c, f, "%s: %d completed, %d failed" % (
-                time.strftime("%H:%M", time.localtime(now - (59 - i) * 60)), c, f))
+                time.strftime("%H:%M", time.localtime(st["at"] - (59 - i) * 60)), c, f))
                 for i, (c, f) in enumerate(st["minutes"])]
             hours = [(c, f, "%s: %d completed, %d failed" % (
-                time.strftime("%H:00", time.localtime(now - (23 - i) * 3600)), c, f))
+                time.strftime("%H:00", time.localtime(st["at"] - (23 - i) * 3600)), c, f))
                 for i, (c, f) in enumerate(st["hours"])]
             depth = [d for d in self.watcher.depth if d[0] >= now - 3600]
             return ("<div class=\"cols\"><div><h2>Last hour and day</h2><table class=\"stats\"><thead><tr><th></th>"
@@ -3162,7 +3200,7 @@ class Dashboard:
         here = "/dlq" + ("?" + q["_query"] if q.get("_query") else "")
 
         def groups_html():
-            groups = store.dead_groups(DASHBOARD_DLQ_GROUP_SCAN)
+            groups = self.dead_groups(store, marks.get("dlq"))
             total = store.counts()["dead"]
             rows = []
             for g in groups:
@@ -3227,7 +3265,7 @@ class Dashboard:
                     "%s<div class=\"bar\"><button class=\"sel-retry\">Retry selected</button></div></form>"
                     "<nav class=\"pager\">%s</nav>") % (title, _h(here), table, pager)
 
-        return "DLQ", "DLQ", [("groups", "jobs", groups_html), ("list", "jobs", list_html)]
+        return "DLQ", "DLQ", [("groups", "dlq", groups_html), ("list", "dlq", list_html)]
 
     def page_confirm(self, store, q, now, marks, what):
         if self.read_only:
@@ -3235,7 +3273,7 @@ class Dashboard:
         back = "/dlq" if what != "worker-stop" else "/"
         if what == "retry":
             group = self._group(q)
-            upto = store._one("SELECT MAX(seq) FROM jobs")[0] or 0
+            upto = store.newest()[0] or 0
             n = store.count_matching("dead", outcome=group, upto=upto, cap=DASHBOARD_RETRY_MAX)
             which = "every dead job" if group is None else "every dead job with outcome <b>%s</b>" % _h(
                 _group_label(*group))
@@ -3594,9 +3632,9 @@ def _dashboard_handler(app):
                 if path == "/api/status":
                     return self._json(app.status_json(store, now)[0])
                 if path == "/api/stats":
-                    rows = store.finished_runs(now - 86400)
-                    return self._json({"last_hour": compute_stats(rows, now, 3600),
-                                       "last_day": compute_stats(rows, now, 86400), "counts": store.counts()})
+                    stats = app.stats(store)
+                    return self._json({"last_hour": stats["last_hour"], "last_day": stats["last_day"],
+                                       "counts": store.counts()})
                 if path == "/api/jobs":
                     state = q.get("state") or None
                     _check_state(state)
@@ -3605,7 +3643,7 @@ def _dashboard_handler(app):
                     nxt = jobs[-1]["seq"] if len(jobs) == app._limit(q) else low
                     return self._json({"jobs": [job_to_json(j) for j in jobs], "next_before": nxt})
                 if path == "/api/dlq":
-                    return self._json({"groups": store.dead_groups(DASHBOARD_DLQ_GROUP_SCAN)})
+                    return self._json({"groups": app.dead_groups(store, app.watcher.current()[1].get("dlq"))})
                 if len(parts) == 3 and parts[1] == "jobs":
                     job_id = urllib.parse.unquote(parts[2])
                     data = job_to_json(store.get(job_id))
