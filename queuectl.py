@@ -3004,7 +3004,7 @@ class Dashboard:
                     "<figure><figcaption>Runs per hour, last day</figcaption>%s</figure>"
                     "<figure><figcaption>Run duration per hour, last day <span class=\"key p50\">p50</span>"
                     "<span class=\"key p95\">p95</span></figcaption>%s</figure>"
-                    "<figure><figcaption>Queue depth since %s <span class=\"key pending\">pending</span>"
+                    "<figure><figcaption>Queue depth <small>every 10 s since %s</small> <span class=\"key pending\">pending</span>"
                     "<span class=\"key failed\">failed</span><span class=\"key processing\">processing</span>"
                     "</figcaption>%s</figure></div></div>") % (
                 table, _svg_bars(mins, ("-60m", "now"), "runs per minute"),
@@ -3018,8 +3018,20 @@ class Dashboard:
                            ("dashboard start" if depth and depth[0][0] > now - 3590 else "-60m", "now"),
                            "queue depth", fmt=lambda v: "%d" % v))
 
+        def dead_html():
+            jobs, _ = store.find_jobs("dead", limit=8)
+            if not jobs:
+                return ""
+            rows = "".join("<tr><td><a class=\"id\" href=\"/jobs/%s\">%s</a></td><td>%s</td><td>%s</td>"
+                           "<td class=\"cmd\" title=\"%s\"><code>%s</code></td></tr>" % (
+                               _q(j["id"]), _h(j["id"]), _h(j["outcome"]), _ago(j["updated_at"], now),
+                               _h(_short(j["command"], 2000)), _h(_short(j["command"]))) for j in jobs)
+            return ("<h2>Newest in the DLQ <a class=\"small\" href=\"/dlq\">DLQ \u2192</a></h2><table class=\"jobs\">"
+                    "<thead><tr><th>ID</th><th>Last outcome</th><th>Died</th><th>Command</th></tr></thead>"
+                    "<tbody>%s</tbody></table>") % rows
+
         return "Overview", "Overview", [("counts", "jobs", counts_html), ("workers", "workers jobs", workers_html),
-                                        ("stats", "runs depth", stats_html)]
+                                        ("stats", "runs depth", stats_html), ("dead", "dlq", dead_html)]
 
     def _limit(self, q):
         try:
@@ -3101,9 +3113,7 @@ class Dashboard:
             job = store.get(job_id)
             runs = store.recent_runs(job_id, 100)
             data = job_to_json(job)
-            fields = [("id", '<code>%s</code>' % _h(job["id"])), ("state", _badge(job["state"])),
-                      ("command", "<pre class=\"command\">%s</pre>" % _h(strip_ansi(job["command"]))),
-                      ("attempts", _h(_attempts(job))), ("priority", _h(job["priority"])),
+            fields = [("attempts", _h(_attempts(job))), ("priority", _h(job["priority"])),
                       ("run at", _ago(job["run_at"], now)),
                       ("timeout", _h("-" if job["timeout"] is None else format_seconds(job["timeout"]))),
                       ("created", _ago(job["created_at"], now)), ("updated", _ago(job["updated_at"], now)),
@@ -3135,8 +3145,10 @@ class Dashboard:
                      "<th>Finished</th><th class=\"num\">Duration</th><th class=\"num\">Exit</th><th>Outcome</th>"
                      "<th>Then</th><th class=\"num\">Out / err bytes</th></tr></thead><tbody>%s</tbody></table>"
                      % "".join(rows)) if rows else ""
-            return ("<div class=\"head\"><h1>Job <code>%s</code></h1>%s</div><dl class=\"fields\">%s</dl>"
-                    "<h2>Runs</h2>%s%s") % (_h(job_id), acts, dl, timeline, table)
+            return ("<div class=\"head\"><h1>Job <code>%s</code> %s</h1>%s</div><pre class=\"command\">%s</pre>"
+                    "<dl class=\"fields\">%s</dl><h2>Runs <small>%d shown</small></h2>%s%s") % (
+                _h(job_id), _badge(job["state"]), acts, _h(strip_ansi(job["command"])), dl, len(runs),
+                timeline, table)
 
         def output_html():
             found = store.run_output(job_id, pick)
@@ -3162,7 +3174,7 @@ class Dashboard:
         """The runs as bars on one time axis (SVG)."""
         start = runs[0]["started_at"]
         end = max([r["finished_at"] or now for r in runs] + [start + 0.001])
-        width, row = 600.0, 14.0
+        width, row = 1200.0, 12.0
         height = row * len(runs) + 16
         scale = width / (end - start)
         out = ['<svg class="timeline" viewBox="0 0 %d %d" role="img" aria-label="runs">' % (width, height)]
@@ -3862,8 +3874,10 @@ table.stats th { text-transform: none; font-size: 12px; color: var(--fg); backgr
 .badge.s-dead, .badge.s-lost { background: #fbe1e1; color: var(--dead); }
 .cols { display: grid; grid-template-columns: minmax(260px, 1fr) 3fr; gap: 20px; }
 .charts { display: grid; grid-template-columns: 1fr 1fr; gap: 10px 16px; margin-top: 20px; }
+.cols h2 { margin-top: 20px; } .cols .charts { margin-top: 47px; }
 figure { margin: 0; background: var(--card); border: 1px solid var(--line); border-radius: 6px; padding: 8px 10px; }
 figcaption { font-size: 12px; font-weight: 600; margin-bottom: 4px; }
+figcaption small { font-weight: 400; color: var(--muted); }
 .key { font-weight: 400; color: var(--muted); margin-left: 10px; }
 .key::before { content: ""; display: inline-block; width: 9px; height: 9px; border-radius: 2px; margin-right: 4px;
   vertical-align: -1px; background: #888; }
@@ -3871,7 +3885,9 @@ figcaption { font-size: 12px; font-weight: 600; margin-bottom: 4px; }
 .key.p50::before { background: var(--processing); } .key.p95::before { background: #7b61c9; }
 .key.pending::before { background: var(--pending); } .key.failed::before { background: var(--failed); }
 .key.processing::before { background: var(--processing); }
-svg.chart { width: 100%; height: auto; display: block; } svg.timeline { width: 100%; max-width: 900px; height: auto; }
+svg.chart { width: 100%; height: auto; display: block; }
+svg.timeline { width: 100%; height: auto; display: block; background: var(--card); border: 1px solid var(--line);
+  border-radius: 6px; padding: 6px 8px; margin-bottom: 8px; }
 svg text { font-size: 10px; fill: var(--muted); }
 svg .axis { stroke: var(--line); } svg .ok { fill: var(--ok); } svg .bad { fill: var(--bad); }
 svg .run { fill: var(--processing); } svg .hit { fill: transparent; } svg g:hover .hit { fill: rgba(0,0,0,.05); }
@@ -3893,11 +3909,12 @@ form.inline { display: inline; margin: 0; }
 .bar { margin: 8px 0; } .pager { margin: 10px 0; display: flex; gap: 14px; }
 .flash { background: #e3f9e5; border: 1px solid #a6e3b5; padding: 6px 12px; border-radius: 4px; }
 .note, .empty { color: var(--muted); }
-dl.fields { display: grid; grid-template-columns: 120px 1fr; gap: 3px 12px; background: var(--card);
-  border: 1px solid var(--line); border-radius: 6px; padding: 10px 14px; margin: 0; }
+dl.fields { display: grid; grid-template-columns: repeat(3, 100px minmax(0, 1fr)); gap: 4px 12px;
+  background: var(--card); border: 1px solid var(--line); border-radius: 6px; padding: 10px 14px; margin: 10px 0 0; }
 dl.fields dt { color: var(--muted); } dl.fields dd { margin: 0; min-width: 0; }
 pre { margin: 0; white-space: pre-wrap; word-break: break-all; }
-pre.command { background: #f3f5f7; padding: 4px 8px; border-radius: 4px; }
+pre.command { background: var(--card); border: 1px solid var(--line); padding: 8px 12px; border-radius: 6px;
+  max-height: 240px; overflow: auto; }
 pre.output { background: #1f2933; color: #e4e7eb; padding: 10px 12px; border-radius: 6px; max-height: 480px;
   overflow: auto; }
 fieldset { border: 0; padding: 0; margin: 10px 0; display: flex; gap: 16px; }

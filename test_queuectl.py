@@ -4090,6 +4090,38 @@ class TestDashboardBrowser(DashboardTestCase):
         self.shot("overview")
         self.assert_page_behaved(dash)
 
+    def test_screenshot_of_a_busy_queue(self):
+        """A day of history (made through the Store with injected times) and a live pool: the overview
+        shows it all, with no error; the screenshot is the README's (QUEUECTL_SCREENSHOTS=docs)."""
+        rng = random.Random(8)
+        now = time.time()
+        self.init_db()
+        with queuectl.Store(self.db) as store:
+            wid = "%s:%d:1" % (queuectl.this_host(), os.getpid())
+            for i, t in enumerate(sorted(now - 86400 * rng.random() ** 2.5 for _ in range(400))):
+                store.enqueue([{"command": "backup-db --shard %d" % (i % 12), "cwd": self.tmp,
+                                "max_retries": 0}], now=t)
+                started = t + rng.random() * 3
+                job = store.claim(wid, now=started)
+                code = 0 if rng.random() > 0.06 else rng.choice((1, 2, 75))
+                result = queuectl.RunResult(code, "exit %d" % code, b"done\n")
+                store.finish(job["id"], job["run"], wid, result, now=started + rng.lognormvariate(0.3, 0.9))
+        for i in range(3):
+            self.add("sleep 30 # report %d" % i, priority=1)
+        for i in range(25):
+            self.add("resize-images --batch %d" % i)
+        pool = self.start_pool("--count", "3")
+        self.wait_until(lambda: sum(w["job"] is not None for w in json.loads(
+            self.expect_success("status", "--json"))["workers"]) == 3, message="3 busy workers")
+        dash = self.dashboard()
+        self.open(dash)
+        rows = self.driver.js("""return Array.from(document.querySelectorAll('section.region'), function (r) {
+            return [r.getAttribute('data-region'), r.querySelectorAll('tbody tr').length]; });""")
+        self.assertEqual(rows, [["counts", 0], ["workers", 3], ["stats", 8], ["dead", 8]])
+        self.shot("dashboard")
+        self.assert_page_behaved(dash)
+        self.stop_pool(pool)
+
     def test_a_job_enqueued_from_the_cli_appears_within_2s_without_reload(self):
         """Live updates: the jobs list and the counts change in place (the page is never reloaded)."""
         self.add("echo first")
