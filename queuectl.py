@@ -3932,17 +3932,25 @@ _DASH_JS = r"""
   var marks = JSON.parse(body.getAttribute("data-marks") || "{}");
   var skew = parseFloat(body.getAttribute("data-now")) - Date.now() / 1000;
   var live = document.getElementById("live");
-  var source = null, busy = {}, again = {};
+  var source = null, busy = {}, again = {}, last = {}, timer = {};
 
   function setLive(state, text) {
     live.className = "live " + state;
     live.textContent = text;
   }
 
+  // One fetch per region at a time, and at most one a second: a busy queue
+  // changes every few milliseconds; the page shows the latest within a second.
   function refresh(el) {
     var name = el.getAttribute("data-region");
     if (busy[name]) { again[name] = true; return; }
+    var wait = (last[name] || 0) + 1000 - Date.now();
+    if (wait > 0) {
+      if (!timer[name]) { timer[name] = setTimeout(function () { timer[name] = null; refresh(el); }, wait); }
+      return;
+    }
     busy[name] = true;
+    last[name] = Date.now();
     var url = new URL(location.href);
     url.searchParams.delete("done");
     url.searchParams.delete("n");
