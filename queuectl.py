@@ -2876,7 +2876,7 @@ class Dashboard:
     def metrics(self):
         """Prometheus text exposition format."""
         if not self.counters.ready.wait(DASHBOARD_SOCKET_TIMEOUT):
-            raise QueueError("the run counters are still being read from the database; try again")
+            raise _Unavailable("the run counters are still being read from the database; try again")
         now = time.time()
         with self.pool.store() as store:
             self.counters.update(store, force=True)
@@ -3065,8 +3065,10 @@ class Dashboard:
                     '<option value="">all states (%d)</option>%s</select>'
                     '<input type="search" name="q" value="%s" placeholder="id prefix or command text" '
                     'aria-label="search">'
-                    '<input type="hidden" name="limit" value="%d"><button>Filter</button></form>') % (
-                sum(counts.values()), options, _h(text or ""), limit)
+                    '<select name="limit" aria-label="page size">%s</select><button>Filter</button></form>') % (
+                sum(counts.values()), options, _h(text or ""),
+                "".join('<option value="%d"%s>%d a page</option>' % (n, " selected" if n == limit else "", n)
+                        for n in sorted({50, 100, 200, DASHBOARD_PAGE[1], limit})))
             exact = ""
             if text and before is None and valid_job_id(text) and store.states([text]):
                 exact = '<p class="note">Job <a href="/jobs/%s">%s</a> has exactly this id.</p>' % (
@@ -3382,6 +3384,10 @@ class _Unauthorized(QueueError):
     pass
 
 
+class _Unavailable(QueueError):
+    pass
+
+
 def _dashboard_handler(app):
     """The request handler class for `app` (http.server imported here only)."""
     import hmac
@@ -3476,6 +3482,8 @@ def _dashboard_handler(app):
                 self._error(403, str(e))
             except JobNotFound as e:
                 self._error(404, str(e))
+            except _Unavailable as e:
+                self._error(503, str(e))
             except QueueError as e:
                 self._error(409 if self.command == "POST" else 400, str(e))
 
