@@ -645,6 +645,11 @@ class Store:
                 # connections (the dashboard opens several).
                 if not os.path.exists(path):
                     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+                elif not os.access(path, os.R_OK | os.W_OK):
+                    import errno
+                    readonly = os.statvfs(path).f_flag & os.ST_RDONLY
+                    raise OSError(errno.EROFS if readonly else errno.EACCES,
+                                  os.strerror(errno.EROFS if readonly else errno.EACCES))
             except OSError as e:
                 raise StoreError("cannot open database %s: %s" % (path, e.strerror or e))
         try:
@@ -3422,8 +3427,9 @@ def _dashboard_handler(app):
                 self.wfile.write(body)
 
         def _page(self, code, title, text):
+            # No stylesheet: these pages are also what a visitor without the token gets.
             body = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>%s</title>"
-                    "<link rel=\"stylesheet\" href=\"/static/app.css\"></head><body><main class=\"msg\"><h1>%s</h1>"
+                    "</head><body><main class=\"msg\"><h1>%s</h1>"
                     "<p>%s</p><p><a href=\"/\">Overview</a></p></main></body></html>\n") % (
                 _h(title), _h(title), _h(text))
             self._send(code, body.encode())
@@ -3499,8 +3505,6 @@ def _dashboard_handler(app):
             query = urllib.parse.parse_qs(url.query, max_num_fields=50)
             if path == "/healthz":
                 return self._healthz()
-            if path.startswith("/static/") and self.command in ("GET", "HEAD"):
-                return self._static(path)       # public: the page's own script and style
             cookie = self._cookie_token()
             if self.command in ("GET", "HEAD") and "token" in query:
                 if not self._token_ok(query["token"][0]):
@@ -3579,6 +3583,8 @@ def _dashboard_handler(app):
             q = {k: v[0] for k, v in query.items()}
             q["_query"] = urllib.parse.urlencode([(k, v) for k, vs in query.items()
                                                   if k not in ("done", "n", "fragment") for v in vs])
+            if path.startswith("/static/"):
+                return self._static(path)
             if path == "/events":
                 return self._events()
             if path == "/metrics":

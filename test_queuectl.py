@@ -3541,7 +3541,8 @@ class TestDashboardServer(DashboardTestCase):
         """No token, a wrong cookie, a wrong ?token= or Bearer on a page: 401, and nothing leaks."""
         self.add("echo secret-command")
         dash = self.dashboard()
-        for path in ("/", "/jobs", "/dlq", "/api/status", "/api/jobs", "/metrics", "/events"):
+        for path in ("/", "/jobs", "/dlq", "/api/status", "/api/jobs", "/metrics", "/events", "/static/app.js",
+                     "/jobs/nope", "/confirm/retry"):
             for auth in (None, "wrong"):
                 headers = {"Cookie": "%s=%s" % (dash.cookie.split("=")[0], "x" * 43)} if auth else {}
                 status, headers_out, body = dash.request(path, auth=None, headers=headers)
