@@ -3846,6 +3846,26 @@ class TestDashboardServer(DashboardTestCase):
         self.assertEqual(dash.request("/jobs?q=" + "x" * 10000)[0], 414)
         self.assertEqual(dash.request("/", method="PUT")[0], 405)
 
+    def test_stalled_clients_neither_block_others_nor_stay_connected(self):
+        """Slow-loris: half-sent requests do not hold up other requests and are dropped at the
+        socket timeout (20 s)."""
+        dash = self.dashboard()
+        import socket
+        stalled = []
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", dash.port), timeout=DEADLINE + 20)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: " + dash.host.encode() + b"\r\n")
+            stalled.append(s)
+            self.addCleanup(s.close)
+        t0 = time.monotonic()
+        self.assertEqual(dash.get("/healthz", auth=None), "ok\n")
+        self.assertLess(time.monotonic() - t0, 2.0)
+        for s in stalled:
+            self.assertEqual(s.recv(100), b"")      # closed by the server, not by us
+        waited = time.monotonic() - t0
+        self.assertGreater(waited, queuectl.DASHBOARD_SOCKET_TIMEOUT - 2)
+        self.assertLess(waited, queuectl.DASHBOARD_SOCKET_TIMEOUT + 10)
+
     def test_live_events_push_a_change_mark(self):
         """/events sends the current marks at once and new ones within 2 s of a CLI enqueue."""
         dash = self.dashboard()
