@@ -4159,6 +4159,25 @@ class TestDashboardBrowser(DashboardTestCase):
         self.assertTrue(self.driver.js("return window.__sameDocument === true"), "the page was reloaded")
         self.assert_page_behaved(dash)
 
+    def test_a_hidden_tab_stops_listening_and_catches_up_when_shown(self):
+        """visibilitychange to hidden closes the event stream (no updates); shown again, it reconnects
+        and fetches what changed meanwhile."""
+        dash = self.dashboard()
+        self.open(dash, "/jobs")
+        live = "return document.getElementById('live').textContent"
+        self.wait_until(lambda: self.driver.js(live) == "live", message="the live indicator")
+        self.driver.js("""Object.defineProperty(document, 'hidden', {value: true, configurable: true});
+                          document.dispatchEvent(new Event('visibilitychange'));""")
+        self.assertEqual(self.driver.js(live), "paused")
+        job_id = self.add("echo while-hidden")
+        time.sleep(1.5)
+        self.assertNotIn(job_id, self.driver.js("return document.querySelector('main').textContent"))
+        self.driver.js("""Object.defineProperty(document, 'hidden', {value: false, configurable: true});
+                          document.dispatchEvent(new Event('visibilitychange'));""")
+        self.wait_until(lambda: job_id in self.driver.js("return document.querySelector('main').textContent"),
+                        timeout=3.0, message="the page to catch up", interval=0.05)
+        self.assert_page_behaved(dash)
+
     def test_clicking_retry_on_a_dlq_row_moves_it_to_pending(self):
         """DLQ page: the row's retry button posts the action; the job is pending and the page says so."""
         ids = self.dead_jobs("exit 3", "exit 4")
