@@ -1069,7 +1069,7 @@ class OpenPage:
     """What an open overview page does (as its script does): listen on /events and
     re-fetch the regions whose topics changed, one fetch per region at a time."""
 
-    REGIONS = {"counts": "jobs", "workers": "workers jobs", "stats": "runs depth", "dead": "dlq"}
+    REGIONS = {"counts": "jobs", "workers": "workers jobs", "stats": "stats depth", "dead": "dlq"}
 
     def __init__(self, dash):
         import threading

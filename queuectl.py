@@ -2701,7 +2701,9 @@ class _Watcher:
         import threading
         self.db_path = db_path
         self.counters = counters
-        self.on_runs = on_runs      # called with the store when runs finished (and each minute)
+        self.on_runs = on_runs      # on_runs(store): recompute stats; False when it had to wait
+        self.stats_dirty = True
+        self.stats_version = 0
         self.cond = threading.Condition()
         self.stopped = False
         self.version = 0
@@ -2734,13 +2736,14 @@ class _Watcher:
         """The first pass, before the dashboard serves: marks ready (the run
         counters and stats follow in the thread: they read every run)."""
         self.store = Store(self.db_path, create=False)
-        self.poll()
+        self.poll(stats=False)
 
-    def poll(self):
-        """One look at the database: new marks (and waiters woken) if it changed."""
+    def poll(self, stats=True):
+        """One look at the database: new marks (and waiters woken) if it changed;
+        the stats recomputed when runs finished (unless `stats` is False)."""
         now = time.time()
         dv = self.store.data_version()
-        if dv == self.last and now < self.next_full and now < self.next_sample:
+        if dv == self.last and now < self.next_full and now < self.next_sample and not self.stats_dirty:
             return
         self.last, self.next_full = dv, now + 5.0
         counts, max_seq, max_finished, max_dead, workers = self.store.change_marks()
@@ -2749,16 +2752,23 @@ class _Watcher:
                  "runs": repr(max_finished),
                  "dlq": "%d.%s" % (counts["dead"], max_dead),
                  "workers": "%x" % (hash(states) & 0xffffffffffff),
-                 "depth": self.marks.get("depth", "0")}
+                 "depth": self.marks.get("depth", "0"),
+                 "stats": self.marks.get("stats", "0")}
         if now >= self.next_sample:
             self.next_sample = now + 10.0
             self.depth.append((now, counts["pending"], counts["failed"], counts["processing"]))
             del self.depth[:-8640]
             marks["depth"] = "%d" % len(self.depth)
         if marks["runs"] != self.marks.get("runs") or now >= self.next_runs:
-            self.next_runs = now + 60.0
+            self.next_runs = now + 60.0     # the windows slide even when nothing runs
             self.counters.update(self.store)
-            self.on_runs(self.store)
+            self.stats_dirty = True
+        if stats and self.stats_dirty and self.on_runs(self.store):
+            # Recomputed (it may have had to wait for its throttle: then it is
+            # tried again at the next poll): pages showing stats re-fetch.
+            self.stats_dirty = False
+            self.stats_version += 1
+            marks["stats"] = "%d" % self.stats_version
         with self.cond:
             if marks != self.marks:
                 self.marks = marks
@@ -2776,7 +2786,6 @@ class _Watcher:
                         self.prime()
                     if not self.counters.ready.is_set():
                         self.counters.start(self.store)
-                        self.on_runs(self.store)
                     self.poll()
                     self.error = None
                 except QueueError as e:
@@ -2830,11 +2839,12 @@ class Dashboard:
     def refresh_stats(self, store, force=False):
         """compute_stats over finished_runs, as the `stats` command does, and
         the chart series from the same rows; run by the watcher when runs
-        finished, at most every 10 times its own cost (at least 1 s)."""
+        finished, at most every 10 times its own cost (at least 1 s). Returns
+        the new value, or None when it is too soon (the watcher tries again)."""
         with self.stats_lock:
             _, value, at, cost = self.stats_cache
             if not force and value is not None and time.monotonic() - at < max(1.0, 10 * cost):
-                return value
+                return None
             t0 = time.monotonic()
             now = time.time()
             rows = store.finished_runs(now - 86400)
@@ -3036,7 +3046,7 @@ class Dashboard:
                     "<tbody>%s</tbody></table>") % rows
 
         return "Overview", "Overview", [("counts", "jobs", counts_html), ("workers", "workers jobs", workers_html),
-                                        ("stats", "runs depth", stats_html), ("dead", "dlq", dead_html)]
+                                        ("stats", "stats depth", stats_html), ("dead", "dlq", dead_html)]
 
     def _limit(self, q):
         try:

@@ -3723,6 +3723,21 @@ class TestDashboardServer(DashboardTestCase):
         self.assertNotIn(ids[5], html)
         self.assertEqual(dash.request("/api/jobs?state=nope")[0], 400)
 
+    def test_stats_follow_runs_that_finish_close_together(self):
+        """The cached last hour/day catches up with a run that finished while its recompute had to
+        wait (it is recomputed at most once a second), and the page's stats mark moves with it."""
+        dash = self.dashboard()
+        with _HTTP.open(urllib.request.Request(dash.base + "/events", headers={"Cookie": dash.cookie}),
+                        timeout=DEADLINE) as stream:
+            first = TestDashboardServer.next_event(stream)
+            for n in (1, 2, 3):
+                self.add("true")
+                self.run_once()
+                self.wait_until(lambda: dash.get_json("/api/stats")["last_hour"]["completed"] == n,
+                                timeout=5.0, message="stats to count %d runs" % n)
+            self.wait_until(lambda: TestDashboardServer.next_event(stream)["stats"] != first["stats"],
+                            timeout=5.0, message="a new stats mark")
+
     def test_metrics_parse_as_prometheus_text_and_match_status(self):
         """Job counts equal status --json; runs_total counts runs and never goes down on purge."""
         self.dead_jobs("exit 3", "exit 4")
