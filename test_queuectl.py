@@ -4172,6 +4172,7 @@ class TestDashboardBrowser(DashboardTestCase):
                         timeout=2.0, message="job %s on the page" % job_id, interval=0.05)
         self.assertLess(time.monotonic() - t0, 2.0)
         self.assertTrue(self.driver.js("return window.__sameDocument === true"), "the page was reloaded")
+        self.shot("jobs")
         self.assert_page_behaved(dash)
 
     def test_a_hidden_tab_stops_listening_and_catches_up_when_shown(self):
