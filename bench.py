@@ -17,7 +17,11 @@ Runs, side by side in one process and one run (issue 4):
   due jobs beside 1,000 and beside 1,000,000 jobs that wait at a higher
   priority (scheduled for tomorrow; failed, in a one-hour backoff), issue 13;
 * memory: a worker's peak RSS idle and while a job prints 100 MB;
-* task-spooler (`tsp`), when installed, on the same drain workload.
+* task-spooler (`tsp`), when installed, on the same drain workload;
+* dashboard: every page and API call of `queuectl dashboard` with
+  1,000,000 jobs stored (2% of them dead), its CPU use with a page open
+  (listening for changes, re-fetching what changed) on an idle queue, and
+  a drain of `true` jobs with and without an open page.
 
 It then checks the targets of the issue, each a ratio or a bound taken from
 this same run, and prints PASS/FAIL for each.
@@ -72,7 +76,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-SECTIONS = ("limit", "drain", "sleep", "enqueue", "bulk", "pickup", "scale", "tsp")
+SECTIONS = ("limit", "drain", "sleep", "enqueue", "bulk", "pickup", "scale", "tsp", "dashboard")
 BUILDER_VERSION = "2"   # bump when build_db() changes what it writes
 
 
@@ -105,6 +109,10 @@ FULL = {
     "waiting_due": 300,
     "tsp_jobs": 2000,
     "tsp_slots": (1, 2),
+    "dash_jobs": 1000000,
+    "dash_requests": 7,
+    "dash_idle_seconds": 60.0,
+    "dash_drain_jobs": 2000,
     "repeat": 3,
 }
 
@@ -112,7 +120,8 @@ QUICK = dict(FULL, limit_jobs=60, drain_jobs=60, sleep_jobs=16, enqueue_runs=3, 
              bulk_jobs=3000, pickup_samples=3, idle_seconds=0.5, big_output=5 * 1000 * 1000,
              scale_sizes=(1000, 10000), scale_claims=30, scale_cli_runs=1, scale_cache=False,
              waiting_sizes=(1000, 10000), waiting_due=30,
-             tsp_jobs=30, repeat=1)
+             tsp_jobs=30, dash_jobs=10000, dash_requests=2, dash_idle_seconds=1.0, dash_drain_jobs=60,
+             repeat=1)
 
 
 ###############################################################################
@@ -155,6 +164,16 @@ class Procs:
             pass
         if proc in self.live:
             self.live.remove(proc)
+
+    def stop(self, proc, timeout=15):
+        """SIGTERM, up to `timeout` seconds to exit, then kill() for what is left."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill(proc)
 
     def run(self, args, timeout, **kw):
         """Run to completion within `timeout` seconds: (returncode, stdout, stderr, seconds)."""
@@ -692,13 +711,7 @@ class RunningWorker:
         return (sup[1] if sup else 0), rest
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-        PROCS.kill(self.proc)
+        PROCS.stop(self.proc)
         self.log.close()
 
 
@@ -1180,6 +1193,216 @@ def tsp_drain(ctx, tsp, n, slots):
 
 
 ###############################################################################
+# Dashboard ####################################################################
+###############################################################################
+
+class RunningDashboard:
+    """`queuectl dashboard --port 0` in the background; requests carry its cookie."""
+
+    def __init__(self, ctx, d, db):
+        import select
+        self.log = open(os.path.join(d, "dashboard.log"), "wb")
+        t0 = time.perf_counter()
+        self.proc = PROCS.popen(ctx.q.cli(db, "dashboard", "--port", "0"), cwd=d, env=child_env(),
+                                stdout=subprocess.PIPE, stderr=self.log)
+        line = b""
+        while not line.endswith(b"\n"):
+            if not select.select([self.proc.stdout], [], [], 30)[0]:
+                raise BenchError("the dashboard printed no URL within 30 s")
+            chunk = os.read(self.proc.stdout.fileno(), 1000)
+            if not chunk:
+                raise BenchError("the dashboard exited at start (%s)" % self.proc.wait())
+            line += chunk
+        self.url_ms = (time.perf_counter() - t0) * 1000
+        url = line.decode().split("\n")[0]
+        self.base, _, token = url.partition("/?token=")
+        self.port = int(self.base.rsplit(":", 1)[1])
+        self.cookie = "queuectl_%d=%s" % (self.port, token)
+        import urllib.request
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        # /metrics answers once the run counters are read (every run, in the background).
+        self.get("/metrics", timeout=120)
+        self.ready_s = time.perf_counter() - t0
+
+    def get(self, path, timeout=30):
+        """GET path: (milliseconds, body). Raises BenchError unless 200."""
+        import urllib.request
+        req = urllib.request.Request(self.base + path, headers={"Cookie": self.cookie})
+        t0 = time.perf_counter()
+        try:
+            with self.opener.open(req, timeout=timeout) as resp:
+                body = resp.read()
+        except OSError as e:
+            raise BenchError("dashboard GET %s: %s" % (path, e))
+        return (time.perf_counter() - t0) * 1000, body
+
+    def cpu_ticks(self):
+        st = proc_stat(self.proc.pid)
+        return st[1] if st else 0
+
+    def stop(self):
+        PROCS.stop(self.proc)
+        self.proc.stdout.close()
+        self.log.close()
+
+
+class OpenPage:
+    """What an open overview page does (as its script does): listen on /events and
+    re-fetch the regions whose topics changed, one fetch per region at a time."""
+
+    REGIONS = {"counts": "jobs", "workers": "workers jobs", "stats": "stats depth", "dead": "dlq"}
+
+    def __init__(self, dash):
+        import threading
+        self.dash, self.fetches, self.stopped = dash, 0, False
+        self.last = {}
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        import urllib.request
+        req = urllib.request.Request(self.dash.base + "/events", headers={"Cookie": self.dash.cookie})
+        marks = None
+        try:
+            with self.dash.opener.open(req, timeout=30) as stream:
+                while not self.stopped:
+                    line = stream.readline()
+                    if not line:
+                        return
+                    if not line.startswith(b"data: "):
+                        continue
+                    new = json.loads(line[6:])
+                    changed = {k for k in new if marks is None or new[k] != marks.get(k)}
+                    marks = new
+                    for region, topics in self.REGIONS.items():
+                        # At most once a second per region, as the page's script does (a
+                        # change within the second is fetched by its trailing timer; here
+                        # by the next event, which is close enough for a CPU measure).
+                        if changed & set(topics.split()) and time.monotonic() - self.last.get(region, 0) >= 1.0:
+                            self.last[region] = time.monotonic()
+                            self.dash.get("/?fragment=" + region)
+                            self.fetches += 1
+        except (OSError, BenchError, ValueError):
+            pass
+
+    def stop(self):
+        self.stopped = True
+
+
+def dashboard_db(ctx, d):
+    """A copy of the scale section's database, 2% of its completed jobs made dead
+    (five exit codes), so that the DLQ pages have work."""
+    n = ctx.size["dash_jobs"]
+    src = scale_db(ctx, n, ctx.size["scale_claims"] + 20 + 50 + n // 100)     # the scale section's (cached) one
+    db = os.path.join(d, "queue.db")
+    shutil.move(src, db)
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.execute("""UPDATE jobs SET state = 'dead', exit_code = seq % 5 + 1, outcome = 'exit ' || (seq % 5 + 1)
+                        WHERE seq % 50 = 7 AND state = 'completed'""")
+        conn.execute("""UPDATE runs SET result_state = 'dead',
+                            exit_code = (SELECT exit_code FROM jobs WHERE id = job_id),
+                            outcome = (SELECT outcome FROM jobs WHERE id = job_id)
+                        WHERE job_id IN (SELECT id FROM jobs WHERE state = 'dead')""")
+        conn.execute("UPDATE counts SET n = (SELECT count(*) FROM jobs WHERE jobs.state = counts.state)")
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        mid = conn.execute("SELECT id, seq FROM jobs WHERE seq = ?", (n // 2,)).fetchone()
+    finally:
+        conn.close()
+    return db, mid
+
+
+def section_dashboard(ctx):
+    """Page and API latency with ctx.size['dash_jobs'] jobs; CPU of an open page
+    on an idle queue; a drain with and without an open page."""
+    res = {}
+    d = ctx.tmp("dashboard")
+    db, (mid_id, mid_seq) = dashboard_db(ctx, d)
+    dash = RunningDashboard(ctx, d, db)
+    try:
+        res["jobs"] = ctx.size["dash_jobs"]
+        res["startup_url_ms"] = round(dash.url_ms, 1)
+        res["startup_ready_s"] = round(dash.ready_s, 2)
+        paths = ["/", "/?fragment=counts", "/?fragment=stats", "/jobs", "/jobs?state=dead", "/jobs?state=pending",
+                 "/jobs?before=%d" % mid_seq, "/jobs?q=echo%%20%d" % (mid_seq - 1), "/jobs?q=no-such-text",
+                 "/jobs?q=" + mid_id, "/jobs/" + mid_id, "/dlq", "/dlq?fragment=list",
+                 "/dlq?g=1&outcome=exit+3&exit=3", "/confirm/retry", "/confirm/retry?g=1&outcome=exit+3&exit=3",
+                 "/api/status", "/api/jobs", "/api/jobs?state=dead&limit=500", "/api/jobs/" + mid_id,
+                 "/api/stats", "/api/dlq", "/metrics", "/healthz"]
+        pages = {}
+        for path in paths:
+            dash.get(path)      # warm: the first call of a kind may fill a cache
+        for _ in range(ctx.size["dash_requests"]):
+            for path in paths:
+                pages.setdefault(path, []).append(dash.get(path)[0])
+        res["pages_ms"] = {p: {"median": round(median(v), 2), "max": round(max(v), 2)} for p, v in pages.items()}
+        res["worst_median_ms"] = max(v["median"] for v in res["pages_ms"].values())
+        res["worst_max_ms"] = max(v["max"] for v in res["pages_ms"].values())
+    finally:
+        dash.stop()
+    shutil.rmtree(d, ignore_errors=True)
+
+    # An open page on an idle queue (with an idle worker, whose heartbeats are writes).
+    d = ctx.tmp("dashboard-idle")
+    db = os.path.join(d, "queue.db")
+    ctx.q.enqueue(db, ["true"], d)
+    worker = RunningWorker(ctx, d, db)
+    dash = RunningDashboard(ctx, d, db)
+    try:
+        page = OpenPage(dash)
+        time.sleep(1.0)
+        secs = ctx.size["dash_idle_seconds"]
+        t0, c0 = time.perf_counter(), dash.cpu_ticks()
+        f0 = page.fetches
+        time.sleep(secs)
+        ticks, wall = dash.cpu_ticks() - c0, time.perf_counter() - t0
+        res["idle_page"] = {"seconds": round(wall, 1), "cpu_percent": round(ticks / CLK_TCK / wall * 100, 3),
+                            "fetches_per_min": round((page.fetches - f0) / wall * 60, 1)}
+        page.stop()
+    finally:
+        dash.stop()
+        worker.stop()
+    shutil.rmtree(d, ignore_errors=True)
+
+    # A drain of `true` jobs on 2 workers, with and without an open page, alternating.
+    n = ctx.size["dash_drain_jobs"]
+    runs = {"without": [], "with": []}
+    cpu = []
+    for _ in range(ctx.repeat):
+        for variant in ("without", "with"):
+            d = ctx.tmp("dashboard-drain")
+            db = os.path.join(d, "queue.db")
+            ctx.q.enqueue(db, ["true"] * n, d)
+            dash = page = None
+            if variant == "with":
+                dash = RunningDashboard(ctx, d, db)
+                page = OpenPage(dash)
+                c0 = dash.cpu_ticks()
+            try:
+                code, _, _, secs = PROCS.run(ctx.q.cli(db, "worker", "start", "--once", "--count", 2),
+                                             timeout=60 + n * 0.5, cwd=d, env=child_env())
+                if code != 0 or ctx.q.counts(db)["completed"] != n:
+                    raise BenchError("dashboard drain (%s page) exited %s" % (variant, code))
+                runs[variant].append(n / secs)
+                if dash is not None:
+                    cpu.append((dash.cpu_ticks() - c0) / CLK_TCK / secs * 100)
+            finally:
+                if page is not None:
+                    page.stop()
+                if dash is not None:
+                    dash.stop()
+            shutil.rmtree(d, ignore_errors=True)
+    res["drain"] = {"jobs": n, "without_jobs_per_s": round(max(runs["without"]), 1),
+                    "with_jobs_per_s": round(max(runs["with"]), 1),
+                    "all_without": [round(x, 1) for x in runs["without"]],
+                    "all_with": [round(x, 1) for x in runs["with"]],
+                    "dashboard_cpu_percent": round(median(cpu), 2)}
+    return res
+
+
+###############################################################################
 # Targets ######################################################################
 ###############################################################################
 
@@ -1276,6 +1499,15 @@ def targets(res):
             v = get(res, "scale", hi, "%s_ms" % cmd)
             bound("%s beside %s %s jobs" % (cmd, human(ws[-1]), kind), None if v is None else v / 1000.0,
                   "<", 0.5, " s", "%.3f")
+    if get(res, "dashboard"):
+        tag = human(get(res, "dashboard", "jobs"))
+        bound("dashboard: slowest page/API median, %s jobs" % tag, get(res, "dashboard", "worst_median_ms"),
+              "<=", 100, " ms", "%.1f")
+        bound("  same, slowest single call", get(res, "dashboard", "worst_max_ms"), "<=", 100, " ms", "%.1f")
+        bound("dashboard: CPU with a page open, idle queue", get(res, "dashboard", "idle_page", "cpu_percent"),
+              "<=", 1, "%", "%.2f")
+        ratio("drain 2 workers with a dashboard page open / without", get(res, "dashboard", "drain", "with_jobs_per_s"),
+              get(res, "dashboard", "drain", "without_jobs_per_s"), ">=", 0.95)
     bound("worker peak RSS idle", get(res, "pickup", "memory", "worker_idle_mb"), "<", 25, " MB", "%.1f")
     bound("worker RSS growth while a job prints %s" % human_bytes(get(res, "pickup", "memory", "output_bytes")),
           get(res, "pickup", "memory", "growth_mb"), "<=", 5, " MB", "%.1f")
@@ -1420,6 +1652,19 @@ def result_rows(res, size):
         add("scale", "status, " + tag, "%.1f ms" % r["status_ms"], "db %.0f MB" % r["db_mb"])
         add("scale", "list --limit 20, " + tag, "%.1f ms" % r["list_ms"])
         add("scale", "stats, " + tag, "%.1f ms" % r["stats_ms"], "(not a target)")
+    D = res.get("dashboard")
+    if D:
+        tag = human(D["jobs"])
+        add("dashboard", "start: URL printed / run counters read, " + tag, "%.0f ms" % D["startup_url_ms"],
+            "%.1f s" % D["startup_ready_s"])
+        for path, v in D["pages_ms"].items():
+            add("dashboard", "GET %s" % path, "%.1f ms" % v["median"], "max %.1f ms" % v["max"])
+        add("dashboard", "CPU, a page open on an idle queue", "%.2f %%" % D["idle_page"]["cpu_percent"],
+            "over %.0f s, %.1f fetches/min" % (D["idle_page"]["seconds"], D["idle_page"]["fetches_per_min"]))
+        dr = D["drain"]
+        add("dashboard", "drain %d true, 2 workers, without / with a page open" % dr["jobs"],
+            "%.0f / %.0f jobs/s" % (dr["without_jobs_per_s"], dr["with_jobs_per_s"]),
+            "dashboard CPU %.1f%% meanwhile" % dr["dashboard_cpu_percent"])
     return rows
 
 
@@ -1511,7 +1756,7 @@ def main(argv=None):
     # and its references alike; the best run of each counts.
     builders = {"limit": tasks_limit, "drain": tasks_drain, "sleep": tasks_sleep, "tsp": tasks_tsp}
     funcs = {"enqueue": section_enqueue, "bulk": section_bulk, "pickup": section_pickup,
-             "scale": section_scale}
+             "scale": section_scale, "dashboard": section_dashboard}
 
     def attempt(name, fn):
         t0 = time.perf_counter()

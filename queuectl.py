@@ -602,21 +602,39 @@ def check_private(path, create):
     st = os.stat(parent)
     _refuse_unless_private(parent, st, (path, "its directory " + parent), (os.geteuid(), 0))
     flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags | (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY), 0o600)
-    except FileNotFoundError:
-        if create:
+    fd = None
+    if create:
+        try:
+            fd = os.open(path, flags | os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+    if fd is None:
+        # An existing file is looked at through an O_PATH descriptor: closing
+        # any other descriptor of it would drop all of this process's POSIX
+        # locks on it, SQLite's too, and another process could then delete the
+        # WAL under our other connections (the dashboard opens several).
+        try:
+            fd = os.open(path, flags | getattr(os, "O_PATH", os.O_RDONLY))
+        except FileNotFoundError:
+            if create:
+                raise
+            return False
+        except OSError as e:
+            if os.path.islink(path):
+                raise StoreError("refusing database %s: it is a symbolic link (to %s); give the real path"
+                                 % (path, os.path.realpath(path)))
             raise
-        return False
-    except OSError as e:
-        if os.path.islink(path):
-            raise StoreError("refusing database %s: it is a symbolic link (to %s); give the real path"
-                             % (path, os.path.realpath(path)))
-        raise
     try:
         st = os.fstat(fd)
     finally:
         os.close(fd)
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreError("refusing database %s: it is a symbolic link (to %s); give the real path"
+                         % (path, os.path.realpath(path)))
+    if create and not os.access(path, os.R_OK | os.W_OK):
+        import errno
+        code = errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES
+        raise OSError(code, os.strerror(code))
     if not stat.S_ISREG(st.st_mode):
         raise StoreError("cannot open database %s: it is not a regular file" % path)
     _refuse_unless_private(path, st, (path, "the file"), (os.geteuid(),))
@@ -1073,6 +1091,17 @@ class Store:
             finally:
                 if wait is not None:
                     conn.execute("PRAGMA busy_timeout = %d" % full_ms)
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """BEGIN (deferred) ... COMMIT: reads inside see one state of the file
+        and take no write lock; keep it short (it holds back checkpoints)."""
+        self._execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self.conn.in_transaction:
+                self._execute("COMMIT")
 
     def data_version(self):
         """A number that changes whenever another connection commits."""
@@ -1888,6 +1917,140 @@ class Store:
                 else:
                     raise QueueError("job %r cannot be cancelled: it is already %s" % (job_id, state))
         return result
+
+    # -- dashboard reads: each bounded by a LIMIT (or a seq window) and an index --
+
+    @staticmethod
+    def _job_filter(low=None, high=None, state=None, text=None, outcome=None):
+        """WHERE clause and parameters for find_jobs and count_matching:
+        low <= seq < high, the state, the text, the (outcome, exit_code) group."""
+        where, params = ["1"], []
+        for clause, value, given in (("seq >= ?", low, low is not None), ("seq < ?", high, high is not None),
+                                     ("state = ?", state, state is not None)):
+            if given:
+                where.append(clause)
+                params.append(value)
+        if text:
+            where.append("(instr(command, ?) > 0 OR instr(id, ?) = 1)")
+            params += [text, text]
+        if outcome is not None:
+            where.append("outcome IS ? AND exit_code IS ?")
+            params += list(outcome)
+        return " AND ".join(where), params
+
+    def find_jobs(self, state=None, text=None, outcome=None, before=None, upto=None,
+                  limit=50, scan=None):
+        """Jobs newest first (keyset pagination on seq): in `state`; whose command
+        contains `text` or whose id starts with it; dead with this (outcome,
+        exit_code) group. `before`: only seq < before; `upto`: only seq <= upto.
+
+        Filters that no index serves (text, outcome) look at most `scan` jobs
+        back from `before`, so a rare match costs a bounded walk, not a table
+        scan. Returns (jobs, low): low is the lowest seq looked at (None if
+        the walk was not cut short)."""
+        top = (self._one("SELECT MAX(seq) FROM jobs")[0] or 0) + 1 if before is None else before
+        if upto is not None:
+            top = min(top, upto + 1)
+        low = top - scan if scan is not None and (text or outcome is not None) else None
+        where, params = self._job_filter(low, top, state, text, outcome)
+        rows = self._all("""
+            SELECT * FROM jobs
+            WHERE %s
+            ORDER BY seq DESC
+            LIMIT ?""" % where, params + [limit])
+        if low is not None and (len(rows) == limit or low <= (self._one("SELECT MIN(seq) FROM jobs")[0] or 0)):
+            low = None
+        return [dict(r) for r in rows], low
+
+    def count_matching(self, state=None, outcome=None, upto=None, cap=100000):
+        """How many jobs find_jobs(state, outcome=outcome, upto=upto) would list
+        without a limit, counting at most `cap` + 1."""
+        where, params = self._job_filter(None, None if upto is None else upto + 1, state, outcome=outcome)
+        return self._one("""
+            SELECT COUNT(*) FROM (
+                SELECT 1 FROM jobs
+                WHERE %s
+                LIMIT ?)""" % where, params + [cap + 1])[0]
+
+    def dead_groups(self, scan=20000):
+        """The newest `scan` dead jobs grouped by (outcome, exit_code), biggest
+        group first: dicts with outcome, exit_code, jobs, last_at, max_seq."""
+        return [dict(r) for r in self._all("""
+            SELECT outcome, exit_code, COUNT(*) AS jobs, MAX(updated_at) AS last_at, MAX(seq) AS max_seq
+            FROM (SELECT outcome, exit_code, updated_at, seq FROM jobs
+                  WHERE state = 'dead'
+                  ORDER BY seq DESC
+                  LIMIT ?)
+            GROUP BY outcome, exit_code
+            ORDER BY jobs DESC, max_seq DESC""", (scan,))]
+
+    def oldest_due(self, now):
+        """run_at of the longest-waiting due job, or None: the first entry of
+        each priority in jobs_due, found by skipping from priority to priority
+        (a few index seeks per distinct priority, never a walk of the queue)."""
+        return self._one("""
+            WITH RECURSIVE p(pr) AS (
+                SELECT (SELECT priority FROM jobs INDEXED BY jobs_due
+                        WHERE state IN ('pending', 'failed')
+                        ORDER BY priority DESC, run_at, seq LIMIT 1)
+                UNION ALL
+                SELECT (SELECT priority FROM jobs INDEXED BY jobs_due
+                        WHERE state IN ('pending', 'failed') AND priority < p.pr
+                        ORDER BY priority DESC, run_at, seq LIMIT 1)
+                FROM p
+                WHERE p.pr IS NOT NULL
+                LIMIT 1000
+            )
+            SELECT MIN((SELECT run_at FROM jobs INDEXED BY jobs_due
+                        WHERE state IN ('pending', 'failed') AND priority = p.pr
+                        ORDER BY priority DESC, run_at, seq LIMIT 1))
+            FROM p
+            WHERE p.pr IS NOT NULL""")[0] if self.has_due(now) else None
+
+    def recent_runs(self, job_id, limit=100):
+        """The job's last `limit` runs, oldest first (as runs() gives them)."""
+        return [dict(r) for r in reversed(self._all("""
+            SELECT job_id, run, attempt, worker_id, started_at, finished_at, exit_code, outcome,
+                   result_state, length(stdout) AS stdout_bytes, length(stderr) AS stderr_bytes
+            FROM runs WHERE job_id = ?
+            ORDER BY run DESC
+            LIMIT ?""", (job_id, limit)))]
+
+    def runs_finished_after(self, since, limit=10000):
+        """(job_id, run, finished_at, duration, outcome, result_state) of runs that
+        ended at or after `since`, oldest first (the runs_finished index)."""
+        return self._all("""
+            SELECT job_id, run, finished_at, finished_at - started_at, outcome, result_state
+            FROM runs
+            WHERE finished_at >= ?
+            ORDER BY finished_at
+            LIMIT ?""", (since, limit))
+
+    def run_totals(self, bounds):
+        """Every finished run still stored, as (outcome, result_state, bucket,
+        count, summed duration), bucket i holding durations <= bounds[i] (and
+        above the bound before; len(bounds): longer). One pass over the runs
+        table (about a second per million runs): the dashboard reads it once,
+        in the background, when it starts."""
+        case = " ".join("WHEN d <= ? THEN %d" % i for i in range(len(bounds)))
+        return self._all("""
+            SELECT outcome, result_state, CASE %s ELSE %d END AS bucket, COUNT(*), SUM(d)
+            FROM (SELECT outcome, result_state, finished_at - started_at AS d
+                  FROM runs
+                  WHERE finished_at IS NOT NULL)
+            GROUP BY outcome, result_state, bucket""" % (case, len(bounds)), list(bounds))
+
+    def newest(self):
+        """(highest job seq, latest run finished_at, highest dead job's seq): None when none."""
+        return tuple(self._one("""
+            SELECT (SELECT MAX(seq) FROM jobs),
+                   (SELECT MAX(finished_at) FROM runs),
+                   (SELECT MAX(seq) FROM jobs WHERE state = 'dead')"""))
+
+    def change_marks(self):
+        """Cheap marks that change when the jobs, runs or workers shown change:
+        (counts, max seq, last finished_at, max dead seq, workers as workers() gives them)."""
+        return (self.counts(),) + self.newest() + (self.workers(),)
 
 
 ###############################################################################
@@ -2937,6 +3100,21 @@ def run_to_json(run):
     }
 
 
+def worker_alive(worker, now):
+    """Is this registered worker alive: its process exists and it heartbeats?"""
+    return not holder_is_dead(worker["host"], worker["boot_id"], worker["pid"], worker["pid_start"]) and \
+        now - worker["heartbeat_at"] < LEASE_SECONDS
+
+
+def worker_to_json(worker):
+    """A worker as `status --json` prints it (worker["alive"] set by the caller)."""
+    return {"id": worker["id"], "host": worker["host"], "pid": worker["pid"],
+            "started_at": format_time(worker["started_at"]),
+            "heartbeat_at": format_time(worker["heartbeat_at"]),
+            "job": worker["job_id"], "alive": worker["alive"],
+            "stopping": bool(worker["stop_requested"])}
+
+
 def print_json(value):
     import json
     # \u escapes where stdout is not UTF-8 (an ISO-8859-1 locale): still the same JSON.
@@ -2981,6 +3159,1693 @@ def waiting_reason(store, job, now=None):
     elif q is not None and q["max_running"] is not None and q["running"] >= q["max_running"]:
         reasons.append("queue %s is at its limit (%d running)" % (job["queue"], q["running"]))
     return "; ".join(reasons) or None
+
+
+###############################################################################
+# Dashboard ###################################################################
+###############################################################################
+
+# `queuectl dashboard`: a web page, a JSON API and /metrics, served by
+# http.server in threads; its modules are imported only when it runs. The
+# security model (README "Dashboard"): loopback by default; a token, given in
+# the URL once and then kept in an HttpOnly SameSite=Strict cookie (Bearer for
+# /api and /metrics); actions are POST-only, from the page's own origin; a
+# Host allow-list against DNS rebinding; a CSP that allows only our own script
+# and style URLs; every value escaped. One watcher thread reads PRAGMA
+# data_version and pushes change marks to open pages (server-sent events);
+# pages are server-rendered and work without JavaScript.
+
+#: Default port of `queuectl dashboard`.
+DASHBOARD_PORT = 8080
+#: Jobs per page in the dashboard's lists, and the most a ?limit= may ask for.
+DASHBOARD_PAGE = (50, 500)
+#: A search (or a DLQ group filter) looks at most this many jobs back per page.
+DASHBOARD_SCAN = 100000
+#: The DLQ page groups the newest this many dead jobs (cached until the DLQ changes).
+DASHBOARD_DLQ_GROUP_SCAN = 10000
+#: "Retry all matching" moves at most this many jobs per click.
+DASHBOARD_RETRY_MAX = 100000
+#: Largest POST body (bytes) and longest request target accepted.
+DASHBOARD_MAX_BODY = 64 * 1024
+DASHBOARD_MAX_URL = 8192
+#: A request's socket timeout (seconds): a slow or stalled client is dropped.
+DASHBOARD_SOCKET_TIMEOUT = 20.0
+#: Connections served at once, and live-update streams among them.
+DASHBOARD_MAX_CONNECTIONS = 64
+DASHBOARD_MAX_STREAMS = 32
+#: How often the watcher reads PRAGMA data_version (one cheap read).
+DASHBOARD_WATCH_SECONDS = 0.25
+#: Output shown per stream on a job's page (the raw download has all that is stored).
+DASHBOARD_OUTPUT_SHOWN = 256 * 1024
+#: Bucket bounds (seconds) of the queuectl_run_duration_seconds histogram.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+#: queuectl_runs_total's outcome label values.
+RUN_OUTCOMES = ("completed", "failed", "timeout", "cancelled", "lost", "interrupted")
+#: A run's finished_at is taken before its transaction waits for the lock, so
+#: it may reach the database this much later than it says (the busy timeout).
+_RUN_COMMIT_SLACK = BUSY_TIMEOUT_SECONDS + 30.0
+
+_DASH_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+             "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+_DASH_HEADERS = (
+    ("Content-Security-Policy", _DASH_CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Cross-Origin-Opener-Policy", "same-origin"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+    ("Cache-Control", "no-store"),
+)
+_STATE_HELP = {
+    "pending": "waiting to run", "processing": "running now", "completed": "finished with exit 0",
+    "failed": "failed, waiting for a retry", "dead": "in the dead letter queue",
+}
+_DONE = {
+    "cancelled": "%d job(s) cancelled (running ones are killed by their worker)",
+    "retried": "%d job(s) moved back to pending",
+    "purged": "%d job(s) purged",
+    "stopping": "asked %d worker(s) to stop after their current job",
+}
+
+
+def run_outcome(outcome, result_state):
+    """queuectl_runs_total's label for a finished run."""
+    if result_state == "completed":
+        return "completed"
+    if outcome in ("cancelled", "timeout"):
+        return outcome
+    if outcome in ("worker lost", "lease lost"):
+        return "lost"
+    if result_state == "pending":
+        return "interrupted"
+    return "failed"
+
+
+def _h(value):
+    """Text as HTML (None as '-'); the only way values reach a page."""
+    import html
+    return html.escape("-" if value is None else str(value), quote=True)
+
+
+def _q(value):
+    """A value as one URL path segment or query value."""
+    import urllib.parse
+    return urllib.parse.quote(str(value), safe="")
+
+
+def _url(path, **params):
+    """path?query from the params that are not None, escaped for HTML."""
+    import urllib.parse
+    query = urllib.parse.urlencode([(k, v) for k, v in params.items() if v is not None])
+    return _h(path + ("?" + query if query else ""))
+
+
+_ANSI = None
+
+
+def strip_ansi(text):
+    """Terminal escape sequences removed; \\r as a line break; other control
+    characters shown escaped (tabs and newlines kept)."""
+    global _ANSI
+    if _ANSI is None:
+        import re
+        _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]"
+                           r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[ -/]*[0-~]")
+    text = _ANSI.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
+def _ago(ts, now):
+    """'12s ago' style age, with the exact local time as a tooltip (HTML)."""
+    if ts is None:
+        return "-"
+    secs = now - ts
+    future = secs < 0
+    secs = abs(secs)
+    if secs < 60:
+        text = "%ds" % secs
+    elif secs < 3600:
+        text = "%dm" % (secs // 60)
+    elif secs < 86400:
+        text = "%dh%02dm" % (secs // 3600, secs % 3600 // 60)
+    else:
+        text = "%dd%02dh" % (secs // 86400, secs % 86400 // 3600)
+    return '<time data-ts="%.3f" title="%s">%s</time>' % (
+        ts, _h(format_local(ts)), ("in " + text) if future else (text + " ago"))
+
+
+def _dur(secs):
+    return "-" if secs is None else format_seconds(secs)
+
+
+def _badge(state):
+    return '<span class="badge s-%s">%s</span>' % (_h(state), _h(state))
+
+
+def _short(text, n=160):
+    text = printable(text)
+    return text if len(text) <= n else text[:n - 1] + "\u2026"
+
+
+def _group_label(outcome, exit_code):
+    return "%s%s" % (outcome or "no outcome", "" if exit_code is None or (outcome or "").startswith(
+        "exit %d" % exit_code) else " (exit %d)" % exit_code)
+
+
+def _svg_bars(series, labels, caption):
+    """Stacked bars (completed under failed) as an inline SVG; no style attributes."""
+    width, height, top, bottom = 600.0, 120.0, 14.0, 16.0
+    peak = max([c + f for c, f, _ in series] + [1])
+    step = width / max(len(series), 1)
+    out = ['<svg class="chart" viewBox="0 0 %d %d" role="img" aria-label="%s">' % (width, height, _h(caption)),
+           '<line class="axis" x1="0" y1="%g" x2="%g" y2="%g"/>' % (height - bottom, width, height - bottom)]
+    scale = (height - top - bottom) / peak
+    for i, (completed, failed, tip) in enumerate(series):
+        x = i * step + 0.5
+        w = max(step - 1.0, 0.5)
+        y = height - bottom
+        out.append('<g><title>%s</title>' % _h(tip))
+        for value, cls in ((completed, "ok"), (failed, "bad")):
+            if value:
+                h = value * scale
+                y -= h
+                out.append('<rect class="%s" x="%.1f" y="%.1f" width="%.1f" height="%.1f"/>' % (cls, x, y, w, h))
+        out.append('<rect class="hit" x="%.1f" y="%g" width="%.1f" height="%g"/></g>' % (
+            x, top, w, height - top - bottom))
+    out.append('<text x="2" y="10">%s</text>' % _h("max %d" % peak))
+    out.append('<text x="0" y="%g">%s</text>' % (height - 3, _h(labels[0])))
+    out.append('<text x="%g" y="%g" text-anchor="end">%s</text>' % (width, height - 3, _h(labels[1])))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _svg_lines(lines, labels, caption, fmt=str):
+    """Line chart of [(css class, name, values with None gaps)] as an inline SVG."""
+    width, height, top, bottom = 600.0, 120.0, 14.0, 16.0
+    values = [v for _, _, vs in lines for v in vs if v is not None]
+    peak = max(values + [0]) or 1
+    n = max(len(vs) for _, _, vs in lines) if lines else 1
+    step = width / max(n - 1, 1)
+    out = ['<svg class="chart" viewBox="0 0 %d %d" role="img" aria-label="%s">' % (width, height, _h(caption)),
+           '<line class="axis" x1="0" y1="%g" x2="%g" y2="%g"/>' % (height - bottom, width, height - bottom)]
+    scale = (height - top - bottom) / peak
+    for cls, name, vs in lines:
+        points, runs = [], []
+        for i, v in enumerate(vs):
+            if v is None:
+                if points:
+                    runs.append(points)
+                points = []
+                continue
+            points.append("%.1f,%.1f" % (i * step, height - bottom - v * scale))
+        if points:
+            runs.append(points)
+        for pts in runs:
+            if len(pts) == 1:
+                x, y = pts[0].split(",")
+                out.append('<circle class="%s" cx="%s" cy="%s" r="2"><title>%s</title></circle>' % (
+                    cls, x, y, _h(name)))
+            else:
+                out.append('<polyline class="%s" points="%s"><title>%s</title></polyline>' % (
+                    cls, " ".join(pts), _h(name)))
+    out.append('<text x="2" y="10">%s</text>' % _h("max " + fmt(peak)))
+    out.append('<text x="0" y="%g">%s</text>' % (height - 3, _h(labels[0])))
+    out.append('<text x="%g" y="%g" text-anchor="end">%s</text>' % (width, height - 3, _h(labels[1])))
+    out.append("</svg>")
+    return "".join(out)
+
+
+class _StorePool:
+    """Stores (connections) shared by request threads, one request at a time
+    each. Connections are in autocommit mode: a read ends with its statement,
+    so no read transaction outlives a request (the WAL can always be reset)."""
+
+    def __init__(self, path, size=8):
+        import threading
+        self.path = path
+        self.size = size
+        self.free = []
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def store(self):
+        with self.lock:
+            store = self.free.pop() if self.free else None
+        if store is None:
+            store = Store(self.path, create=False)
+        try:
+            yield store
+        finally:
+            if store.conn is not None and store.conn.in_transaction:
+                store.conn.rollback()
+            with self.lock:
+                if len(self.free) < self.size:
+                    self.free.append(store)
+                    store = None
+            if store is not None:
+                store.close()
+
+    def close(self):
+        with self.lock:
+            for store in self.free:
+                store.close()
+            self.free = []
+
+
+class _RunCounters:
+    """queuectl_runs_total and the duration histogram. They start from the runs
+    stored when the dashboard starts and then count each run seen to finish,
+    so purging jobs never makes them go down (a restart starts them again,
+    which Prometheus's rate() treats as a counter reset)."""
+
+    def __init__(self):
+        import threading
+        self.lock = threading.Lock()
+        self.totals = {o: [0, 0.0, [0] * len(DURATION_BUCKETS)] for o in RUN_OUTCOMES}
+        self.ready = threading.Event()
+        self.seen = {}          # (job_id, run) -> finished_at, for runs that may show up again
+        self.since = None       # the next read starts here
+        self.cost = 0.0
+        self.next_at = 0.0
+
+    def _add(self, outcome, result_state, bucket, count, total):
+        t = self.totals[run_outcome(outcome, result_state)]
+        t[0] += count
+        t[1] += total or 0.0
+        for i in range(bucket, len(DURATION_BUCKETS)):     # cumulative, as Prometheus wants
+            t[2][i] += count
+
+    @staticmethod
+    def bucket(duration):
+        return next((i for i, b in enumerate(DURATION_BUCKETS) if (duration or 0.0) <= b), len(DURATION_BUCKETS))
+
+    def start(self, store):
+        """Totals from every run stored, and the runs near the end marked as seen
+        (one read transaction, so that no run is counted twice or missed)."""
+        with self.lock, store.snapshot():
+            for row in store.run_totals(DURATION_BUCKETS):
+                self._add(*row)
+            self.since = (store.newest()[1] or time.time()) - _RUN_COMMIT_SLACK
+            for job_id, run, finished_at, _, _, _ in self._read(store, self.since):
+                self.seen[(job_id, run)] = finished_at
+        self.ready.set()
+
+    def _read(self, store, since):
+        rows = []
+        while True:
+            page = store.runs_finished_after(since, 5000)
+            rows.extend(page)
+            if len(page) < 5000 or page[-1][2] == since:
+                return rows
+            since = page[-1][2]
+
+    def update(self, store, force=False):
+        """Count the runs that finished since the last update (at most as often
+        as 20 times its own cost, unless forced)."""
+        with self.lock:
+            now = time.monotonic()
+            if self.since is None or (not force and now < self.next_at):
+                return
+            for job_id, run, finished_at, duration, outcome, state in self._read(store, self.since):
+                if (job_id, run) in self.seen:
+                    continue
+                self.seen[(job_id, run)] = finished_at
+                self._add(outcome, state, self.bucket(duration), 1, duration)
+            if self.seen:
+                self.since = max(self.since, max(self.seen.values()) - _RUN_COMMIT_SLACK)
+                self.seen = {k: v for k, v in self.seen.items() if v >= self.since}
+            self.cost = time.monotonic() - now
+            self.next_at = time.monotonic() + max(1.0, 20 * self.cost)
+
+    def snapshot(self):
+        with self.lock:
+            return {o: (t[0], t[1], list(t[2])) for o, t in self.totals.items()}
+
+
+class _Watcher:
+    """The one thread that watches the database for the dashboard: it reads
+    PRAGMA data_version every DASHBOARD_WATCH_SECONDS and, when it moved (or
+    every 5 s, as heartbeats age), derives a mark per topic (jobs, runs,
+    workers, depth). Open pages get the marks over SSE and re-fetch only the
+    parts whose topic changed; no page ever polls the database itself."""
+
+    def __init__(self, db_path, counters, on_runs):
+        import threading
+        self.db_path = db_path
+        self.counters = counters
+        self.on_runs = on_runs      # on_runs(store): recompute stats; False when it had to wait
+        self.stats_dirty = True
+        self.stats_version = 0
+        self.cond = threading.Condition()
+        self.stopped = False
+        self.version = 0
+        self.marks = {}
+        self.depth = []         # (time, pending, failed, processing), every 10 s, a day's worth
+        self.error = None
+        self.store = None
+        self.last, self.next_full, self.next_sample, self.next_runs = None, 0.0, 0.0, 0.0
+        self.thread = threading.Thread(target=self.run, name="queuectl-watcher", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+    def current(self):
+        with self.cond:
+            return self.version, dict(self.marks)
+
+    def wait(self, version, timeout):
+        """Block until the marks move past `version` (or timeout, or stop)."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.version != version or self.stopped, timeout)
+            return self.version, dict(self.marks), self.stopped
+
+    def prime(self):
+        """The first pass, before the dashboard serves: marks ready (the run
+        counters and stats follow in the thread: they read every run)."""
+        self.store = Store(self.db_path, create=False)
+        self.poll(stats=False)
+
+    def poll(self, stats=True):
+        """One look at the database: new marks (and waiters woken) if it changed;
+        the stats recomputed when runs finished (unless `stats` is False)."""
+        now = time.time()
+        dv = self.store.data_version()
+        if dv == self.last and now < self.next_full and now < self.next_sample and not self.stats_dirty:
+            return
+        self.last, self.next_full = dv, now + 5.0
+        counts, max_seq, max_finished, max_dead, workers = self.store.change_marks()
+        states = tuple((w["id"], w["job_id"], w["stop_requested"], worker_alive(w, now)) for w in workers)
+        marks = {"jobs": "%x" % (hash((tuple(counts.values()), max_seq)) & 0xffffffffffff),
+                 "runs": repr(max_finished),
+                 "dlq": "%d.%s" % (counts["dead"], max_dead),
+                 "workers": "%x" % (hash(states) & 0xffffffffffff),
+                 "depth": self.marks.get("depth", "0"),
+                 "stats": self.marks.get("stats", "0")}
+        if now >= self.next_sample:
+            self.next_sample = now + 10.0
+            self.depth.append((now, counts["pending"], counts["failed"], counts["processing"]))
+            del self.depth[:-8640]
+            marks["depth"] = "%d" % len(self.depth)
+        if marks["runs"] != self.marks.get("runs") or now >= self.next_runs:
+            self.next_runs = now + 60.0     # the windows slide even when nothing runs
+            self.counters.update(self.store)
+            self.stats_dirty = True
+        if stats and self.stats_dirty and self.on_runs(self.store):
+            # Recomputed (it may have had to wait for its throttle: then it is
+            # tried again at the next poll): pages showing stats re-fetch.
+            self.stats_dirty = False
+            self.stats_version += 1
+            marks["stats"] = "%d" % self.stats_version
+        with self.cond:
+            if marks != self.marks:
+                self.marks = marks
+                self.version += 1
+                self.cond.notify_all()
+
+    def run(self):
+        try:
+            while True:
+                with self.cond:
+                    if self.cond.wait_for(lambda: self.stopped, DASHBOARD_WATCH_SECONDS):
+                        return
+                try:
+                    if self.store is None:
+                        self.prime()
+                    if not self.counters.ready.is_set():
+                        self.counters.start(self.store)
+                    self.poll()
+                    self.error = None
+                except QueueError as e:
+                    if str(e) != self.error:
+                        _err("dashboard: %s" % e)
+                    self.error = str(e)
+                    if self.store is not None:
+                        self.store.close()
+                    self.store = None
+                    time.sleep(1.0)
+        finally:
+            if self.store is not None:
+                self.store.close()
+
+
+class Dashboard:
+    """What the request handlers share: the store pool, the watcher, the token
+    and the settings. Pages are methods named after their route."""
+
+    def __init__(self, db_path, token, hosts, port, read_only=False):
+        self.db_path = db_path
+        self.token = token
+        self.hosts = hosts
+        self.port = port
+        self.read_only = read_only
+        self.cookie = "queuectl_%d" % port
+        self.pool = _StorePool(db_path)
+        self.counters = _RunCounters()
+        self.watcher = _Watcher(db_path, counters=self.counters, on_runs=self.refresh_stats)
+        self.stats_cache = (None, None, 0.0, 0.0)     # key, value, computed at, cost
+        self.groups_cache = (None, None)                # dlq mark, dead_groups()
+        import threading
+        self.stats_lock = threading.Lock()
+        self.streams = threading.BoundedSemaphore(DASHBOARD_MAX_STREAMS)
+
+    # -- data ------------------------------------------------------------------
+
+    def status_json(self, store, now):
+        counts = store.counts()
+        workers = store.workers()
+        for w in workers:
+            w["alive"] = worker_alive(w, now)
+        return {"counts": counts, "workers": [worker_to_json(w) for w in workers]}, workers
+
+    def stats(self, store):
+        """`stats` for the last hour and day plus the chart series, as the
+        watcher last computed them (computed here only before its first time)."""
+        value = self.stats_cache[1]
+        return value if value is not None else self.refresh_stats(store, force=True)
+
+    def refresh_stats(self, store, force=False):
+        """compute_stats over finished_runs, as the `stats` command does, and
+        the chart series from the same rows; run by the watcher when runs
+        finished, at most every 10 times its own cost (at least 1 s). Returns
+        the new value, or None when it is too soon (the watcher tries again)."""
+        with self.stats_lock:
+            _, value, at, cost = self.stats_cache
+            if not force and value is not None and time.monotonic() - at < max(1.0, 10 * cost):
+                return None
+            t0 = time.monotonic()
+            now = time.time()
+            rows = store.finished_runs(now - 86400)
+            value = {"last_hour": compute_stats(rows, now, 3600), "last_day": compute_stats(rows, now, 86400),
+                     "at": now}
+            minutes = [[0, 0] for _ in range(60)]
+            hours = [[0, 0] for _ in range(24)]
+            durations = [[] for _ in range(24)]
+            for finished_at, duration, state, _ in rows:
+                age = now - finished_at
+                failed = 1 if state in ("failed", "dead") else 0
+                ok = 1 if state == "completed" else 0
+                if 0 <= age < 3600:
+                    m = minutes[59 - int(age // 60)]
+                    m[0] += ok
+                    m[1] += failed
+                if 0 <= age < 86400:
+                    i = 23 - int(age // 3600)
+                    hours[i][0] += ok
+                    hours[i][1] += failed
+                    if duration is not None:
+                        durations[i].append(duration)
+            for d in durations:
+                d.sort()
+            value["minutes"] = minutes
+            value["hours"] = hours
+            value["p50"] = [_percentile(d, 0.5) for d in durations]
+            value["p95"] = [_percentile(d, 0.95) for d in durations]
+            self.stats_cache = (None, value, time.monotonic(), time.monotonic() - t0)
+            return value
+
+    def dead_groups(self, store, mark):
+        """store.dead_groups(), cached until the DLQ changes (the watcher's dlq mark)."""
+        key, groups = self.groups_cache
+        if key != mark or mark is None:
+            groups = store.dead_groups(DASHBOARD_DLQ_GROUP_SCAN)
+            self.groups_cache = (mark, groups)
+        return groups
+
+    def latency(self, store, now):
+        oldest = store.oldest_due(now)
+        return 0.0 if oldest is None else max(0.0, now - oldest)
+
+    def metrics(self):
+        """Prometheus text exposition format."""
+        if not self.counters.ready.wait(DASHBOARD_SOCKET_TIMEOUT):
+            raise _Unavailable("the run counters are still being read from the database; try again")
+        now = time.time()
+        with self.pool.store() as store:
+            self.counters.update(store, force=True)
+            counts = store.counts()
+            workers = store.workers()
+            latency = self.latency(store, now)
+        out = ["# HELP queuectl_jobs Jobs stored, by state.", "# TYPE queuectl_jobs gauge"]
+        out += ['queuectl_jobs{state="%s"} %d' % (s, counts[s]) for s in STATES]
+        totals = self.counters.snapshot()
+        out += ["# HELP queuectl_runs_total Finished runs by outcome (from the runs stored when the "
+                "dashboard started, then every run it saw finish; purging never lowers it).",
+                "# TYPE queuectl_runs_total counter"]
+        out += ['queuectl_runs_total{outcome="%s"} %d' % (o, totals[o][0]) for o in RUN_OUTCOMES]
+        out += ["# HELP queuectl_run_duration_seconds Duration of finished runs.",
+                "# TYPE queuectl_run_duration_seconds histogram"]
+        for i, bound in enumerate(DURATION_BUCKETS):
+            out.append('queuectl_run_duration_seconds_bucket{le="%g"} %d' % (
+                bound, sum(t[2][i] for t in totals.values())))
+        count = sum(t[0] for t in totals.values())
+        out.append('queuectl_run_duration_seconds_bucket{le="+Inf"} %d' % count)
+        out.append("queuectl_run_duration_seconds_sum %.6f" % sum(t[1] for t in totals.values()))
+        out.append("queuectl_run_duration_seconds_count %d" % count)
+        out += ["# HELP queuectl_queue_latency_seconds Age of the longest-waiting due job (0 if none).",
+                "# TYPE queuectl_queue_latency_seconds gauge",
+                "queuectl_queue_latency_seconds %.3f" % latency]
+        states = {"alive": 0, "stopping": 0, "lost": 0}
+        for w in workers:
+            alive = worker_alive(w, now)
+            states["lost" if not alive else "stopping" if w["stop_requested"] else "alive"] += 1
+        out += ["# HELP queuectl_workers Registered workers, by state.", "# TYPE queuectl_workers gauge"]
+        out += ['queuectl_workers{state="%s"} %d' % (s, n) for s, n in states.items()]
+        return "\n".join(out) + "\n"
+
+    # -- page frame --------------------------------------------------------------
+
+    def frame(self, title, nav, parts, marks, now, flash=""):
+        """A whole page: header, flash message, then `parts` (HTML strings)."""
+        links = "".join('<a href="%s"%s>%s</a>' % (href, ' class="here"' if name == nav else "", name)
+                        for name, href in (("Overview", "/"), ("Jobs", "/jobs"), ("DLQ", "/dlq")))
+        import json
+        return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+                "<title>%s \u00b7 queuectl</title>"
+                "<link rel=\"icon\" href=\"/static/icon.svg\" type=\"image/svg+xml\">"
+                "<link rel=\"stylesheet\" href=\"/static/app.css?v=%s\">"
+                "<script src=\"/static/app.js?v=%s\" defer></script></head>"
+                "<body data-marks=\"%s\" data-now=\"%.3f\">"
+                "<header><a class=\"brand\" href=\"/\">queuectl</a><nav>%s</nav>"
+                "<span class=\"db\" title=\"database\">%s</span>%s"
+                "<span id=\"live\" class=\"live off\" title=\"live updates\">static</span></header>"
+                "<main>%s%s</main></body></html>\n") % (
+            _h(title), __version__, __version__, _h(json.dumps(marks)), now, links, _h(self.db_path),
+            '<span class="ro">read-only</span>' if self.read_only else "", flash, "".join(parts))
+
+    @staticmethod
+    def region(name, topics, html, tag="section", cls=""):
+        return '<%s class="region %s" data-region="%s" data-topics="%s">%s</%s>' % (
+            tag, cls, name, topics, html, tag)
+
+    def action(self, path, label, back, cls="", **fields):
+        """A one-button POST form ('' when read-only)."""
+        if self.read_only:
+            return ""
+        hidden = "".join('<input type="hidden" name="%s" value="%s">' % (_h(k), _h(v))
+                         for k, v in fields.items() if v is not None)
+        return ('<form class="inline" method="post" action="%s">%s'
+                '<input type="hidden" name="back" value="%s"><button class="%s">%s</button></form>') % (
+            _h(path), hidden, _h(back), cls, _h(label))
+
+    # -- pages (each returns (title, nav, [(region name, topics, fn) or html])) ---
+
+    def page_overview(self, store, q, now, marks):
+        def counts_html():
+            counts = store.counts()
+            latency = self.latency(store, now)
+            tiles = "".join(
+                '<a class="tile s-%s" href="/jobs?state=%s"><b>%d</b><span>%s</span><small>%s</small></a>' % (
+                    s, s, counts[s], s, _STATE_HELP[s]) for s in STATES)
+            return ('<div class="tiles">%s<div class="tile lat"><b>%s</b><span>queue latency</span>'
+                    '<small>age of the oldest due job</small></div></div>') % (tiles, _h(_dur(latency)))
+
+        def workers_html():
+            _, workers = self.status_json(store, now)
+            if not workers:
+                return "<h2>Workers</h2><p class=\"empty\">No workers registered. Start some with " \
+                       "<code>queuectl worker start</code>.</p>"
+            rows = []
+            for w in workers:
+                state = "lost" if not w["alive"] else "stopping" if w["stop_requested"] else "alive"
+                job = '<a href="/jobs/%s">%s</a>' % (_q(w["job_id"]), _h(w["job_id"])) if w["job_id"] else "idle"
+                rows.append("<tr><td>%s</td><td>%s</td><td class=\"num\">%d</td><td>%s</td><td>%s</td>"
+                            "<td>%s</td></tr>" % (_badge(state), _h(w["host"]), w["pid"], job,
+                                                  _ago(w["heartbeat_at"], now), _ago(w["started_at"], now)))
+            n = {s: sum(1 for w in workers if (not w["alive"] and s == "lost") or
+                        (w["alive"] and bool(w["stop_requested"]) == (s == "stopping") and s != "lost"))
+                 for s in ("alive", "stopping", "lost")}
+            stop = "" if self.read_only else ' <a class="btn small" href="/confirm/worker-stop">Stop workers\u2026</a>'
+            return ("<h2>Workers <small>%d alive, %d stopping, %d lost</small>%s</h2>"
+                    "<table><thead><tr><th>State</th><th>Host</th><th class=\"num\">PID</th><th>Job</th>"
+                    "<th>Heartbeat</th><th>Started</th></tr></thead><tbody>%s</tbody></table>") % (
+                n["alive"], n["stopping"], n["lost"], stop, "".join(rows))
+
+        def stats_html():
+            st = self.stats(store)
+            rows = [("completed", "completed", str), ("failed runs", "failed_runs", str), ("dead", "dead", str),
+                    ("success rate", "success_rate",
+                     lambda v: "-" if v is None else "%.1f%%" % (v * 100)),
+                    ("duration p50", "duration_p50", _dur), ("duration p95", "duration_p95", _dur),
+                    ("duration max", "duration_max", _dur),
+                    ("throughput", "throughput_per_min", lambda v: "%g/min" % v)]
+            table = "".join("<tr><th>%s</th><td class=\"num\">%s</td><td class=\"num\">%s</td></tr>" % (
+                label, _h(fmt(st["last_hour"][k])), _h(fmt(st["last_day"][k]))) for label, k, fmt in rows)
+            mins = [(c, f, "%s: %d completed, %d failed" % (
+                time.strftime("%H:%M", time.localtime(st["at"] - (59 - i) * 60)), c, f))
+                for i, (c, f) in enumerate(st["minutes"])]
+            hours = [(c, f, "%s: %d completed, %d failed" % (
+                time.strftime("%H:00", time.localtime(st["at"] - (23 - i) * 3600)), c, f))
+                for i, (c, f) in enumerate(st["hours"])]
+            depth = [d for d in self.watcher.depth if d[0] >= now - 3600]
+            return ("<div class=\"cols\"><div><h2>Last hour and day</h2><table class=\"stats\"><thead><tr><th></th>"
+                    "<th class=\"num\">last hour</th><th class=\"num\">last day</th></tr></thead><tbody>%s</tbody>"
+                    "</table></div><div class=\"charts\">"
+                    "<figure><figcaption>Runs per minute, last hour <span class=\"key ok\">completed</span>"
+                    "<span class=\"key bad\">failed</span></figcaption>%s</figure>"
+                    "<figure><figcaption>Runs per hour, last day</figcaption>%s</figure>"
+                    "<figure><figcaption>Run duration per hour, last day <span class=\"key p50\">p50</span>"
+                    "<span class=\"key p95\">p95</span></figcaption>%s</figure>"
+                    "<figure><figcaption>Queue depth <small>every 10 s since %s</small> <span class=\"key pending\">pending</span>"
+                    "<span class=\"key failed\">failed</span><span class=\"key processing\">processing</span>"
+                    "</figcaption>%s</figure></div></div>") % (
+                table, _svg_bars(mins, ("-60m", "now"), "runs per minute"),
+                _svg_bars(hours, ("-24h", "now"), "runs per hour"),
+                _svg_lines([("p95", "p95", st["p95"]), ("p50", "p50", st["p50"])], ("-24h", "now"),
+                           "run duration", fmt=format_seconds),
+                _h(format_local(depth[0][0])[11:16] if depth else "now"),
+                _svg_lines([("pending", "pending", [d[1] for d in depth]),
+                            ("failed", "failed", [d[2] for d in depth]),
+                            ("processing", "processing", [d[3] for d in depth])],
+                           ("dashboard start" if depth and depth[0][0] > now - 3590 else "-60m", "now"),
+                           "queue depth", fmt=lambda v: "%d" % v))
+
+        def dead_html():
+            jobs, _ = store.find_jobs("dead", limit=8)
+            if not jobs:
+                return ""
+            rows = "".join("<tr><td><a class=\"id\" href=\"/jobs/%s\">%s</a></td><td>%s</td><td>%s</td>"
+                           "<td class=\"cmd\" title=\"%s\"><code>%s</code></td></tr>" % (
+                               _q(j["id"]), _h(j["id"]), _h(j["outcome"]), _ago(j["updated_at"], now),
+                               _h(_short(j["command"], 2000)), _h(_short(j["command"]))) for j in jobs)
+            return ("<h2>Newest in the DLQ <a class=\"small\" href=\"/dlq\">DLQ \u2192</a></h2><table class=\"jobs\">"
+                    "<thead><tr><th>ID</th><th>Last outcome</th><th>Died</th><th>Command</th></tr></thead>"
+                    "<tbody>%s</tbody></table>") % rows
+
+        return "Overview", "Overview", [("counts", "jobs", counts_html), ("workers", "workers jobs", workers_html),
+                                        ("stats", "stats depth", stats_html), ("dead", "dlq", dead_html)]
+
+    def _limit(self, q):
+        try:
+            return max(1, min(int(q.get("limit", DASHBOARD_PAGE[0])), DASHBOARD_PAGE[1]))
+        except ValueError:
+            raise QueueError("invalid limit %r" % q.get("limit"))
+
+    @staticmethod
+    def _seq(q, name):
+        if not q.get(name):
+            return None
+        try:
+            return int(q[name])
+        except ValueError:
+            raise QueueError("invalid %s %r" % (name, q[name]))
+
+    def page_jobs(self, store, q, now, marks):
+        state = q.get("state") or None
+        _check_state(state)
+        text = q.get("q") or None
+        limit = self._limit(q)
+        before = self._seq(q, "before")
+        here = "/jobs" + ("?" + q["_query"] if q.get("_query") else "")
+
+        def list_html():
+            jobs, low = store.find_jobs(state, text, before=before, limit=limit, scan=DASHBOARD_SCAN)
+            counts = store.counts()
+            options = "".join('<option value="%s"%s>%s (%d)</option>' % (
+                s, " selected" if s == state else "", s, counts[s]) for s in STATES)
+            form = ('<form class="filters" method="get" action="/jobs"><select name="state" aria-label="state">'
+                    '<option value="">all states (%d)</option>%s</select>'
+                    '<input type="search" name="q" value="%s" placeholder="id prefix or command text" '
+                    'aria-label="search">'
+                    '<select name="limit" aria-label="page size">%s</select><button>Filter</button></form>') % (
+                sum(counts.values()), options, _h(text or ""),
+                "".join('<option value="%d"%s>%d a page</option>' % (n, " selected" if n == limit else "", n)
+                        for n in sorted({50, 100, 200, DASHBOARD_PAGE[1], limit})))
+            exact = ""
+            if text and before is None and valid_job_id(text) and store.states([text]):
+                exact = '<p class="note">Job <a href="/jobs/%s">%s</a> has exactly this id.</p>' % (
+                    _q(text), _h(text))
+            rows = []
+            for j in jobs:
+                when = j["run_at"] if j["state"] in DUE_STATES else j["updated_at"]
+                act = ""
+                if j["state"] in DUE_STATES + ("processing",) and not j["cancel_requested"]:
+                    act = self.action("/actions/cancel", "cancel", here, "small", one=j["id"])
+                elif j["state"] == "dead":
+                    act = self.action("/actions/retry", "retry", here, "small", one=j["id"])
+                rows.append("<tr><td><a class=\"id\" href=\"/jobs/%s\">%s</a></td><td>%s</td>"
+                            "<td class=\"num\">%s</td><td class=\"num\">%d</td><td>%s</td><td class=\"num\">%s</td>"
+                            "<td class=\"cmd\" title=\"%s\"><code>%s</code></td><td>%s</td></tr>" % (
+                                _q(j["id"]), _h(j["id"]), _badge(j["state"]), _attempts(j), j["priority"],
+                                _ago(when, now), _h(j["exit_code"]), _h(_short(j["command"], 2000)),
+                                _h(_short(j["command"])), act))
+            table = ("<table class=\"jobs\"><thead><tr><th>ID</th><th>State</th><th class=\"num\">Attempts</th>"
+                     "<th class=\"num\">Pri</th><th>Due / updated</th><th class=\"num\">Exit</th><th>Command</th>"
+                     "<th></th></tr></thead><tbody>%s</tbody></table>") % "".join(rows)
+            if not rows:
+                table = "<p class=\"empty\">No jobs%s.</p>" % (" match" if text or state else "")
+            pager = []
+            if before is not None:
+                pager.append('<a href="%s">\u2190 newest</a>' % _url("/jobs", state=state, q=text, limit=limit))
+            if len(jobs) == limit:
+                pager.append('<a href="%s">older \u2192</a>' % _url("/jobs", state=state, q=text, limit=limit,
+                                                                   before=jobs[-1]["seq"]))
+            elif low is not None:
+                pager.append('<span class="note">searched %d jobs back</span> <a href="%s">search older \u2192</a>' % (
+                    DASHBOARD_SCAN, _url("/jobs", state=state, q=text, limit=limit, before=low)))
+            return "%s%s%s<nav class=\"pager\">%s</nav>" % (form, exact, table, " ".join(pager))
+
+        title = "Jobs" + (" \u00b7 " + state if state else "")
+        return title, "Jobs", [("list", "jobs", list_html)]
+
+    def page_job(self, store, q, now, marks, job_id):
+        store.get(job_id)       # JobNotFound -> 404
+        here = "/jobs/" + _q(job_id)
+        pick = self._seq(q, "run")
+
+        def job_html():
+            job = store.get(job_id)
+            runs = store.recent_runs(job_id, 100)
+            data = job_to_json(job)
+            fields = [("attempts", _h(_attempts(job))), ("priority", _h(job["priority"])),
+                      ("run at", _ago(job["run_at"], now)),
+                      ("timeout", _h("-" if job["timeout"] is None else format_seconds(job["timeout"]))),
+                      ("created", _ago(job["created_at"], now)), ("updated", _ago(job["updated_at"], now)),
+                      ("exit code", _h(job["exit_code"])), ("outcome", _h(job["outcome"])),
+                      ("cwd", "<code>%s</code>" % _h(printable(job["cwd"]))),
+                      ("worker", _h(data["worker"])),
+                      ("lease until", _ago(job["lease_until"], now) if job["lease_until"] else "-"),
+                      ("runs started", _h(job["run_count"])),
+                      ("cancel", "requested" if job["cancel_requested"] else "-")]
+            acts = ""
+            if job["state"] in DUE_STATES + ("processing",) and not job["cancel_requested"]:
+                acts = self.action("/actions/cancel", "Cancel job", here, "danger", one=job_id)
+            elif job["state"] == "dead":
+                acts = self.action("/actions/retry", "Retry job", here, "", one=job_id)
+            dl = "".join("<dt>%s</dt><dd>%s</dd>" % (k, v) for k, v in fields)
+            timeline = self.timeline(runs, now) if runs else "<p class=\"empty\">No runs yet.</p>"
+            rows = []
+            for r in runs:
+                rj = run_to_json(r)
+                rows.append("<tr%s><td class=\"num\"><a href=\"%s\">%d</a></td><td class=\"num\">%d</td>"
+                            "<td>%s</td><td>%s</td><td class=\"num\">%s</td><td class=\"num\">%s</td><td>%s</td>"
+                            "<td>%s</td><td class=\"num\">%s / %s</td></tr>" % (
+                                ' class="sel"' if r["run"] == (pick or runs[-1]["run"]) else "",
+                                _url(here, run=r["run"]) + "#output", r["run"], r["attempt"],
+                                _h(format_local(r["started_at"])), _h(format_local(r["finished_at"])),
+                                _h(_dur(rj["duration"])), _h(r["exit_code"]), _h(rj["outcome"]),
+                                _h(r["result_state"]), rj["stdout_bytes"], rj["stderr_bytes"]))
+            table = ("<table><thead><tr><th class=\"num\">Run</th><th class=\"num\">Attempt</th><th>Started</th>"
+                     "<th>Finished</th><th class=\"num\">Duration</th><th class=\"num\">Exit</th><th>Outcome</th>"
+                     "<th>Then</th><th class=\"num\">Out / err bytes</th></tr></thead><tbody>%s</tbody></table>"
+                     % "".join(rows)) if rows else ""
+            return ("<div class=\"head\"><h1>Job <code>%s</code> %s</h1>%s</div><pre class=\"command\">%s</pre>"
+                    "<dl class=\"fields\">%s</dl><h2>Runs <small>%d shown</small></h2>%s%s") % (
+                _h(job_id), _badge(job["state"]), acts, _h(strip_ansi(job["command"])), dl, len(runs),
+                timeline, table)
+
+        def output_html():
+            found = store.run_output(job_id, pick)
+            if found is None:
+                return ""
+            run, finished, out, err = found
+            parts = ["<h2 id=\"output\">Output of run %d%s</h2>" % (run, "" if finished else " (running: stored "
+                                                                      "when the run ends)")]
+            for name, data in (("stdout", out), ("stderr", err)):
+                text = strip_ansi(data[-DASHBOARD_OUTPUT_SHOWN:].decode("utf-8", "replace"))
+                cut = len(data) > DASHBOARD_OUTPUT_SHOWN
+                parts.append("<div class=\"out\"><h3>%s <small>%d bytes%s</small> <a href=\"%s\">raw</a></h3>"
+                             "<pre class=\"output\">%s</pre></div>" % (
+                                 name, len(data), ", last %d shown" % DASHBOARD_OUTPUT_SHOWN if cut else "",
+                                 _h("%s/runs/%d/%s" % (here, run, name)),
+                                 _h(text) if data else "<span class=\"empty\">(empty)</span>"))
+            return "".join(parts)
+
+        return "Job " + job_id, "Jobs", [("job", "jobs runs", job_html), ("output", "runs", output_html)]
+
+    @staticmethod
+    def timeline(runs, now):
+        """The runs as bars on one time axis (SVG)."""
+        start = runs[0]["started_at"]
+        end = max([r["finished_at"] or now for r in runs] + [start + 0.001])
+        width, row = 1200.0, 12.0
+        height = row * len(runs) + 16
+        scale = width / (end - start)
+        out = ['<svg class="timeline" viewBox="0 0 %d %d" role="img" aria-label="runs">' % (width, height)]
+        for i, r in enumerate(runs):
+            x = (r["started_at"] - start) * scale
+            w = max(((r["finished_at"] or now) - r["started_at"]) * scale, 2.0)
+            cls = {"completed": "ok", None: "run"}.get(r["result_state"], "bad")
+            out.append('<rect class="%s" x="%.1f" y="%.1f" width="%.1f" height="%g"><title>%s</title></rect>' % (
+                cls, x, i * row + 2, w, row - 4, _h("run %d: %s, %s" % (
+                    r["run"], r["outcome"] or "running", _dur((r["finished_at"] or now) - r["started_at"])))))
+        out.append('<text x="0" y="%g">%s</text>' % (height - 3, _h(format_local(start))))
+        out.append('<text x="%g" y="%g" text-anchor="end">%s</text>' % (
+            width, height - 3, _h(format_local(end))))
+        out.append("</svg>")
+        return "".join(out)
+
+    @staticmethod
+    def _group(q):
+        """The DLQ group filter (outcome, exit_code) from ?g=1&outcome=&exit=, or None."""
+        if not q.get("g"):
+            return None
+        exit_code = q.get("exit") or None
+        if exit_code is not None:
+            try:
+                exit_code = int(exit_code)
+            except ValueError:
+                raise QueueError("invalid exit code %r" % exit_code)
+        return (q.get("outcome") or None, exit_code)
+
+    def page_dlq(self, store, q, now, marks):
+        group = self._group(q)
+        limit = self._limit(q)
+        before = self._seq(q, "before")
+        gparams = {} if group is None else {"g": "1", "outcome": group[0], "exit": group[1]}
+        here = "/dlq" + ("?" + q["_query"] if q.get("_query") else "")
+
+        def groups_html():
+            groups = self.dead_groups(store, marks.get("dlq"))
+            total = store.counts()["dead"]
+            rows = []
+            for g in groups:
+                params = {"g": "1", "outcome": g["outcome"], "exit": g["exit_code"]}
+                sel = group == (g["outcome"], g["exit_code"])
+                retry = "" if self.read_only else '<a class="btn small" href="%s">retry all\u2026</a>' % _url(
+                    "/confirm/retry", **params)
+                rows.append("<tr%s><td><a href=\"%s\">%s</a></td><td class=\"num\">%s</td><td class=\"num\">%d</td>"
+                            "<td>%s</td><td>%s</td></tr>" % (
+                                ' class="sel"' if sel else "", _url("/dlq", **params),
+                                _h(g["outcome"] or "(none)"), _h(g["exit_code"]), g["jobs"],
+                                _ago(g["last_at"], now), retry))
+            note = ""
+            if total > DASHBOARD_DLQ_GROUP_SCAN:
+                note = "<p class=\"note\">Groups of the newest %d of %d dead jobs.</p>" % (
+                    DASHBOARD_DLQ_GROUP_SCAN, total)
+            bulk = ""
+            if not self.read_only and total:
+                bulk = ' <a class="btn small" href="/confirm/retry">Retry all %d\u2026</a> ' \
+                       '<a class="btn small danger" href="/confirm/purge?state=dead">Purge DLQ\u2026</a>' % total
+            if not rows:
+                return "<h1>Dead letter queue</h1><p class=\"empty\">The DLQ is empty.</p>"
+            return ("<div class=\"head\"><h1>Dead letter queue <small>%d jobs</small></h1>%s</div>"
+                    "<table class=\"groups\"><thead><tr><th>Outcome</th><th class=\"num\">Exit</th>"
+                    "<th class=\"num\">Jobs</th><th>Last died</th><th></th></tr></thead><tbody>%s</tbody></table>%s"
+                    ) % (total, bulk, "".join(rows), note)
+
+        def list_html():
+            jobs, low = store.find_jobs("dead", outcome=group, before=before, limit=limit, scan=DASHBOARD_SCAN)
+            rows = []
+            for j in jobs:
+                check = "" if self.read_only else \
+                    '<td><input type="checkbox" name="sel" value="%s" aria-label="select %s"></td>' % (
+                        _h(j["id"]), _h(j["id"]))
+                retry = "" if self.read_only else \
+                    '<td><button class="small" name="one" value="%s">retry</button></td>' % _h(j["id"])
+                rows.append("<tr data-id=\"%s\">%s<td><a class=\"id\" href=\"/jobs/%s\">%s</a></td>"
+                            "<td class=\"num\">%s</td><td>%s</td><td>%s</td><td class=\"cmd\" title=\"%s\">"
+                            "<code>%s</code></td>%s</tr>" % (
+                                _h(j["id"]), check, _q(j["id"]), _h(j["id"]), _attempts(j), _h(j["outcome"]),
+                                _ago(j["updated_at"], now), _h(_short(j["command"], 2000)),
+                                _h(_short(j["command"])), retry))
+            if not rows:
+                return "" if group is None else "<p class=\"empty\">No dead jobs in this group.</p>"
+            title = "<h2>%s <a class=\"small\" href=\"/dlq\">show all</a></h2>" % _h(
+                _group_label(*group)) if group else "<h2>Newest dead jobs</h2>"
+            head = ("<tr>%s<th>ID</th><th class=\"num\">Attempts</th><th>Last outcome</th><th>Died</th>"
+                    "<th>Command</th>%s</tr>") % (
+                "" if self.read_only else '<th><input type="checkbox" class="all" aria-label="select all"></th>',
+                "" if self.read_only else "<th></th>")
+            table = "<table class=\"jobs\"><thead>%s</thead><tbody>%s</tbody></table>" % (head, "".join(rows))
+            pager = ""
+            if len(jobs) == limit:
+                pager = '<a href="%s">older \u2192</a>' % _url("/dlq", limit=limit, before=jobs[-1]["seq"], **gparams)
+            elif low is not None:
+                pager = '<a href="%s">search older \u2192</a>' % _url("/dlq", limit=limit, before=low, **gparams)
+            if before is not None:
+                pager = '<a href="%s">\u2190 newest</a> ' % _url("/dlq", limit=limit, **gparams) + pager
+            if self.read_only:
+                return "%s%s<nav class=\"pager\">%s</nav>" % (title, table, pager)
+            return ("<form method=\"post\" action=\"/actions/retry\">%s<input type=\"hidden\" name=\"back\" value=\"%s\">"
+                    "%s<div class=\"bar\"><button class=\"sel-retry\">Retry selected</button></div></form>"
+                    "<nav class=\"pager\">%s</nav>") % (title, _h(here), table, pager)
+
+        return "DLQ", "DLQ", [("groups", "dlq", groups_html), ("list", "dlq", list_html)]
+
+    def page_confirm(self, store, q, now, marks, what):
+        if self.read_only:
+            raise _Forbidden("the dashboard is read-only")
+        back = "/dlq" if what != "worker-stop" else "/"
+        if what == "retry":
+            group = self._group(q)
+            upto = store.newest()[0] or 0
+            n = store.count_matching("dead", outcome=group, upto=upto, cap=DASHBOARD_RETRY_MAX)
+            which = "every dead job" if group is None else "every dead job with outcome <b>%s</b>" % _h(
+                _group_label(*group))
+            more = n > DASHBOARD_RETRY_MAX
+            fields = {"upto": upto}
+            if group is not None:
+                fields.update(g="1", outcome=group[0], exit=group[1])
+            body = ("<h1>Retry dead jobs</h1><p>This moves %s back to pending (attempts reset, due now): "
+                    "<b>%s job%s</b> now.%s</p>%s <a href=\"%s\">Cancel</a>") % (
+                which, "more than %d" % DASHBOARD_RETRY_MAX if more else n, "" if n == 1 else "s",
+                " One click retries %d; click again for the rest." % DASHBOARD_RETRY_MAX if more else "",
+                self.action("/actions/retry-matching", "Retry %s job%s" % (
+                    DASHBOARD_RETRY_MAX if more else n, "" if n == 1 else "s"), "/dlq", "primary", **fields)
+                if n else "", _h(back))
+            return "Retry dead jobs", "DLQ", [body]
+        if what == "purge":
+            counts = store.counts()
+            states = [s for s in ("completed", "dead") if s in (q.get("state") or "completed").split(",")]
+            boxes = "".join('<label><input type="checkbox" name="state" value="%s"%s> %s (%d jobs)</label>' % (
+                s, " checked" if s in states else "", s, counts[s]) for s in ("completed", "dead"))
+            body = ("<h1>Purge jobs</h1><p>Deletes finished jobs and their logs for good (as <code>queuectl purge"
+                    "</code>). The DLQ is purged only when ticked.</p><form method=\"post\" action=\"/actions/purge\">"
+                    "<fieldset>%s</fieldset><label>Only those finished at least <input name=\"older_than\" "
+                    "value=\"0\" size=\"6\" aria-label=\"older than\"> ago (e.g. 7d, 12h; 0 = all)</label>"
+                    "<input type=\"hidden\" name=\"back\" value=\"%s\"><p><button class=\"danger\">Purge</button> "
+                    "<a href=\"%s\">Cancel</a></p></form>") % (boxes, _h(back), _h(back))
+            return "Purge", "DLQ", [body]
+        if what == "worker-stop":
+            _, workers = self.status_json(store, now)
+            body = ("<h1>Stop workers</h1><p>Asks all %d registered worker%s to finish the job in hand and exit "
+                    "(as <code>queuectl worker stop</code>). Running jobs are not killed.</p><p>%s "
+                    "<a href=\"/\">Cancel</a></p>") % (
+                len(workers), "" if len(workers) == 1 else "s",
+                self.action("/actions/worker-stop", "Stop workers", "/", "danger"))
+            return "Stop workers", "Overview", [body]
+        raise JobNotFound(what)
+
+    # -- actions (POST) ----------------------------------------------------------
+
+    def act(self, name, form):
+        """Run an action; returns (done code, count). Through the CLI's Store methods."""
+        with self.pool.store() as store:
+            if name == "cancel":
+                ids = form.get("one", [])[:1] or form.get("sel", [])
+                if not ids:
+                    raise QueueError("no job selected")
+                return "cancelled", len(store.cancel(list(dict.fromkeys(ids))))
+            if name == "retry":
+                ids = form.get("one", [])[:1] or form.get("sel", [])
+                if not ids:
+                    raise QueueError("no job selected")
+                return "retried", len(store.retry_dead(list(dict.fromkeys(ids))))
+            if name == "retry-matching":
+                q = {k: v[0] for k, v in form.items()}
+                group = self._group(q)
+                upto = self._seq(q, "upto")
+                if upto is None:
+                    raise QueueError("missing upto")
+                done, tries = 0, 0
+                while done < DASHBOARD_RETRY_MAX and tries < 20:
+                    jobs, _ = store.find_jobs("dead", outcome=group, upto=upto,
+                                              limit=min(PURGE_BATCH, DASHBOARD_RETRY_MAX - done))
+                    if not jobs:
+                        break
+                    try:
+                        done += len(store.retry_dead([j["id"] for j in jobs]))
+                    except QueueError:
+                        tries += 1      # one changed meanwhile (retried elsewhere): read the batch again
+                return "retried", done
+            if name == "purge":
+                states = sorted(set(form.get("state", [])))
+                if not states or not set(states) <= {"completed", "dead"}:
+                    raise QueueError("choose completed and/or dead")
+                try:
+                    older = parse_duration((form.get("older_than") or ["0"])[0] or "0")
+                except ValueError as e:
+                    raise QueueError(str(e))
+                return "purged", store.purge(states, time.time() - older)
+            if name == "worker-stop":
+                targets = store.request_stop()
+                gone = [w["id"] for w in targets
+                        if holder_is_dead(w["host"], w["boot_id"], w["pid"], w["pid_start"])]
+                if gone:
+                    store.forget_workers(gone)
+                return "stopping", len(targets) - len(gone)
+        raise JobNotFound(name)
+
+
+class _Forbidden(QueueError):
+    pass
+
+
+class _Unauthorized(QueueError):
+    pass
+
+
+class _Unavailable(QueueError):
+    pass
+
+
+def _dashboard_handler(app):
+    """The request handler class for `app` (http.server imported here only)."""
+    import hmac
+    import http.server
+    import json
+    import urllib.parse
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = "queuectl/" + __version__
+        timeout = DASHBOARD_SOCKET_TIMEOUT
+
+        def version_string(self):
+            return self.server_version
+
+        def log_message(self, format, *args):
+            pass        # URLs may carry the token; actions are logged by _handle
+
+        def send_error(self, code, message=None, explain=None):
+            self._send(code, ("%s\n" % (message or self.responses.get(code, ("error",))[0])).encode(),
+                       "text/plain; charset=utf-8", close=True)
+
+        def _send(self, code, body, ctype="text/html; charset=utf-8", headers=(), close=False):
+            self.send_response(code)
+            for name, value in _DASH_HEADERS:
+                self.send_header(name, value)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _page(self, code, title, text):
+            # No stylesheet: these pages are also what a visitor without the token gets.
+            body = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>%s</title>"
+                    "</head><body><main class=\"msg\"><h1>%s</h1>"
+                    "<p>%s</p><p><a href=\"/\">Overview</a></p></main></body></html>\n") % (
+                _h(title), _h(title), _h(text))
+            self._send(code, body.encode())
+
+        def _error(self, code, text):
+            if self.path.startswith(("/api/", "/metrics", "/events")) or self.command == "POST" and \
+                    "text/html" not in (self.headers.get("Accept") or ""):
+                extra = (("WWW-Authenticate", 'Bearer realm="queuectl"'),) if code == 401 else ()
+                self._send(code, (json.dumps({"error": text}) + "\n").encode(), "application/json", extra)
+            else:
+                self._page(code, {401: "Token needed", 403: "Forbidden", 404: "Not found"}.get(code, "Error"), text)
+
+        def do_GET(self):
+            self._handle()
+
+        def do_HEAD(self):
+            self._handle()
+
+        def do_POST(self):
+            self._handle()
+
+        def _method_not_allowed(self):
+            self.send_error(405)
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _method_not_allowed
+
+        # -- checks ------------------------------------------------------------------
+
+        def _token_ok(self, token):
+            return token is not None and hmac.compare_digest(token.encode("utf-8", "replace"),
+                                                             app.token.encode())
+
+        def _cookie_token(self):
+            for header in self.headers.get_all("Cookie") or ():
+                for part in header.split(";"):
+                    name, _, value = part.strip().partition("=")
+                    if name == app.cookie:
+                        return value
+            return None
+
+        def _bearer(self):
+            auth = self.headers.get("Authorization") or ""
+            if auth[:7].lower() == "bearer ":
+                return auth[7:].strip()
+            return None
+
+        def _handle(self):
+            try:
+                self._route()
+            except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError) as e:
+                if not isinstance(e, (BrokenPipeError, ConnectionResetError)) and not _is_timeout(e):
+                    raise
+            except _Unauthorized as e:
+                self._error(401, str(e))
+            except _Forbidden as e:
+                self._error(403, str(e))
+            except JobNotFound as e:
+                self._error(404, str(e))
+            except _Unavailable as e:
+                self._error(503, str(e))
+            except QueueError as e:
+                self._error(409 if self.command == "POST" else 400, str(e))
+
+        def _route(self):
+            if len(self.path) > DASHBOARD_MAX_URL:
+                return self.send_error(414)
+            hosts = self.headers.get_all("Host") or []
+            if len(hosts) != 1 or hosts[0].lower() not in app.hosts:
+                raise _Forbidden("unexpected Host header (the dashboard answers only to %s)"
+                                 % ", ".join(sorted(app.hosts)))
+            url = urllib.parse.urlsplit(self.path)
+            path = url.path
+            query = urllib.parse.parse_qs(url.query, max_num_fields=50)
+            if path == "/healthz":
+                return self._healthz()
+            cookie = self._cookie_token()
+            if self.command in ("GET", "HEAD") and "token" in query:
+                if not self._token_ok(query["token"][0]):
+                    raise _Unauthorized("wrong token")
+                rest = urllib.parse.urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs],
+                                              doseq=False)
+                return self._send(303, b"", headers=(
+                    ("Location", path + ("?" + rest if rest else "")),
+                    ("Set-Cookie", "%s=%s; Path=/; HttpOnly; SameSite=Strict" % (app.cookie, app.token))))
+            authed = self._token_ok(cookie) or (
+                path.startswith(("/api/", "/metrics")) and self._token_ok(self._bearer()))
+            if not authed:
+                raise _Unauthorized("open the address that `queuectl dashboard` printed (it ends in ?token=...)")
+            if self.command == "POST":
+                return self._post(path)
+            if path.startswith("/actions/"):
+                return self._send(405, b"POST only\n", "text/plain; charset=utf-8", (("Allow", "POST"),))
+            return self._get(path, query, url.query)
+
+        def _healthz(self):
+            try:
+                with app.pool.store() as store:
+                    store.counts()
+                self._send(200, b"ok\n", "text/plain; charset=utf-8")
+            except QueueError as e:
+                self._send(503, ("%s\n" % e).encode(), "text/plain; charset=utf-8")
+
+        # -- POST --------------------------------------------------------------------
+
+        def _post(self, path):
+            if app.read_only:
+                raise _Forbidden("the dashboard is read-only")
+            # Same origin only: Origin must be ours, and Sec-Fetch-Site (set by
+            # browsers, never by pages) same-origin when sent. Our own pages'
+            # forms arrive with "Origin: null": Referrer-Policy no-referrer
+            # makes browsers send that; it is accepted only with Sec-Fetch-Site
+            # same-origin.
+            origin = self.headers.get("Origin")
+            host = self.headers.get("Host").lower()
+            site = self.headers.get("Sec-Fetch-Site")
+            if site is not None and site != "same-origin":
+                raise _Forbidden("cross-site request refused (Sec-Fetch-Site %s)" % site)
+            if not (origin is not None and origin.lower() == "http://" + host or
+                    origin == "null" and site == "same-origin"):
+                raise _Forbidden("cross-origin request refused (Origin %s)" % (origin or "missing"))
+            if self.headers.get("Transfer-Encoding"):
+                return self.send_error(411)
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                return self.send_error(411)
+            if length < 0 or length > DASHBOARD_MAX_BODY:
+                return self.send_error(413)
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype != "application/x-www-form-urlencoded":
+                return self.send_error(415)
+            body = self.rfile.read(length).decode("utf-8", "replace")
+            form = urllib.parse.parse_qs(body, max_num_fields=PURGE_BATCH * 2)
+            if not path.startswith("/actions/"):
+                raise JobNotFound(path)
+            done, n = app.act(path[len("/actions/"):], form)
+            _err("dashboard: %s" % (_DONE[done] % n))
+            back = (form.get("back") or ["/"])[0]
+            if not back.startswith("/") or back.startswith("//") or any(c in back for c in "\\\r\n"):
+                back = "/"
+            back = urllib.parse.urlsplit(back)
+            keep = [(k, v) for k, v in urllib.parse.parse_qsl(back.query) if k not in ("done", "n")]
+            location = back.path + "?" + urllib.parse.urlencode(keep + [("done", done), ("n", n)])
+            if "application/json" in (self.headers.get("Accept") or ""):
+                return self._send(200, (json.dumps({"done": done, "count": n}) + "\n").encode(), "application/json")
+            self._send(303, b"", headers=(("Location", location),))
+
+        # -- GET ---------------------------------------------------------------------
+
+        def _get(self, path, query, raw_query):
+            q = {k: v[0] for k, v in query.items()}
+            q["_query"] = urllib.parse.urlencode([(k, v) for k, vs in query.items()
+                                                  if k not in ("done", "n", "fragment") for v in vs])
+            if path.startswith("/static/"):
+                return self._static(path)
+            if path == "/events":
+                return self._events()
+            if path == "/metrics":
+                return self._send(200, app.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+            if path.startswith("/api/"):
+                return self._api(path, q)
+            now = time.time()
+            version, marks = app.watcher.current()      # before reading: a change after is never missed
+            parts_of = path.strip("/").split("/")
+            with app.pool.store() as store:
+                if path == "/":
+                    page = app.page_overview(store, q, now, marks)
+                elif path == "/jobs":
+                    page = app.page_jobs(store, q, now, marks)
+                elif len(parts_of) == 2 and parts_of[0] == "jobs":
+                    page = app.page_job(store, q, now, marks, urllib.parse.unquote(parts_of[1]))
+                elif len(parts_of) == 5 and parts_of[0] == "jobs" and parts_of[2] == "runs":
+                    return self._raw(store, urllib.parse.unquote(parts_of[1]), parts_of[3], parts_of[4])
+                elif path == "/dlq":
+                    page = app.page_dlq(store, q, now, marks)
+                elif len(parts_of) == 2 and parts_of[0] == "confirm":
+                    page = app.page_confirm(store, q, now, marks, parts_of[1])
+                else:
+                    raise JobNotFound(path)
+                title, nav, parts = page
+                want = q.get("fragment")
+                html = []
+                for part in parts:
+                    if isinstance(part, tuple):
+                        name, topics, fn = part
+                        if want is not None and want != name:
+                            continue
+                        html.append(fn() if want is not None else app.region(name, topics, fn()))
+                    elif want is None:
+                        html.append(part)
+            if want is not None:
+                if not html:
+                    raise JobNotFound("fragment " + want)
+                return self._send(200, "".join(html).encode(), headers=(("X-Marks", json.dumps(marks)),))
+            flash = ""
+            if q.get("done") in _DONE:
+                try:
+                    flash = '<p class="flash">%s</p>' % _h(_DONE[q["done"]] % int(q.get("n", "0")))
+                except ValueError:
+                    pass
+            self._send(200, app.frame(title, nav, html, marks, now, flash).encode())
+
+        def _raw(self, store, job_id, run, stream):
+            try:
+                run = int(run)
+            except ValueError:
+                raise JobNotFound(job_id)
+            if stream not in ("stdout", "stderr"):
+                raise JobNotFound(stream)
+            store.get(job_id)
+            found = store.run_output(job_id, run)
+            if found is None:
+                raise QueueError("job %r has no run %d" % (job_id, run))
+            data = found[2] if stream == "stdout" else found[3]
+            name = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in job_id)
+            self._send(200, data, "text/plain", (
+                ("Content-Disposition", 'attachment; filename="%s-run%d.%s.txt"' % (name, run, stream)),))
+
+        def _json(self, value):
+            self._send(200, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode(), "application/json")
+
+        def _api(self, path, q):
+            now = time.time()
+            parts = path.strip("/").split("/")
+            with app.pool.store() as store:
+                if path == "/api/status":
+                    return self._json(app.status_json(store, now)[0])
+                if path == "/api/stats":
+                    stats = app.stats(store)
+                    return self._json({"last_hour": stats["last_hour"], "last_day": stats["last_day"],
+                                       "counts": store.counts()})
+                if path == "/api/jobs":
+                    state = q.get("state") or None
+                    _check_state(state)
+                    jobs, low = store.find_jobs(state, q.get("q") or None, before=app._seq(q, "before"),
+                                                limit=app._limit(q), scan=DASHBOARD_SCAN)
+                    nxt = jobs[-1]["seq"] if len(jobs) == app._limit(q) else low
+                    return self._json({"jobs": [job_to_json(j) for j in jobs], "next_before": nxt})
+                if path == "/api/dlq":
+                    return self._json({"groups": app.dead_groups(store, app.watcher.current()[1].get("dlq"))})
+                if len(parts) == 3 and parts[1] == "jobs":
+                    job_id = urllib.parse.unquote(parts[2])
+                    data = job_to_json(store.get(job_id))
+                    data["runs"] = [run_to_json(r) for r in store.recent_runs(job_id, 1000)]
+                    return self._json(data)
+            raise JobNotFound(path)
+
+        def _static(self, path):
+            name = path[len("/static/"):]
+            if name not in _DASH_STATIC:
+                raise JobNotFound(path)
+            ctype, text = _DASH_STATIC[name]
+            self._send(200, text.encode(), ctype)
+
+        def _events(self):
+            """Server-sent events: the watcher's marks now and after each change."""
+            if not app.streams.acquire(blocking=False):
+                return self.send_error(503, "too many live pages open")
+            try:
+                self.send_response(200)
+                for name, value in _DASH_HEADERS:
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                version, marks = app.watcher.current()
+                self.wfile.write(("retry: 2000\ndata: %s\n\n" % json.dumps(marks)).encode())
+                self.wfile.flush()
+                while True:
+                    new, marks, stopped = app.watcher.wait(version, 15.0)
+                    if stopped:
+                        return
+                    if new == version:
+                        self.wfile.write(b": keep-alive\n\n")
+                    else:
+                        version = new
+                        self.wfile.write(("data: %s\n\n" % json.dumps(marks)).encode())
+                    self.wfile.flush()
+            finally:
+                app.streams.release()
+
+    return Handler
+
+
+def _is_timeout(error):
+    import socket
+    return isinstance(error, socket.timeout)
+
+
+def _dashboard_token(path):
+    """A new random token, or the one kept in `path` (created 0600 if missing)."""
+    import secrets
+    if path is None:
+        return secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        token = secrets.token_urlsafe(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+        except OSError as e:
+            raise QueueError("cannot create token file %s: %s" % (path, e.strerror or e))
+        return token
+    except OSError as e:
+        raise QueueError("cannot read token file %s: %s" % (path, e.strerror or e))
+    with os.fdopen(fd) as f:
+        if os.fstat(f.fileno()).st_mode & 0o077:
+            raise QueueError("token file %s is readable by other users; run: chmod 600 %s" % (path, path))
+        try:
+            token = f.read(1000).strip()
+        except (OSError, UnicodeDecodeError):
+            token = ""
+    if len(token) < 16 or not all(c.isascii() and (c.isalnum() or c in "-_") for c in token):
+        raise QueueError("token file %s does not hold a token (16+ characters of A-Z a-z 0-9 - _); "
+                         "delete it to make a new one" % path)
+    return token
+
+
+def _allowed_hosts(host, port, extra=()):
+    """The Host header values the dashboard answers to (DNS rebinding defence)."""
+    names = {"127.0.0.1", "localhost", "[::1]"}
+    names.add("[%s]" % host if ":" in host else host)
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+        names.update({this_host(), socket.getfqdn()})
+    names.update(extra)
+    allowed = {("%s:%d" % (n, port)).lower() for n in names}
+    if port == 80:
+        allowed.update(n.lower() for n in names)
+    return allowed
+
+
+def run_dashboard(db_path, host="127.0.0.1", port=DASHBOARD_PORT, read_only=False, token_file=None,
+                  allow_hosts=()):
+    """Serve the dashboard in the foreground until SIGINT or SIGTERM (then 0)."""
+    import http.server
+    import signal
+    import socket
+    import threading
+
+    Store(db_path).close()      # a bad path or a newer schema: one clear error, before listening
+    token = _dashboard_token(token_file)
+    loopback = host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 64
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        active = threading.BoundedSemaphore(DASHBOARD_MAX_CONNECTIONS)
+
+        def process_request(self, request, client_address):
+            if not self.active.acquire(blocking=False):
+                self.shutdown_request(request)      # too many at once: drop, do not queue threads
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.active.release()
+
+        def handle_error(self, request, client_address):
+            import traceback
+            _err("dashboard: internal error: %s" % traceback.format_exc().strip().splitlines()[-1])
+
+    try:
+        server = Server((host, port), None)
+    except OSError as e:
+        raise QueueError("cannot listen on %s port %d: %s" % (host, port, e.strerror or e))
+    port = server.server_address[1]
+    app = Dashboard(db_path, token, _allowed_hosts(host, port, allow_hosts), port, read_only=read_only)
+    server.RequestHandlerClass = _dashboard_handler(app)
+    shown = this_host() if host in ("0.0.0.0", "::", "") else ("[%s]" % host if ":" in host else host)
+    # Signals are taken with sigwait() in this thread: blocked before any
+    # thread starts (threads inherit the mask), so none of them sees one.
+    stops = {signal.SIGINT, signal.SIGTERM}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    thread = threading.Thread(target=server.serve_forever, name="queuectl-dashboard", daemon=True)
+    try:
+        app.watcher.prime()
+        app.watcher.start()
+        thread.start()
+        if not loopback:
+            _err("warning: the dashboard listens on %s, not only on this machine: anyone who can reach "
+                 "port %d and has the token can see and change the queue (plain HTTP: put TLS in front)"
+                 % (host, port))
+        sys.stdout.write("http://%s:%d/?token=%s\n" % (shown, port, token))
+        sys.stdout.flush()
+        _err("dashboard for %s on port %d%s; Ctrl-C stops it" % (db_path, port, " (read-only)" if read_only else ""))
+        signal.sigwait(stops)
+    finally:
+        app.watcher.stop()
+        server.shutdown()
+        server.server_close()
+        app.pool.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return EXIT_OK
+
+
+_DASH_ICON = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" \
+fill="#1f2937"/><rect x="3" y="4" width="10" height="2" fill="#60a5fa"/><rect x="3" y="7" width="7" height="2" \
+fill="#34d399"/><rect x="3" y="10" width="4" height="2" fill="#f87171"/></svg>
+"""
+
+_DASH_CSS = """
+:root { --fg: #1f2933; --muted: #66727f; --line: #e3e7eb; --bg: #f6f7f9; --card: #fff; --link: #1d5fbf;
+  --ok: #1f9d55; --bad: #d64545; --pending: #5b6b7f; --processing: #2f6fd6; --failed: #d98a16;
+  --dead: #c53030; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 13px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
+  background: var(--bg); }
+code, pre, .id { font-family: ui-monospace, "SF Mono", Menlo, Consolas, "DejaVu Sans Mono", monospace; font-size: 12px; }
+a { color: var(--link); text-decoration: none; } a:hover { text-decoration: underline; }
+header { display: flex; align-items: center; gap: 18px; padding: 0 20px; height: 42px; background: #1f2933;
+  color: #cbd2d9; }
+header .brand { color: #fff; font-weight: 700; font-size: 15px; letter-spacing: .02em; }
+header nav { display: flex; gap: 4px; }
+header nav a { color: #cbd2d9; padding: 4px 10px; border-radius: 4px; }
+header nav a.here, header nav a:hover { background: #323f4b; color: #fff; text-decoration: none; }
+header .db { margin-left: auto; font-family: ui-monospace, monospace; font-size: 11px; color: #9aa5b1;
+  overflow: hidden; text-overflow: ellipsis; white-space: nowrap; max-width: 40%; }
+header .ro { background: #52606d; color: #fff; padding: 1px 7px; border-radius: 9px; font-size: 11px; }
+.live { font-size: 11px; padding: 1px 8px; border-radius: 9px; background: #3e4c59; color: #cbd2d9; }
+.live.on { background: #1f6f43; color: #e3f9e5; } .live.on::before { content: "\\25cf  "; color: #57d98a; }
+main { padding: 16px 20px 40px; max-width: 1400px; margin: 0 auto; }
+main.msg { max-width: 640px; padding-top: 60px; }
+h1 { font-size: 18px; margin: 4px 0 12px; } h2 { font-size: 14px; margin: 20px 0 8px; }
+h1 small, h2 small { color: var(--muted); font-weight: 400; margin-left: 6px; }
+h3 { font-size: 12px; margin: 10px 0 4px; color: var(--muted); }
+.head { display: flex; align-items: center; gap: 12px; } .head h1 { margin-right: auto; }
+.tiles { display: grid; grid-template-columns: repeat(6, 1fr); gap: 10px; }
+.tile { background: var(--card); border: 1px solid var(--line); border-left: 4px solid var(--pending);
+  border-radius: 6px; padding: 10px 12px; color: var(--fg); display: flex; flex-direction: column; }
+a.tile:hover { text-decoration: none; border-color: #b8c2cc; }
+.tile b { font-size: 24px; font-weight: 600; font-variant-numeric: tabular-nums; }
+.tile span { font-weight: 600; } .tile small { color: var(--muted); }
+.tile.s-processing { border-left-color: var(--processing); } .tile.s-completed { border-left-color: var(--ok); }
+.tile.s-failed { border-left-color: var(--failed); } .tile.s-dead { border-left-color: var(--dead); }
+.tile.lat { border-left-color: #7b61c9; }
+table { border-collapse: collapse; width: 100%; background: var(--card); border: 1px solid var(--line);
+  border-radius: 6px; }
+th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid var(--line); vertical-align: middle; }
+th { font-size: 11px; text-transform: uppercase; letter-spacing: .04em; color: var(--muted); font-weight: 600;
+  background: #fafbfc; }
+tbody tr:hover { background: #f5f8fc; } tr.sel { background: #eef4fd; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.cmd { max-width: 520px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+table.stats th { text-transform: none; font-size: 12px; color: var(--fg); background: none; font-weight: 500; }
+.badge { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 11px; font-weight: 600;
+  background: #e4e7eb; color: var(--pending); }
+.badge.s-processing { background: #dce8fb; color: var(--processing); }
+.badge.s-completed, .badge.s-alive { background: #ddf3e4; color: var(--ok); }
+.badge.s-failed, .badge.s-stopping { background: #fcefd9; color: #a8680a; }
+.badge.s-dead, .badge.s-lost { background: #fbe1e1; color: var(--dead); }
+.cols { display: grid; grid-template-columns: minmax(260px, 1fr) 3fr; gap: 20px; }
+.charts { display: grid; grid-template-columns: 1fr 1fr; gap: 10px 16px; margin-top: 20px; }
+.cols h2 { margin-top: 20px; } .cols .charts { margin-top: 47px; }
+figure { margin: 0; background: var(--card); border: 1px solid var(--line); border-radius: 6px; padding: 8px 10px; }
+figcaption { font-size: 12px; font-weight: 600; margin-bottom: 4px; }
+figcaption small { font-weight: 400; color: var(--muted); }
+.key { font-weight: 400; color: var(--muted); margin-left: 10px; }
+.key::before { content: ""; display: inline-block; width: 9px; height: 9px; border-radius: 2px; margin-right: 4px;
+  vertical-align: -1px; background: #888; }
+.key.ok::before { background: var(--ok); } .key.bad::before { background: var(--bad); }
+.key.p50::before { background: var(--processing); } .key.p95::before { background: #7b61c9; }
+.key.pending::before { background: var(--pending); } .key.failed::before { background: var(--failed); }
+.key.processing::before { background: var(--processing); }
+svg.chart { width: 100%; height: auto; display: block; }
+svg.timeline { width: 100%; height: auto; display: block; background: var(--card); border: 1px solid var(--line);
+  border-radius: 6px; padding: 6px 8px; margin-bottom: 8px; }
+svg text { font-size: 10px; fill: var(--muted); }
+svg .axis { stroke: var(--line); } svg .ok { fill: var(--ok); } svg .bad { fill: var(--bad); }
+svg .run { fill: var(--processing); } svg .hit { fill: transparent; } svg g:hover .hit { fill: rgba(0,0,0,.05); }
+svg polyline { fill: none; stroke-width: 1.6; } svg circle { stroke: none; }
+svg .p50 { stroke: var(--processing); fill: var(--processing); } svg .p95 { stroke: #7b61c9; fill: #7b61c9; }
+svg .pending { stroke: var(--pending); fill: var(--pending); } svg .failed { stroke: var(--failed); fill: var(--failed); }
+svg .processing { stroke: var(--processing); fill: var(--processing); }
+svg polyline.p50, svg polyline.p95, svg polyline.pending, svg polyline.failed, svg polyline.processing { fill: none; }
+.filters { display: flex; gap: 8px; margin-bottom: 10px; }
+input, select, button, .btn { font: inherit; padding: 4px 8px; border: 1px solid #c5ced6; border-radius: 4px;
+  background: #fff; color: var(--fg); }
+input[type=search] { width: 320px; }
+button, .btn { cursor: pointer; background: #f0f3f6; display: inline-block; }
+button:hover, .btn:hover { background: #e2e7ec; text-decoration: none; }
+button.primary { background: var(--link); border-color: var(--link); color: #fff; }
+button.danger, .btn.danger { color: var(--dead); border-color: #e8b4b4; }
+button.small, .btn.small, a.small { font-size: 11px; padding: 1px 7px; font-weight: 400; }
+form.inline { display: inline; margin: 0; }
+.bar { margin: 8px 0; } .pager { margin: 10px 0; display: flex; gap: 14px; }
+.flash { background: #e3f9e5; border: 1px solid #a6e3b5; padding: 6px 12px; border-radius: 4px; }
+.note, .empty { color: var(--muted); }
+dl.fields { display: grid; grid-template-columns: repeat(3, 100px minmax(0, 1fr)); gap: 4px 12px;
+  background: var(--card); border: 1px solid var(--line); border-radius: 6px; padding: 10px 14px; margin: 10px 0 0; }
+dl.fields dt { color: var(--muted); } dl.fields dd { margin: 0; min-width: 0; }
+pre { margin: 0; white-space: pre-wrap; word-break: break-all; }
+pre.command { background: var(--card); border: 1px solid var(--line); padding: 8px 12px; border-radius: 6px;
+  max-height: 240px; overflow: auto; }
+pre.output { background: #1f2933; color: #e4e7eb; padding: 10px 12px; border-radius: 6px; max-height: 480px;
+  overflow: auto; }
+fieldset { border: 0; padding: 0; margin: 10px 0; display: flex; gap: 16px; }
+@media (max-width: 900px) { .tiles { grid-template-columns: repeat(3, 1fr); } .cols, .charts { grid-template-columns: 1fr; } }
+"""
+
+_DASH_JS = r"""
+// queuectl dashboard: live updates over server-sent events. The server sends
+// change marks per topic; each region re-fetches its own HTML (rendered and
+// escaped by the server) only when one of its topics changed. Nothing here
+// builds HTML from data. Paused while the tab is hidden.
+(function () {
+  "use strict";
+  var body = document.body;
+  var marks = JSON.parse(body.getAttribute("data-marks") || "{}");
+  var skew = parseFloat(body.getAttribute("data-now")) - Date.now() / 1000;
+  var live = document.getElementById("live");
+  var source = null, busy = {}, again = {}, last = {}, timer = {};
+
+  function setLive(state, text) {
+    live.className = "live " + state;
+    live.textContent = text;
+  }
+
+  // One fetch per region at a time, and at most one a second: a busy queue
+  // changes every few milliseconds; the page shows the latest within a second.
+  function refresh(el) {
+    var name = el.getAttribute("data-region");
+    if (busy[name]) { again[name] = true; return; }
+    var wait = (last[name] || 0) + 1000 - Date.now();
+    if (wait > 0) {
+      if (!timer[name]) { timer[name] = setTimeout(function () { timer[name] = null; refresh(el); }, wait); }
+      return;
+    }
+    busy[name] = true;
+    last[name] = Date.now();
+    var url = new URL(location.href);
+    url.searchParams.delete("done");
+    url.searchParams.delete("n");
+    url.searchParams.set("fragment", name);
+    fetch(url.pathname + url.search, {credentials: "same-origin", headers: {"Accept": "text/html"}})
+      .then(function (r) { if (!r.ok) { throw new Error("HTTP " + r.status); } return r.text(); })
+      .then(function (html) {
+        var checked = {};
+        el.querySelectorAll("input[name=sel]:checked").forEach(function (c) { checked[c.value] = true; });
+        el.innerHTML = html;
+        el.querySelectorAll("input[name=sel]").forEach(function (c) { c.checked = !!checked[c.value]; });
+        ages();
+      })
+      .catch(function () {})
+      .then(function () {
+        busy[name] = false;
+        if (again[name]) { again[name] = false; refresh(el); }
+      });
+  }
+
+  function onMarks(event) {
+    var next = JSON.parse(event.data), changed = {};
+    Object.keys(next).forEach(function (k) { if (next[k] !== marks[k]) { changed[k] = true; } });
+    marks = next;
+    document.querySelectorAll("[data-region]").forEach(function (el) {
+      var topics = (el.getAttribute("data-topics") || "").split(" ");
+      if (topics.some(function (t) { return changed[t]; })) { refresh(el); }
+    });
+  }
+
+  function connect() {
+    if (source || document.hidden || !window.EventSource) { return; }
+    source = new EventSource("/events");
+    source.onmessage = function (e) { setLive("on", "live"); onMarks(e); };
+    source.onerror = function () { setLive("off", "reconnecting"); };
+  }
+
+  function disconnect() {
+    if (source) { source.close(); source = null; }
+    setLive("off", "paused");
+  }
+
+  function age(secs) {
+    var a = Math.abs(secs), t;
+    if (a < 60) { t = Math.floor(a) + "s"; }
+    else if (a < 3600) { t = Math.floor(a / 60) + "m"; }
+    else if (a < 86400) { t = Math.floor(a / 3600) + "h" + ("0" + Math.floor(a % 3600 / 60)).slice(-2) + "m"; }
+    else { t = Math.floor(a / 86400) + "d" + ("0" + Math.floor(a % 86400 / 3600)).slice(-2) + "h"; }
+    return secs < 0 ? "in " + t : t + " ago";
+  }
+
+  function ages() {
+    var now = Date.now() / 1000 + skew;
+    document.querySelectorAll("time[data-ts]").forEach(function (el) {
+      el.textContent = age(now - parseFloat(el.getAttribute("data-ts")));
+    });
+  }
+
+  document.addEventListener("change", function (e) {
+    if (e.target.matches("input.all")) {
+      var table = e.target.closest("table");
+      table.querySelectorAll("input[name=sel]").forEach(function (c) { c.checked = e.target.checked; });
+    }
+  });
+  document.addEventListener("visibilitychange", function () {
+    if (document.hidden) { disconnect(); } else { connect(); }
+  });
+  setInterval(ages, 1000);
+  connect();
+})();
+"""
+
+_DASH_STATIC = {
+    "app.css": ("text/css; charset=utf-8", _DASH_CSS),
+    "app.js": ("text/javascript; charset=utf-8", _DASH_JS),
+    "icon.svg": ("image/svg+xml", _DASH_ICON),
+}
 
 
 ###############################################################################
@@ -3085,6 +4950,16 @@ def _int64(text):
     return _int_arg(text, -_INT64)
 
 
+def _port(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise _argtype_error("invalid port %r" % text)
+    if not 0 <= value <= 65535:
+        raise _argtype_error("must be 0-65535, not %d" % value)
+    return value
+
+
 def _duration_arg(text):
     try:
         return parse_duration(text)
@@ -3141,7 +5016,7 @@ class _Skipped:
 
 _SKIPPED = _Skipped()
 COMMANDS = ("init", "enqueue", "worker", "status", "list", "show", "logs", "wait", "cancel", "retry", "dlq",
-            "queue", "config", "stats", "purge")
+            "queue", "config", "stats", "purge", "dashboard")
 #: Earlier designs' spellings of commands, accepted as they were (README: Aliases).
 COMMAND_ALIASES = {"dlq-retry": ["dlq", "retry"]}
 
@@ -3340,6 +5215,17 @@ def build_parser(only=None):
                    help="only jobs finished at least this long ago (e.g. 7d; default: all)")
     p.add_argument("-s", "--state", action="append", choices=("completed", "dead"),
                    help="completed (default) or dead; repeat for both. The DLQ is only purged when named")
+
+    p = add(sub, "dashboard", cmd_dashboard, "serve a live web dashboard and Prometheus /metrics")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; anything else is reachable from other hosts)")
+    p.add_argument("--port", type=_port, default=DASHBOARD_PORT,
+                   help="port (default %d; 0 picks a free one)" % DASHBOARD_PORT)
+    p.add_argument("--read-only", action="store_true", help="show the queue; offer no actions")
+    p.add_argument("--token-file", metavar="PATH",
+                   help="keep the access token in this file (created 0600) so it survives restarts")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="another host name the dashboard is reached by (e.g. behind a proxy); repeatable")
     return parser
 
 
@@ -3540,16 +5426,11 @@ def cmd_status(args):
         queues = store.queues()
     now = time.time()
     for w in workers:
-        w["alive"] = not holder_is_dead(w["host"], w["boot_id"], w["pid"], w["pid_start"]) and \
-            now - w["heartbeat_at"] < LEASE_SECONDS
+        w["alive"] = worker_alive(w, now)
     if args.json:
         print_json({
             "counts": counts,
-            "workers": [{"id": w["id"], "host": w["host"], "pid": w["pid"],
-                         "started_at": format_time(w["started_at"]),
-                         "heartbeat_at": format_time(w["heartbeat_at"]),
-                         "job": w["job_id"], "alive": w["alive"],
-                         "stopping": bool(w["stop_requested"])} for w in workers],
+            "workers": [worker_to_json(w) for w in workers],
             "queues": [{"name": q["name"], "limit": q["max_running"], "paused": bool(q["paused"])}
                        for q in queues],
         })
@@ -3984,6 +5865,14 @@ def cmd_purge(args):
         counts = [(store.purge([state], before), state) for state in states]
     _err("purged " + ", ".join("%d %s job%s" % (n, state, "" if n == 1 else "s") for n, state in counts))
     return EXIT_OK
+
+
+def cmd_dashboard(args):
+    for name in args.allow_host:
+        if not name or any(c in name for c in "/ \t@") or not name.isascii():
+            raise UsageError("dashboard: invalid --allow-host %r (a host name, no port or scheme)" % name)
+    return run_dashboard(getattr(args, "db", None) or default_db_path(), host=args.host, port=args.port,
+                         read_only=args.read_only, token_file=args.token_file, allow_hosts=args.allow_host)
 
 
 def main(argv=None):

@@ -30,6 +30,9 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.error
+import urllib.parse
+import urllib.request
 from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -4448,6 +4451,857 @@ class TestBenchScript(unittest.TestCase):
             self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
             with open(out) as f:
                 self.assertIsInstance(json.load(f), dict)
+
+
+###############################################################################
+# Dashboard (issue 8): a real server, over HTTP, and in a real browser
+###############################################################################
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kw):
+        return None
+
+
+#: urllib without redirects (a 303 is an answer to check) and without any proxy.
+_HTTP = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
+_URL_LINE = re.compile(r"^http://127\.0\.0\.1:(\d+)/\?token=([A-Za-z0-9_-]{32,})$")
+
+
+class Dashboard:
+    """A `queuectl.py --db DB dashboard --port 0` process: its port, token and stderr."""
+
+    def __init__(self, test, db, *args, env=None):
+        self.err_path = os.path.join(test.tmp, "dashboard%d.err" % random.randrange(10 ** 9))
+        err = open(self.err_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, QUEUECTL, "--db", db, "dashboard", "--port", "0"]
+                                     + list(args), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                     env=env or test.env(), cwd=test.tmp, start_new_session=True)
+        err.close()
+        test.addCleanup(self.stop)
+        self.line = self._first_line(test)
+        m = re.match(r"^http://([^/]+):(\d+)/\?token=([A-Za-z0-9_-]+)$", self.line)
+        test.assertTrue(m, "first line is not the dashboard's URL: %r\n%s" % (self.line, self.stderr()))
+        self.port = int(m.group(2))
+        self.token = m.group(3)
+        self.host = "127.0.0.1:%d" % self.port
+        self.base = "http://" + self.host
+        self.cookie = "queuectl_%d=%s" % (self.port, self.token)
+
+    def _first_line(self, test):
+        import select
+        deadline = time.monotonic() + DEADLINE
+        data = b""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                test.fail("the dashboard printed no URL within %gs\n%s" % (DEADLINE, self.stderr()))
+            if select.select([fd], [], [], left)[0]:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    test.fail("the dashboard exited (%s) before printing its URL\n%s" % (
+                        self.proc.wait(5), self.stderr()))
+                data += chunk
+        return data.split(b"\n")[0].decode()
+
+    def stderr(self):
+        with open(self.err_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self, sig=signal.SIGTERM):
+        """Stop it with `sig` (then SIGKILL at the deadline); returns its exit code."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                kill_session(self.proc.pid)
+                self.proc.wait(10)
+        self.proc.stdout.close()
+        return self.proc.returncode
+
+    def request(self, path, method="GET", data=None, headers=None, auth="cookie", origin=True):
+        """(status, headers, body bytes). auth: 'cookie', 'bearer' or None; origin: send our
+        own Origin on POST (or the given string, or None for none)."""
+        all_headers = {}
+        if auth == "cookie":
+            all_headers["Cookie"] = self.cookie
+        elif auth == "bearer":
+            all_headers["Authorization"] = "Bearer " + self.token
+        if method == "POST":
+            if origin is True:
+                all_headers["Origin"] = self.base
+            elif origin:
+                all_headers["Origin"] = origin
+            all_headers["Content-Type"] = "application/x-www-form-urlencoded"
+            if isinstance(data, (dict, list)):
+                data = urllib.parse.urlencode(data, doseq=True).encode()
+            data = data or b""
+        all_headers.update(headers or {})
+        req = urllib.request.Request(self.base + path, data=data, headers=all_headers, method=method)
+        try:
+            with _HTTP.open(req, timeout=DEADLINE) as resp:
+                return resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+    def get(self, path, **kw):
+        status, headers, body = self.request(path, **kw)
+        if status != 200:
+            raise AssertionError("GET %s: %d %r" % (path, status, body[:500]))
+        return body.decode("utf-8")
+
+    def get_json(self, path, **kw):
+        return json.loads(self.get(path, **kw))
+
+    def post(self, path, data, **kw):
+        return self.request(path, method="POST", data=data, **kw)
+
+
+def parse_prometheus(text):
+    """{(name, frozenset(labels.items())): value}; fails on any line not in the text format."""
+    samples, types = {}, {}
+    line_re = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"\\]*"'
+                         r'(,[a-zA-Z_][a-zA-Z0-9_]*="[^"\\]*")*)\})? (-?[0-9.eE+]+|\+Inf|NaN)$')
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            types[name] = kind
+            continue
+        m = line_re.match(line)
+        if not m:
+            raise AssertionError("not Prometheus text format: %r" % line)
+        labels = frozenset(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"', m.group(3) or ""))
+        base = re.sub(r"_(bucket|sum|count)$", "", m.group(1))
+        assert m.group(1) in types or base in types, "sample without # TYPE: %r" % line
+        samples[(m.group(1), labels)] = float(m.group(5))
+    return samples
+
+
+class DashboardTestCase(QueueTestCase):
+    """Helpers: start a real dashboard; make dead jobs with real workers."""
+
+    def dashboard(self, *args, db=None):
+        return Dashboard(self, db or self.db, *args)
+
+    def dead_jobs(self, *commands):
+        """Enqueue each command with no retries, run a worker once; returns the ids (now dead)."""
+        ids = [self.add(c, max_retries=0) for c in commands]
+        self.run_once()
+        for job_id in ids:
+            self.assertEqual(self.job(job_id)["state"], "dead")
+        return ids
+
+
+class TestDashboardServer(DashboardTestCase):
+    """`queuectl dashboard` over HTTP: the security defaults, the API and /metrics, each as a user meets it."""
+
+    def test_first_line_is_the_url_with_the_real_port_and_it_listens_on_loopback_only(self):
+        """Port 0 prints the real port; the socket listens on 127.0.0.1 alone; no warning."""
+        dash = self.dashboard()
+        self.assertRegex(dash.line, _URL_LINE)
+        self.assertNotEqual(dash.port, 0)
+        with open("/proc/net/tcp") as f:
+            listening = [line.split() for line in f if line.split()[3:4] == ["0A"]]
+        mine = [fields[1] for fields in listening if fields[1].endswith(":%04X" % dash.port)]
+        self.assertEqual(mine, ["0100007F:%04X" % dash.port])
+        self.assertEqual(dash.get("/healthz", auth=None), "ok\n")
+        self.assertNotIn("warning", dash.stderr())
+
+    def test_another_address_needs_host_and_warns(self):
+        """--host 0.0.0.0 serves but says on stderr that other machines can reach it."""
+        dash = self.dashboard("--host", "0.0.0.0")
+        self.assertIn("warning: the dashboard listens on 0.0.0.0", dash.stderr())
+        self.assertEqual(dash.get("/healthz", auth=None), "ok\n")
+
+    def test_every_request_but_healthz_needs_the_token(self):
+        """No token, a wrong cookie, a wrong ?token= or Bearer on a page: 401, and nothing leaks."""
+        self.add("echo secret-command")
+        dash = self.dashboard()
+        for path in ("/", "/jobs", "/dlq", "/api/status", "/api/jobs", "/metrics", "/events", "/static/app.js",
+                     "/jobs/nope", "/confirm/retry"):
+            for auth in (None, "wrong"):
+                headers = {"Cookie": "%s=%s" % (dash.cookie.split("=")[0], "x" * 43)} if auth else {}
+                status, headers_out, body = dash.request(path, auth=None, headers=headers)
+                self.assertEqual(status, 401, path)
+                self.assertNotIn(b"secret-command", body)
+        status, headers, _ = dash.request("/api/status", auth=None)
+        self.assertEqual(headers["WWW-Authenticate"], 'Bearer realm="queuectl"')
+        self.assertEqual(dash.request("/?token=" + "A" * 43, auth=None)[0], 401)
+        self.assertEqual(dash.request("/", auth="bearer")[0], 401)       # Bearer is for /api and /metrics
+        self.assertEqual(dash.request("/metrics", auth="bearer")[0], 200)
+        self.assertEqual(dash.request("/api/status", auth="bearer")[0], 200)
+        self.assertEqual(dash.request("/healthz", auth=None)[0], 200)
+
+    def test_token_in_the_url_once_becomes_an_httponly_strict_cookie(self):
+        """?token= answers 303 to the same URL without it, setting an HttpOnly SameSite=Strict cookie."""
+        dash = self.dashboard()
+        status, headers, _ = dash.request("/jobs?state=dead&token=" + dash.token, auth=None)
+        self.assertEqual(status, 303)
+        self.assertEqual(headers["Location"], "/jobs?state=dead")
+        cookie = headers["Set-Cookie"]
+        self.assertTrue(cookie.startswith(dash.cookie + ";"), cookie)
+        attrs = [a.strip() for a in cookie.split(";")[1:]]
+        self.assertIn("HttpOnly", attrs)
+        self.assertIn("SameSite=Strict", attrs)
+        self.assertIn("Path=/", attrs)
+        self.assertEqual(dash.request("/jobs?state=dead")[0], 200)
+
+    def test_foreign_host_header_is_refused(self):
+        """DNS rebinding: any Host but this dashboard's own names gets 403, even with the token."""
+        self.add("echo x")
+        dash = self.dashboard()
+        for host in ("evil.example:%d" % dash.port, "evil.example", "127.0.0.1:1", "127.0.0.1.evil.example"):
+            status, _, body = dash.request("/api/status", headers={"Host": host})
+            self.assertEqual(status, 403, host)
+            self.assertNotIn(b"counts", body)
+        self.assertEqual(dash.request("/api/status", headers={"Host": "localhost:%d" % dash.port})[0], 200)
+        status, _, _ = dash.request("/healthz", auth=None, headers={"Host": "evil.example"})
+        self.assertEqual(status, 403)
+
+    def test_cross_origin_or_tokenless_post_is_refused_and_changes_nothing(self):
+        """Actions need the token, Origin equal to our own and Sec-Fetch-Site same-origin when sent."""
+        [job_id] = self.dead_jobs("exit 3")
+        dash = self.dashboard()
+        before = self.db_dump()
+        form = {"one": job_id, "back": "/dlq"}
+        attempts = [
+            ({"origin": None}, 403),
+            ({"origin": "http://evil.example"}, 403),
+            ({"origin": "http://localhost:%d" % dash.port}, 403),      # another origin, even if local
+            ({"origin": "null"}, 403),
+            ({"origin": "null", "headers": {"Sec-Fetch-Site": "cross-site"}}, 403),
+            ({"origin": "http://evil.example", "headers": {"Sec-Fetch-Site": "same-origin"}}, 403),
+            ({"headers": {"Sec-Fetch-Site": "cross-site"}}, 403),
+            ({"headers": {"Sec-Fetch-Site": "same-site"}}, 403),
+            ({"auth": None}, 401),
+            ({"auth": None, "headers": {"Cookie": dash.cookie.split("=")[0] + "=" + "B" * 43}}, 401),
+        ]
+        for kw, code in attempts:
+            for path in ("/actions/retry", "/actions/retry-matching", "/actions/purge", "/actions/cancel",
+                         "/actions/worker-stop"):
+                status, _, _ = dash.post(path, dict(form, state="dead", upto="999"), **kw)
+                self.assertEqual(status, code, (path, kw))
+        self.assertEqual(self.db_dump(), before)
+        status, headers, _ = dash.post("/actions/retry", form, headers={"Sec-Fetch-Site": "same-origin"})
+        self.assertEqual(status, 303)
+        self.assertEqual(headers["Location"], "/dlq?done=retried&n=1")
+        self.assertEqual(self.job(job_id)["state"], "pending")
+        # A browser posting our own form: no-referrer makes it send "Origin: null".
+        self.expect_success("cancel", job_id, err=None)
+        status, _, _ = dash.post("/actions/retry", form, origin="null", headers={"Sec-Fetch-Site": "same-origin"})
+        self.assertEqual(status, 303)
+        self.assertEqual(self.job(job_id)["state"], "pending")
+
+    def test_get_never_changes_anything(self):
+        """GET on action URLs answers 405; confirmation pages only count; the database is unchanged."""
+        ids = self.dead_jobs("exit 3", "exit 3")
+        self.add("echo pending")
+        dash = self.dashboard()
+        before = self.db_dump()
+        query = "?one=%s&sel=%s&state=dead&state=completed&older_than=0&g=1&outcome=exit+3&exit=3&upto=999" % (
+            ids[0], ids[1])
+        for path in ("/actions/retry", "/actions/retry-matching", "/actions/purge", "/actions/cancel",
+                     "/actions/worker-stop"):
+            status, headers, _ = dash.request(path + query)
+            self.assertEqual(status, 405, path)
+            self.assertEqual(headers["Allow"], "POST")
+        for path in ("/confirm/retry", "/confirm/purge", "/confirm/worker-stop", "/dlq", "/jobs", "/"):
+            dash.get(path + query)
+        self.assertIn("2 jobs", dash.get("/confirm/retry" + query))
+        self.assertEqual(self.db_dump(), before)
+
+    def test_security_headers_and_no_inline_code_on_every_response(self):
+        """CSP default-src 'none' (script and style from 'self' only), nosniff, no-referrer, no framing."""
+        self.dead_jobs("exit 3")
+        dash = self.dashboard()
+        pages = ["/", "/jobs", "/dlq", "/confirm/retry", "/confirm/purge", "/jobs/nope", "/api/status",
+                 "/metrics", "/static/app.css", "/static/app.js", "/healthz"]
+        for path in pages + ["/no-token"]:
+            status, headers, body = dash.request(path, auth=None if path == "/no-token" else "cookie")
+            csp = headers["Content-Security-Policy"]
+            self.assertIn("default-src 'none'", csp)
+            self.assertIn("frame-ancestors 'none'", csp)
+            self.assertIn("script-src 'self'", csp)
+            self.assertNotIn("unsafe", csp)
+            self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+            self.assertEqual(headers["Referrer-Policy"], "no-referrer")
+            if headers["Content-Type"].startswith("text/html"):
+                html = body.decode()
+                self.assertNotRegex(html, r"<script(?![^>]*\ssrc=)", path)     # no inline script
+                self.assertNotRegex(html, r"<style|\sstyle=|\son[a-z]+=", path)  # no inline style/handlers
+        self.assertEqual(dash.request("/jobs/nope")[0], 404)
+
+    def test_job_data_is_escaped_and_output_has_no_terminal_escapes(self):
+        """Markup in a command and its output is shown as text on every page; ANSI codes are stripped."""
+        evil = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+        [job_id] = self.dead_jobs("echo '%s'; printf '\\033[31mred\\033[0m\\n' >&2; exit 3" % evil)
+        dash = self.dashboard()
+        for path in ("/", "/jobs", "/jobs?q=script", "/dlq", "/jobs/" + job_id, "/jobs/%s?fragment=output" % job_id,
+                     "/dlq?fragment=list", "/confirm/retry?g=1&outcome=exit+3&exit=3"):
+            html = dash.get(path)
+            self.assertNotIn("<img", html, path)
+            self.assertNotIn("<script>", html, path)
+            self.assertNotIn("\x1b", html, path)
+        page = dash.get("/jobs/" + job_id)
+        self.assertIn("&lt;img src=x onerror=alert(1)&gt;&lt;script&gt;alert(2)&lt;/script&gt;", page)
+        self.assertIn('<pre class="output">red\n</pre>', page)
+
+    def test_raw_output_download_is_a_text_plain_attachment(self):
+        """The raw link gives the stored bytes, unescaped, as an attachment (never rendered)."""
+        [job_id] = self.dead_jobs("printf '<b>out</b>\\033[1m'; printf 'err' >&2; exit 3")
+        dash = self.dashboard()
+        status, headers, body = dash.request("/jobs/%s/runs/1/stdout" % job_id)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "text/plain")
+        self.assertEqual(headers["Content-Disposition"], 'attachment; filename="%s-run1.stdout.txt"' % job_id)
+        self.assertEqual(body, b"<b>out</b>\x1b[1m")
+        self.assertEqual(dash.request("/jobs/%s/runs/1/stderr" % job_id)[2], b"err")
+        self.assertEqual(dash.request("/jobs/%s/runs/7/stdout" % job_id)[0], 400)
+
+    def test_api_has_the_same_fields_as_the_cli_json(self):
+        """/api/status, /api/jobs/ID, /api/jobs and /api/stats equal status/show/list/stats --json."""
+        ids = self.dead_jobs("echo one; exit 3")
+        ids.append(self.add("echo two", priority=2))
+        dash = self.dashboard()
+        self.assertEqual(dash.get_json("/api/status"), json.loads(self.expect_success("status", "--json")))
+        for job_id in ids:
+            self.assertEqual(dash.get_json("/api/jobs/" + job_id), self.job(job_id))
+        api = dash.get_json("/api/jobs?limit=500")
+        self.assertEqual(api["jobs"], list(reversed(self.jobs())))
+        self.assertIsNone(api["next_before"])
+        stats = dash.get_json("/api/stats")
+        cli = json.loads(self.expect_success("stats", "--json"))
+        self.assertEqual(stats["counts"], cli["counts"])
+        self.assertEqual(set(stats["last_hour"]), set(cli["last_hour"]))
+        self.assertEqual(stats["last_day"]["dead"], cli["last_day"]["dead"])
+
+    def test_jobs_pages_newest_first_with_keyset_pagination_search_and_state(self):
+        """Pages of ?limit= follow next_before to the end; search finds command text and id prefixes."""
+        jobs = [{"command": "echo job %d%s" % (i, " needle" if i % 7 == 0 else "")} for i in range(30)]
+        out = self.expect_success("enqueue", "--file", "-", stdin="\n".join(map(json.dumps, jobs)).encode())
+        ids = out.split()
+        self.expect_success("cancel", ids[3], ids[4], err=None)
+        dash = self.dashboard()
+        seen, before = [], ""
+        while True:
+            page = dash.get_json("/api/jobs?limit=7" + before)
+            seen += [j["id"] for j in page["jobs"]]
+            if page["next_before"] is None:
+                break
+            before = "&before=%d" % page["next_before"]
+        self.assertEqual(seen, list(reversed(ids)))
+        found = [j["id"] for j in dash.get_json("/api/jobs?q=needle")["jobs"]]
+        self.assertEqual(found, [ids[i] for i in (28, 21, 14, 7, 0)])
+        self.assertEqual([j["id"] for j in dash.get_json("/api/jobs?q=" + ids[5])["jobs"]], [ids[5]])
+        self.assertEqual([j["id"] for j in dash.get_json("/api/jobs?state=dead")["jobs"]], [ids[4], ids[3]])
+        html = dash.get("/jobs?state=dead")
+        self.assertIn(ids[3], html)
+        self.assertNotIn(ids[5], html)
+        self.assertEqual(dash.request("/api/jobs?state=nope")[0], 400)
+
+    def test_stats_follow_runs_that_finish_close_together(self):
+        """The cached last hour/day catches up with a run that finished while its recompute had to
+        wait (it is recomputed at most once a second), and the page's stats mark moves with it."""
+        dash = self.dashboard()
+        with _HTTP.open(urllib.request.Request(dash.base + "/events", headers={"Cookie": dash.cookie}),
+                        timeout=DEADLINE) as stream:
+            first = TestDashboardServer.next_event(stream)
+            for n in (1, 2, 3):
+                self.add("true")
+                self.run_once()
+                self.wait_until(lambda: dash.get_json("/api/stats")["last_hour"]["completed"] == n,
+                                timeout=5.0, message="stats to count %d runs" % n)
+            self.wait_until(lambda: TestDashboardServer.next_event(stream)["stats"] != first["stats"],
+                            timeout=5.0, message="a new stats mark")
+
+    def test_metrics_parse_as_prometheus_text_and_match_status(self):
+        """Job counts equal status --json; runs_total counts runs and never goes down on purge."""
+        self.dead_jobs("exit 3", "exit 4")
+        done = self.add("echo ok")
+        self.run_once()
+        self.add("echo waiting")
+        dash = self.dashboard()
+        metrics = parse_prometheus(dash.get("/metrics", auth="bearer"))
+        counts = json.loads(self.expect_success("status", "--json"))["counts"]
+        for state in STATES:
+            self.assertEqual(metrics[("queuectl_jobs", frozenset({("state", state)}))], counts[state])
+        runs = {o: metrics[("queuectl_runs_total", frozenset({("outcome", o)}))]
+                for o in queuectl.RUN_OUTCOMES}
+        self.assertEqual(runs["completed"], 1)
+        self.assertEqual(runs["failed"], 2)
+        self.assertEqual(metrics[("queuectl_run_duration_seconds_count", frozenset())], 3)
+        self.assertEqual(metrics[("queuectl_run_duration_seconds_bucket", frozenset({("le", "+Inf")}))], 3)
+        self.assertGreater(metrics[("queuectl_queue_latency_seconds", frozenset())], 0)
+        self.assertEqual(metrics[("queuectl_workers", frozenset({("state", "alive")}))], 0)
+        self.expect_success("purge", "--state", "completed", "--state", "dead", err=None)
+        self.assertEqual(self.job_count(), 1)
+        self.add("echo more")
+        self.run_once()
+        metrics = parse_prometheus(dash.get("/metrics", auth="bearer"))
+        self.assertEqual(metrics[("queuectl_runs_total", frozenset({("outcome", "completed")}))], 3)
+        self.assertEqual(metrics[("queuectl_runs_total", frozenset({("outcome", "failed")}))], 2)
+        self.assertEqual(metrics[("queuectl_jobs", frozenset({("state", "completed")}))], 2)
+        self.assertNotIn(done, dash.get("/jobs"))
+
+    def job_count(self):
+        return sum(json.loads(self.expect_success("status", "--json"))["counts"].values())
+
+    def test_actions_go_through_the_store_like_the_cli(self):
+        """cancel, retry selected, retry all matching a group (count first), purge, worker stop."""
+        dead = self.dead_jobs("exit 3", "exit 3", "exit 3", "exit 4", "exit 4")
+        waiting = self.add("echo later", delay="1h")
+        dash = self.dashboard()
+        page = dash.get("/confirm/retry?g=1&outcome=exit+3&exit=3")
+        self.assertIn("<b>3 jobs</b>", page)
+        upto = re.search(r'name="upto" value="(\d+)"', page).group(1)
+        newer = self.dead_jobs("exit 3")[0]         # dies after the count: not retried by that click
+        status, headers, _ = dash.post("/actions/retry-matching",
+                                       {"g": "1", "outcome": "exit 3", "exit": "3", "upto": upto, "back": "/dlq"})
+        self.assertEqual((status, headers["Location"]), (303, "/dlq?done=retried&n=3"))
+        self.assertEqual([self.job(i)["state"] for i in dead], ["pending"] * 3 + ["dead"] * 2)
+        self.assertEqual(self.job(newer)["state"], "dead")
+        self.assertIn("3 job(s) moved back to pending", dash.get("/dlq?done=retried&n=3"))
+        status, _, _ = dash.post("/actions/retry", {"sel": [dead[3], dead[4]], "back": "/dlq"})
+        self.assertEqual(status, 303)
+        self.assertEqual(self.dlq_ids(), [newer])
+        status, _, body = dash.post("/actions/retry", {"one": dead[0], "back": "/dlq"})
+        self.assertEqual(status, 409)
+        self.assertIn(b"is not in the DLQ", body)
+        self.assertEqual(dash.post("/actions/cancel", {"one": waiting, "back": "/jobs"})[0], 303)
+        self.assertEqual(self.job(waiting)["state"], "dead")
+        status, headers, _ = dash.post("/actions/purge", {"state": "dead", "older_than": "0", "back": "/dlq"})
+        self.assertEqual(headers["Location"], "/dlq?done=purged&n=2")
+        self.assertEqual(self.dlq_ids(), [])
+        status, headers, _ = dash.post("/actions/worker-stop", {"back": "/"})
+        self.assertEqual(headers["Location"], "/?done=stopping&n=0")
+        self.assertIn("dashboard: 2 job(s) purged", dash.stderr())
+
+    def test_read_only_offers_and_accepts_no_action(self):
+        """--read-only: no forms or action links on any page; every POST is 403 and changes nothing."""
+        [job_id] = self.dead_jobs("exit 3")
+        self.add("echo waiting")
+        dash = self.dashboard("--read-only")
+        for path in ("/", "/jobs", "/dlq", "/jobs/" + job_id):
+            html = dash.get(path)
+            self.assertNotIn("<form method=\"post\"", html)
+            self.assertNotIn("/confirm/", html)
+            self.assertNotIn("<button", html.replace("<button>Filter</button>", ""))
+        self.assertEqual(dash.request("/confirm/retry")[0], 403)
+        before = self.db_dump()
+        self.assertEqual(dash.post("/actions/retry", {"one": job_id})[0], 403)
+        self.assertEqual(dash.post("/actions/purge", {"state": "dead"})[0], 403)
+        self.assertEqual(self.db_dump(), before)
+
+    def test_token_file_keeps_the_token_across_restarts_with_mode_0600(self):
+        """--token-file is created 0600 and reused; a file others can read is refused in one line."""
+        path = os.path.join(self.tmp, "token")
+        first = self.dashboard("--token-file", path)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(first.stop(), 0)
+        second = self.dashboard("--token-file", path)
+        self.assertEqual(second.token, first.token)
+        with open(path) as f:
+            self.assertEqual(f.read(), first.token + "\n")
+        os.chmod(path, 0o644)
+        code, out, err = self.script("dashboard", "--port", "0", "--token-file", path)
+        self.assertEqual((code, out), (1, b""))
+        self.assertEqual(err.decode(), "queuectl: error: token file %s is readable by other users; "
+                                       "run: chmod 600 %s\n" % (path, path))
+
+    def test_user_errors_are_one_line(self):
+        """A port in use or a bad --port: one line on stderr, no traceback, non-zero exit."""
+        dash = self.dashboard()
+        code, out, err = self.script("dashboard", "--port", dash.port)
+        self.assertEqual((code, out), (1, b""))
+        self.assertRegex(err.decode(), r"^queuectl: error: cannot listen on 127\.0\.0\.1 port \d+: .*\n$")
+        self.expect_failure("dashboard", "--port", "70000", code=2)
+        self.expect_failure("dashboard", "--allow-host", "http://x", code=2)
+
+    def test_sigterm_and_ctrl_c_exit_0(self):
+        """The dashboard runs in the foreground until SIGTERM or SIGINT, then exits 0 quietly."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            dash = self.dashboard()
+            dash.get("/")
+            self.assertEqual(dash.stop(sig), 0, dash.stderr())
+            self.assertNotIn("Traceback", dash.stderr())
+
+    def test_oversized_requests_are_refused(self):
+        """A body over 64 KiB (413, unread), a 10 kB URL (414), an unknown method (405)."""
+        dash = self.dashboard()
+        import socket
+        with socket.create_connection(("127.0.0.1", dash.port), timeout=DEADLINE) as s:
+            s.sendall(("POST /actions/purge HTTP/1.1\r\nHost: %s\r\nOrigin: %s\r\nCookie: %s\r\n"
+                       "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100000000\r\n\r\n"
+                       % (dash.host, dash.base, dash.cookie)).encode())
+            self.assertTrue(s.recv(100).startswith(b"HTTP/1.0 413"))
+        self.assertEqual(dash.request("/jobs?q=" + "x" * 10000)[0], 414)
+        self.assertEqual(dash.request("/", method="PUT")[0], 405)
+
+    def test_stalled_clients_neither_block_others_nor_stay_connected(self):
+        """Slow-loris: half-sent requests do not hold up other requests and are dropped at the
+        socket timeout (20 s)."""
+        dash = self.dashboard()
+        import socket
+        stalled = []
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", dash.port), timeout=DEADLINE + 20)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: " + dash.host.encode() + b"\r\n")
+            stalled.append(s)
+            self.addCleanup(s.close)
+        t0 = time.monotonic()
+        self.assertEqual(dash.get("/healthz", auth=None), "ok\n")
+        self.assertLess(time.monotonic() - t0, 2.0)
+        for s in stalled:
+            self.assertEqual(s.recv(100), b"")      # closed by the server, not by us
+        waited = time.monotonic() - t0
+        self.assertGreater(waited, queuectl.DASHBOARD_SOCKET_TIMEOUT - 2)
+        self.assertLess(waited, queuectl.DASHBOARD_SOCKET_TIMEOUT + 10)
+
+    def test_live_events_push_a_change_mark(self):
+        """/events sends the current marks at once and new ones within 2 s of a CLI enqueue."""
+        dash = self.dashboard()
+        req = urllib.request.Request(dash.base + "/events", headers={"Cookie": dash.cookie})
+        with _HTTP.open(req, timeout=DEADLINE) as stream:
+            self.assertEqual(stream.headers["Content-Type"], "text/event-stream")
+            first = self.next_event(stream)
+            self.add("echo new")
+            t0 = time.monotonic()
+            second = self.next_event(stream)
+            self.assertLess(time.monotonic() - t0, 2.0)
+        self.assertNotEqual(first["jobs"], second["jobs"])
+        self.assertEqual(first["runs"], second["runs"])
+
+    @staticmethod
+    def next_event(stream):
+        while True:
+            line = stream.readline()
+            if not line:
+                raise AssertionError("the event stream ended")
+            if line.startswith(b"data: "):
+                return json.loads(line[6:])
+
+    def test_no_read_transaction_is_held_between_requests(self):
+        """With a page's event stream open and pages served, a checkpoint can still reset the WAL."""
+        self.dead_jobs("exit 3")
+        dash = self.dashboard()
+        req = urllib.request.Request(dash.base + "/events", headers={"Cookie": dash.cookie})
+        with _HTTP.open(req, timeout=DEADLINE) as stream:
+            self.next_event(stream)
+            for path in ("/", "/jobs", "/dlq", "/metrics", "/api/stats"):
+                dash.get(path)
+            for i in range(20):
+                self.add("echo %d" % i)
+            self.next_event(stream)
+            conn = sqlite3.connect(self.db, timeout=DEADLINE)
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.close()
+            self.assertEqual(busy, 0)
+            self.assertEqual(os.path.getsize(self.db + "-wal"), 0)
+            self.assertEqual(dash.get_json("/api/status")["counts"]["pending"], 20)
+
+
+class TestStoreLocks(QueueTestCase):
+    """A process with two Stores on one file (the dashboard) keeps its SQLite locks."""
+
+    def test_opening_a_second_store_keeps_the_first_ones_locks(self):
+        """Opening a Store used to close a descriptor of the file, dropping every POSIX lock this
+        process held on it: another process closing then deleted the WAL under the first Store."""
+        self.init_db()
+        first = queuectl.Store(self.db)
+        self.addCleanup(first.close)
+        first.counts()
+        queuectl.Store(self.db).close()
+        code = subprocess.call([sys.executable, "-c", "import sqlite3, sys; "
+                                "sqlite3.connect(sys.argv[1]).execute('SELECT 1 FROM jobs').fetchall()", self.db])
+        self.assertEqual(code, 0)
+        self.assertTrue(os.path.exists(self.db + "-wal"), "the WAL was deleted under an open Store")
+        first.set_config("max_retries", 5)
+        self.assertEqual(self.expect_success("config", "get", "max_retries"), "5\n")
+
+
+def _browser_binaries():
+    """(chromedriver, chromium) paths, or None when either is missing."""
+    driver = shutil.which("chromedriver")
+    browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    return (driver, browser) if driver and browser else None
+
+
+class WebDriver:
+    """A chromedriver process and one headless Chromium session, spoken to in W3C
+    WebDriver JSON over urllib (no Python package needed)."""
+
+    def __init__(self, driver, browser, tmp):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.log = open(os.path.join(tmp, "chromedriver.log"), "wb")
+        self.proc = subprocess.Popen([driver, "--port=%d" % port], stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.base = "http://127.0.0.1:%d" % port
+        self.session = None
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            try:
+                if self._call("GET", "/status")["ready"]:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.quit()
+                raise AssertionError("chromedriver did not start")
+            time.sleep(0.05)
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,1000",
+                "--user-data-dir=" + os.path.join(tmp, "chromium-profile")]
+        caps = {"browserName": "chrome", "goog:chromeOptions": {"binary": browser, "args": args},
+                "goog:loggingPrefs": {"browser": "ALL", "performance": "ALL"}}
+        self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
+
+    def _call(self, method, path, body=None, timeout=DEADLINE):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with _HTTP.open(req, timeout=timeout) as resp:
+                return json.loads(resp.read())["value"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError("webdriver %s %s: %s" % (method, path, e.read()[:1000]))
+
+    def call(self, method, path, body=None):
+        return self._call(method, "/session/%s%s" % (self.session, path), body)
+
+    def go(self, url):
+        self.call("POST", "/url", {"url": url})
+
+    def js(self, script, *args):
+        return self.call("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def find(self, css):
+        found = self.call("POST", "/element", {"using": "css selector", "value": css})
+        return next(iter(found.values()))      # {"element-6066-...": id}
+
+    def click(self, css):
+        self.call("POST", "/element/%s/click" % self.find(css), {})
+
+    def screenshot(self, path):
+        import base64
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self.call("GET", "/screenshot")))
+
+    def logs(self, kind):
+        """Chromium's 'browser' (console) or 'performance' (DevTools) log since the last call."""
+        return self.call("POST", "/se/log", {"type": kind})
+
+    def cdp(self, cmd, params):
+        return self.call("POST", "/goog/cdp/execute", {"cmd": cmd, "params": params})
+
+    def quit(self):
+        if self.session is not None:
+            try:
+                self._call("DELETE", "/session/%s" % self.session, timeout=10)
+            except (AssertionError, OSError):
+                pass
+        if self.proc.poll() is None:
+            kill_session(self.proc.pid)
+        self.proc.wait(10)
+        self.log.close()
+
+
+#: Records what the page does that it must not: CSP violations and markup from job data run.
+_WATCH_PAGE = """
+window.__csp = [];
+document.addEventListener('securitypolicyviolation', function (e) {
+  window.__csp.push(e.violatedDirective + ' ' + e.blockedURI);
+});
+window.__xss = [];
+"""
+_EVIL = "<img src=x onerror=window.__xss.push(1)><script>window.__xss.push(2)</script>"
+
+
+class TestDashboardBrowser(DashboardTestCase):
+    """The dashboard in headless Chromium: what an operator sees and clicks, and what the page must never do."""
+
+    @classmethod
+    def setUpClass(cls):
+        found = _browser_binaries()
+        if found is None:
+            message = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+            if os.environ.get("CI") == "true":
+                raise AssertionError("CI=true: browser tests must run, but " + message)
+            sys.stderr.write("\nskipping the dashboard browser tests: %s\n" % message)
+            raise unittest.SkipTest(message)
+        cls.browser_tmp = tempfile.TemporaryDirectory(prefix="queuectl-browser-")
+        cls.driver = WebDriver(found[0], found[1], cls.browser_tmp.name)
+        cls.driver.cdp("Page.addScriptToEvaluateOnNewDocument", {"source": _WATCH_PAGE})
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.driver.quit()
+        cls.browser_tmp.cleanup()
+
+    def setUp(self):
+        super().setUp()
+        self.driver.logs("browser")
+        self.driver.logs("performance")
+
+    def open(self, dash, path="/"):
+        """Load a page the way a user does: the printed URL first (token -> cookie), then `path`."""
+        if not getattr(self, "_closes_page", False):
+            # Leave the page before the dashboard stops (cleanups run last first): its
+            # event stream would retry and log errors into the next test.
+            self.addCleanup(self.driver.go, "about:blank")
+            self._closes_page = True
+        self.driver.go(dash.line)
+        if path != "/":
+            self.driver.go(dash.base + path)
+        self.wait_until(lambda: self.driver.js("return document.readyState") == "complete", message="page load")
+
+    def shot(self, name):
+        """Save a screenshot in the test's directory (and in $QUEUECTL_SCREENSHOTS, if set)."""
+        path = os.path.join(self.tmp, name + ".png")
+        self.driver.screenshot(path)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        if os.environ.get("QUEUECTL_SCREENSHOTS"):
+            shutil.copy(path, os.path.join(os.environ["QUEUECTL_SCREENSHOTS"], name + ".png"))
+        return path
+
+    def assert_page_behaved(self, dash):
+        """No CSP violation, no console error, no request to another origin, nothing from job data ran."""
+        self.assertEqual(self.driver.js("return window.__csp"), [])
+        self.assertEqual(self.driver.js("return window.__xss"), [])
+        errors = [e["message"] for e in self.driver.logs("browser") if e["level"] == "SEVERE"]
+        self.assertEqual(errors, [])
+        urls = []
+        for entry in self.driver.logs("performance"):
+            msg = json.loads(entry["message"])["message"]
+            if msg["method"] == "Network.requestWillBeSent":
+                urls.append(msg["params"]["request"]["url"])
+        self.assertTrue(urls, "the performance log recorded no request")
+        self.assertEqual([u for u in urls if not u.startswith(dash.base + "/")], [])
+
+    def test_overview_counts_equal_status_json(self):
+        """The overview's tiles show the counts `status --json` prints; a screenshot is saved."""
+        self.add("echo fine")
+        self.dead_jobs("exit 3")
+        self.add("echo waiting")
+        self.add("echo later", delay="1h")
+        dash = self.dashboard()
+        self.open(dash)
+        shown = self.driver.js("""
+            var out = {};
+            document.querySelectorAll('a.tile').forEach(function (t) {
+              out[t.querySelector('span').textContent] = parseInt(t.querySelector('b').textContent, 10);
+            });
+            return out;""")
+        self.assertEqual(shown, json.loads(self.expect_success("status", "--json"))["counts"])
+        self.shot("overview")
+        self.assert_page_behaved(dash)
+
+    def test_screenshot_of_a_busy_queue(self):
+        """A day of history (made through the Store with injected times) and a live pool: the overview
+        shows it all, with no error; the screenshot is the README's (QUEUECTL_SCREENSHOTS=docs)."""
+        rng = random.Random(8)
+        now = time.time()
+        self.init_db()
+        with queuectl.Store(self.db) as store:
+            wid = "%s:%d:1" % (queuectl.this_host(), os.getpid())
+            for i, t in enumerate(sorted(now - 86400 * rng.random() ** 2.5 for _ in range(400))):
+                store.enqueue([{"command": "backup-db --shard %d" % (i % 12), "cwd": self.tmp,
+                                "max_retries": 0}], now=t)
+                started = t + rng.random() * 3
+                job = store.claim(wid, now=started)
+                code = 0 if rng.random() > 0.06 else rng.choice((1, 2, 75))
+                result = queuectl.RunResult(code, "exit %d" % code, b"done\n")
+                store.finish(job["id"], job["run"], wid, result, now=started + rng.lognormvariate(0.3, 0.9))
+        for i in range(3):
+            self.add("sleep 30 # report %d" % i, priority=1)
+        for i in range(25):
+            self.add("resize-images --batch %d" % i)
+        pool = self.start_pool("--count", "3")
+        self.wait_until(lambda: sum(w["job"] is not None for w in json.loads(
+            self.expect_success("status", "--json"))["workers"]) == 3, message="3 busy workers")
+        dash = self.dashboard()
+        self.open(dash)
+        rows = self.driver.js("""return Array.from(document.querySelectorAll('section.region'), function (r) {
+            return [r.getAttribute('data-region'), r.querySelectorAll('tbody tr').length]; });""")
+        self.assertEqual(rows, [["counts", 0], ["workers", 3], ["stats", 8], ["dead", 8]])
+        self.shot("dashboard")
+        self.assert_page_behaved(dash)
+        self.stop_pool(pool)
+
+    def test_a_job_enqueued_from_the_cli_appears_within_2s_without_reload(self):
+        """Live updates: the jobs list and the counts change in place (the page is never reloaded)."""
+        self.add("echo first")
+        dash = self.dashboard()
+        self.open(dash, "/jobs")
+        self.wait_until(lambda: self.driver.js("return document.getElementById('live').textContent") == "live",
+                        message="the live indicator")
+        self.driver.js("window.__sameDocument = true;")
+        job_id = self.add("echo appears-live")
+        t0 = time.monotonic()
+        self.wait_until(lambda: job_id in self.driver.js("return document.querySelector('main').textContent"),
+                        timeout=2.0, message="job %s on the page" % job_id, interval=0.05)
+        self.assertLess(time.monotonic() - t0, 2.0)
+        self.assertTrue(self.driver.js("return window.__sameDocument === true"), "the page was reloaded")
+        self.shot("jobs")
+        self.assert_page_behaved(dash)
+
+    def test_a_hidden_tab_stops_listening_and_catches_up_when_shown(self):
+        """visibilitychange to hidden closes the event stream (no updates); shown again, it reconnects
+        and fetches what changed meanwhile."""
+        dash = self.dashboard()
+        self.open(dash, "/jobs")
+        live = "return document.getElementById('live').textContent"
+        self.wait_until(lambda: self.driver.js(live) == "live", message="the live indicator")
+        self.driver.js("""Object.defineProperty(document, 'hidden', {value: true, configurable: true});
+                          document.dispatchEvent(new Event('visibilitychange'));""")
+        self.assertEqual(self.driver.js(live), "paused")
+        job_id = self.add("echo while-hidden")
+        time.sleep(1.5)
+        self.assertNotIn(job_id, self.driver.js("return document.querySelector('main').textContent"))
+        self.driver.js("""Object.defineProperty(document, 'hidden', {value: false, configurable: true});
+                          document.dispatchEvent(new Event('visibilitychange'));""")
+        self.wait_until(lambda: job_id in self.driver.js("return document.querySelector('main').textContent"),
+                        timeout=3.0, message="the page to catch up", interval=0.05)
+        self.assert_page_behaved(dash)
+
+    def test_clicking_retry_on_a_dlq_row_moves_it_to_pending(self):
+        """DLQ page: the row's retry button posts the action; the job is pending and the page says so."""
+        ids = self.dead_jobs("exit 3", "exit 4")
+        dash = self.dashboard()
+        self.open(dash, "/dlq")
+        self.shot("dlq")
+        self.driver.click('button[name=one][value="%s"]' % ids[0])
+        self.wait_until(lambda: self.job(ids[0])["state"] == "pending", message="the retried job to be pending")
+        self.assertEqual(self.job(ids[1])["state"], "dead")
+        self.wait_until(lambda: "1 job(s) moved back to pending" in self.driver.js(
+            "return document.body.textContent"), message="the confirmation on the page")
+        self.assert_page_behaved(dash)
+
+    def test_markup_in_job_data_adds_no_element_and_runs_nothing(self):
+        """A command and output full of <img onerror> and <script> show as text on every page."""
+        [job_id] = self.dead_jobs("echo '%s'; echo '%s' >&2; exit 3" % (_EVIL, _EVIL))
+        dash = self.dashboard()
+        for path in ("/", "/jobs", "/dlq", "/jobs/" + job_id, "/jobs?q=script"):
+            self.open(dash, path)
+            counts = self.driver.js("""return [document.querySelectorAll('img').length,
+                                               document.querySelectorAll('script').length,
+                                               document.querySelectorAll('[onerror]').length];""")
+            self.assertEqual(counts, [0, 1, 0], path)
+            if path != "/":
+                self.assertIn(_EVIL, self.driver.js("return document.querySelector('main').textContent"), path)
+            if path.startswith("/jobs/"):
+                self.shot("job")
+            self.assert_page_behaved(dash)
 
 
 if __name__ == "__main__":
