@@ -1,5 +1,49 @@
-#!/usr/bin/env python3
-"""queuectl: a background job queue for shell commands, in one file.
+#!/bin/sh
+"""exec" python3 -c '
+# Run as a command (installed by copying, as README shows), this file starts as
+# a shell script: sh reads this line only and execs Python on the byte-compiled
+# copy of the file kept in ~/.cache/queuectl, so a call does not compile 3,000
+# lines again (design.md, "Start-up"). To Python the same lines are a string.
+import os, sys
+path = sys.argv.pop(1)
+sys.argv[0] = path
+sys.path[0] = os.path.dirname(os.path.realpath(path))
+cache = os.path.realpath(os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "queuectl"))
+def trusted(d):
+    # No other user may write where our bytecode lives, nor above it.
+    uid = os.geteuid()
+    while True:
+        st = os.lstat(d)
+        if st.st_uid not in (0, uid) or st.st_mode & 0o022 and not st.st_mode & 0o1000:
+            return False
+        if os.path.dirname(d) == d:
+            return True
+        d = os.path.dirname(d)
+try:
+    os.makedirs(cache, 0o700, exist_ok=True)
+    ok = os.stat(cache).st_uid == os.geteuid() and trusted(cache)
+except OSError:
+    ok = False
+from importlib.machinery import SourceFileLoader
+loader = SourceFileLoader("queuectl", path)
+try:
+    # Only for this file: the modules it imports keep their own caches.
+    sys.pycache_prefix, sys.dont_write_bytecode = (cache, False) if ok else (None, True)
+    code = loader.get_code("queuectl")
+except (ValueError, EOFError, TypeError):     # a damaged cached copy
+    code = compile(loader.get_data(path), path, "exec")
+finally:
+    sys.pycache_prefix, sys.dont_write_bytecode = None, False
+module = type(sys)("queuectl")
+module.__file__ = path
+sys.modules["queuectl"] = module
+exec(code, module.__dict__)
+sys.exit(module.main())
+' "$0" "$@"
+"""
+# The string above is this module's docstring only by position; this is the real one.
+__doc__ = """queuectl: a background job queue for shell commands, in one file.
 
 Jobs are shell commands kept in a SQLite file. Workers claim them, run them,
 retry failures with exponential backoff and move jobs that keep failing to a

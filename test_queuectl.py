@@ -16,6 +16,7 @@ import datetime
 import io
 import json
 import os
+import py_compile
 import random
 import re
 import resource
@@ -2738,6 +2739,102 @@ class TestScript(QueueTestCase):
                               env=env, timeout=DEADLINE)
         self.assertEqual((proc.returncode, proc.stderr), (0, b""))
         self.assertEqual(proc.stdout, ("queuectl %s\n" % queuectl.__version__).encode())
+
+    # -- installed by copying: sh execs Python on a cached byte-compiled copy ----
+
+    def install_copy(self):
+        """`install -m 755 queuectl.py BIN/queuectl`, python3 on PATH the Python under
+        test, and a cache of our own: returns a function running BIN/queuectl."""
+        bindir = os.path.join(self.tmp, "bin")
+        os.mkdir(bindir)
+        self.installed = os.path.join(bindir, "queuectl")
+        shutil.copy(QUEUECTL, self.installed)
+        os.chmod(self.installed, 0o755)
+        os.symlink(sys.executable, os.path.join(bindir, "python3"))
+        self.cache = os.path.join(self.tmp, "cache")
+        env = self.env(PATH=bindir + os.pathsep + os.environ.get("PATH", ""), XDG_CACHE_HOME=self.cache)
+
+        def run(*args, stdin=b"", cwd=None, **extra):
+            proc = subprocess.run([self.installed, "--db", self.db] + list(args), input=stdin,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd or self.tmp,
+                                  env=dict(env, **extra), timeout=DEADLINE)
+            return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+        return run
+
+    def cached_files(self):
+        return sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(self.cache, "queuectl"))
+                      for f in files)
+
+    def test_installed_copy_runs_from_cached_bytecode(self):
+        run = self.install_copy()
+        self.assertEqual(run("--version"), (0, "queuectl %s\n" % queuectl.__version__, ""))
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.cache, "queuectl")).st_mode), 0o700)
+        [pyc] = self.cached_files()
+        self.assertIn(self.tmp.lstrip(os.sep), pyc)          # named after where the copy lives
+        written = os.stat(pyc).st_mtime_ns
+        # Arguments and stdin reach the command as given, through sh's "$@".
+        code, job_id, err = run("enqueue", "--id", "w", "--", "printf", "%s|", "a b", "$HOME", "it's", "")
+        self.assertEqual((code, job_id, err), (0, "w\n", ""))
+        self.assertEqual(run("enqueue", "--file", "-", stdin=b'{"id": "s", "command": "true"}\n')[:2], (0, "s\n"))
+        self.assertEqual(self.job("w")["command"], "printf '%s|' 'a b' '$HOME' 'it'\"'\"'s' ''")
+        self.assertEqual(run("show", "nope")[0], 1)
+        self.assertEqual(os.stat(pyc).st_mtime_ns, written)   # read, not compiled again
+        # A new copy of a different version is compiled afresh, same size or not.
+        with open(QUEUECTL) as f:
+            source = f.read().replace('__version__ = "%s"' % queuectl.__version__, '__version__ = "9.9.9"')
+        with open(self.installed, "w") as f:
+            f.write(source)
+        os.utime(self.installed, (time.time() + 5, time.time() + 5))
+        self.assertEqual(run("--version"), (0, "queuectl 9.9.9\n", ""))
+
+    def plant_bytecode(self, version):
+        """Write where the cached copy goes a valid one that says `version`."""
+        run = self.install_copy()
+        run("--version")
+        [pyc] = self.cached_files()
+        fake = os.path.join(self.tmp, "fake.py")
+        with open(QUEUECTL) as f:
+            source = f.read().replace('__version__ = "%s"' % queuectl.__version__, '__version__ = "%s"' % version)
+        with open(fake, "w") as f:
+            f.write(source)
+        st = os.stat(self.installed)
+        self.assertEqual(os.path.getsize(fake), st.st_size)
+        os.utime(fake, ns=(st.st_atime_ns, st.st_mtime_ns))
+        py_compile.compile(fake, cfile=pyc, doraise=True)
+        return run
+
+    def test_cached_bytecode_is_used_only_from_a_private_directory(self):
+        run = self.plant_bytecode("6.6.6")
+        self.assertEqual(run("--version")[1], "queuectl 6.6.6\n")   # the cache is what runs
+        for mode in (0o770, 0o707):
+            os.chmod(os.path.join(self.cache, "queuectl"), mode)
+            self.assertEqual(run("--version"), (0, "queuectl %s\n" % queuectl.__version__, ""))
+        os.chmod(os.path.join(self.cache, "queuectl"), 0o700)
+        os.chmod(self.cache, 0o777)                            # writable above it: as bad
+        self.assertEqual(run("--version")[1], "queuectl %s\n" % queuectl.__version__)
+
+    def test_installed_copy_without_a_usable_cache(self):
+        run = self.plant_bytecode("6.6.6")
+        [pyc] = self.cached_files()
+        with open(pyc, "r+b") as f:                             # a damaged copy: valid header only
+            f.seek(16)
+            f.write(b"\xff" * 64)
+        self.assertEqual(run("--version"), (0, "queuectl %s\n" % queuectl.__version__, ""))
+        nowhere = os.path.join(self.tmp, "file")
+        open(nowhere, "w").close()
+        self.assertEqual(run("--version", XDG_CACHE_HOME=nowhere),
+                         (0, "queuectl %s\n" % queuectl.__version__, ""))
+
+    def test_installed_copy_does_not_import_from_the_current_directory(self):
+        run = self.install_copy()
+        cwd = os.path.join(self.tmp, "shared")
+        os.mkdir(cwd)
+        for name in ("json", "argparse", "shlex", "subprocess", "datetime"):
+            with open(os.path.join(cwd, name + ".py"), "w") as f:
+                f.write("open(%r, 'w').close()\n" % os.path.join(self.tmp, "imported-" + name))
+        self.assertEqual(run("enqueue", "--", "true", cwd=cwd)[0], 0)
+        self.assertEqual(run("list", "--json", cwd=cwd)[0], 0)
+        self.assertEqual([f for f in os.listdir(self.tmp) if f.startswith("imported-")], [])
 
     def test_exit_codes_and_no_tracebacks(self):
         self.script("enqueue", '{"id": "x", "command": "exit 5", "max_retries": 0}')
