@@ -2029,27 +2029,37 @@ class Store:
             ORDER BY jobs DESC, max_seq DESC""", (scan,))]
 
     def oldest_due(self, now):
-        """run_at of the longest-waiting due job, or None: the first entry of
-        each priority in jobs_due, found by skipping from priority to priority
-        (a few index seeks per distinct priority, never a walk of the queue)."""
-        return self._one("""
-            WITH RECURSIVE p(pr) AS (
-                SELECT (SELECT priority FROM jobs INDEXED BY jobs_due
-                        WHERE state IN ('pending', 'failed')
-                        ORDER BY priority DESC, run_at, seq LIMIT 1)
-                UNION ALL
-                SELECT (SELECT priority FROM jobs INDEXED BY jobs_due
-                        WHERE state IN ('pending', 'failed') AND priority < p.pr
-                        ORDER BY priority DESC, run_at, seq LIMIT 1)
+        """run_at of the longest-waiting due job, or None. A due job is either
+        ready (the first entry of each queue and priority in jobs_ready, found
+        by skipping from priority to priority: a few index seeks per queue and
+        distinct priority, never a walk of the queue) or waiting to be promoted
+        (the first entry of jobs_waiting)."""
+        firsts = [self._one("""
+            SELECT MIN(run_at) FROM jobs INDEXED BY jobs_waiting
+            WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed')""")[0]]
+        if firsts[0] is not None and firsts[0] > now:
+            firsts = []
+        for (queue,) in self._all("SELECT name FROM queues"):
+            firsts.append(self._one("""
+                WITH RECURSIVE p(pr) AS (
+                    SELECT (SELECT priority FROM jobs INDEXED BY jobs_ready
+                            WHERE ready = 1 AND queue = :q
+                            ORDER BY priority DESC, run_at, seq LIMIT 1)
+                    UNION ALL
+                    SELECT (SELECT priority FROM jobs INDEXED BY jobs_ready
+                            WHERE ready = 1 AND queue = :q AND priority < p.pr
+                            ORDER BY priority DESC, run_at, seq LIMIT 1)
+                    FROM p
+                    WHERE p.pr IS NOT NULL
+                    LIMIT 1000
+                )
+                SELECT MIN((SELECT run_at FROM jobs INDEXED BY jobs_ready
+                            WHERE ready = 1 AND queue = :q AND priority = p.pr
+                            ORDER BY priority DESC, run_at, seq LIMIT 1))
                 FROM p
-                WHERE p.pr IS NOT NULL
-                LIMIT 1000
-            )
-            SELECT MIN((SELECT run_at FROM jobs INDEXED BY jobs_due
-                        WHERE state IN ('pending', 'failed') AND priority = p.pr
-                        ORDER BY priority DESC, run_at, seq LIMIT 1))
-            FROM p
-            WHERE p.pr IS NOT NULL""")[0] if self.has_due(now) else None
+                WHERE p.pr IS NOT NULL""", {"q": queue})[0])
+        firsts = [t for t in firsts if t is not None]
+        return min(firsts) if firsts else None
 
     def recent_runs(self, job_id, limit=100):
         """The job's last `limit` runs, oldest first (as runs() gives them)."""
@@ -3159,6 +3169,24 @@ def worker_to_json(worker):
             "stopping": bool(worker["stop_requested"])}
 
 
+def job_detail_to_json(store, job, runs):
+    """What `show --json` prints (and the dashboard's /api/jobs/ID)."""
+    data = job_to_json(job)
+    data["after"] = [{"id": i, "state": st} for i, st in store.dependencies(job["id"])]
+    data["waiting"] = waiting_reason(store, job)
+    data["env"] = _json_loads(job["env"]) if job["env"] else {}
+    data["runs"] = [run_to_json(r) for r in runs]
+    return data
+
+
+def status_to_json(counts, workers, queues):
+    """What `status --json` prints (and the dashboard's /api/status)."""
+    return {"counts": counts,
+            "workers": [worker_to_json(w) for w in workers],
+            "queues": [{"name": q["name"], "limit": q["max_running"], "paused": bool(q["paused"])}
+                       for q in queues]}
+
+
 def print_json(value):
     import json
     # \u escapes where stdout is not UTF-8 (an ISO-8859-1 locale): still the same JSON.
@@ -3666,7 +3694,7 @@ class Dashboard:
         workers = store.workers()
         for w in workers:
             w["alive"] = worker_alive(w, now)
-        return {"counts": counts, "workers": [worker_to_json(w) for w in workers]}, workers
+        return status_to_json(counts, workers, store.queues()), workers
 
     def stats(self, store):
         """`stats` for the last hour and day plus the chart series, as the
@@ -4520,9 +4548,8 @@ def _dashboard_handler(app):
                     return self._json({"groups": app.dead_groups(store, app.watcher.current()[1].get("dlq"))})
                 if len(parts) == 3 and parts[1] == "jobs":
                     job_id = urllib.parse.unquote(parts[2])
-                    data = job_to_json(store.get(job_id))
-                    data["runs"] = [run_to_json(r) for r in store.recent_runs(job_id, 1000)]
-                    return self._json(data)
+                    job = store.get(job_id)
+                    return self._json(job_detail_to_json(store, job, store.recent_runs(job_id, 1000)))
             raise JobNotFound(path)
 
         def _static(self, path):
@@ -5472,12 +5499,7 @@ def cmd_status(args):
     for w in workers:
         w["alive"] = worker_alive(w, now)
     if args.json:
-        print_json({
-            "counts": counts,
-            "workers": [worker_to_json(w) for w in workers],
-            "queues": [{"name": q["name"], "limit": q["max_running"], "paused": bool(q["paused"])}
-                       for q in queues],
-        })
+        print_json(status_to_json(counts, workers, queues))
         return EXIT_OK
     print_table(("STATE", "JOBS"), [(s, counts[s]) for s in STATES])
     sys.stdout.write("\n")
@@ -5540,11 +5562,7 @@ def cmd_show(args):
     with _open_store(args, note=False) as store:
         job = store.get(args.id)
         runs = store.runs(args.id)
-        data = job_to_json(job)
-        data["after"] = [{"id": i, "state": st} for i, st in store.dependencies(args.id)]
-        data["waiting"] = waiting_reason(store, job)
-    data["env"] = _json_loads(job["env"]) if job["env"] else {}
-    data["runs"] = [run_to_json(r) for r in runs]
+        data = job_detail_to_json(store, job, runs)
     if args.json:
         print_json(data)
         return EXIT_OK

@@ -943,7 +943,7 @@ class TestDatabaseLocation(QueueTestCase):
 
     def test_database_on_a_read_only_mount_can_be_read(self):
         self.dir = self.tmp
-        mnt = _mount_tmpfs(self)
+        mnt = _mount_tmpfs(self, size="2m")
         self.db = os.path.join(mnt, "q.db")
         job_id = self.add("true", id="ro")
         self.expect_success("config", "set", "retention", "7d", err=None)
