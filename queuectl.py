@@ -2,7 +2,7 @@
 """exec" python3 -c '
 # Run as a command (installed by copying, as README shows), this file starts as
 # a shell script: sh reads this line only and execs Python on the byte-compiled
-# copy of the file kept in ~/.cache/queuectl, so a call does not compile 3,000
+# copy of the file kept in ~/.cache/queuectl, so a call does not compile 6,000
 # lines again (design.md, "Start-up"). To Python the same lines are a string.
 import os, sys
 path = sys.argv.pop(1)
