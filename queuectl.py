@@ -1330,7 +1330,7 @@ class Store:
             for a in job.get("after", ()):
                 a = alias.get(a, a)
                 if a not in state and a not in new:
-                    raise QueueError("job %r: dependency %r not found" % (job_id, a))
+                    raise QueueError("field 'after': job %r not found" % a)
         # Dependencies before dependents (a depth-first walk of the new jobs,
         # without recursion: a --file may hold a chain of thousands); old jobs
         # cannot depend on new ones, so a cycle can only be among new ones.
@@ -1835,7 +1835,7 @@ class Store:
                 self._rearm(job_id, waits, now, max_retries)
             # Jobs that died of a dependency come back with it, down the chain,
             # unless another of their dependencies is still dead.
-            parents = list(job_ids)
+            parents, followed = list(job_ids), []
             while parents:
                 parent = parents.pop()
                 for dependent in self._dependents(parent, ("dead",)):
@@ -1849,7 +1849,8 @@ class Store:
                     self._rearm(dependent, waits, now, max_retries)
                     retried.add(dependent)
                     parents.append(dependent)
-        return job_ids
+                    followed.append(dependent)
+        return list(job_ids) + followed
 
     def _dependency_state(self, job_id, reviving=()):
         """(dependencies not completed, a dead dependency or None), counting the
@@ -2029,17 +2030,20 @@ class Store:
             ORDER BY jobs DESC, max_seq DESC""", (scan,))]
 
     def oldest_due(self, now):
-        """run_at of the longest-waiting due job, or None. A due job is either
+        """run_at of the longest-waiting due job outside paused queues, or None. A due job is either
         ready (the first entry of each queue and priority in jobs_ready, found
         by skipping from priority to priority: a few index seeks per queue and
         distinct priority, never a walk of the queue) or waiting to be promoted
-        (the first entry of jobs_waiting)."""
-        firsts = [self._one("""
-            SELECT MIN(run_at) FROM jobs INDEXED BY jobs_waiting
-            WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed')""")[0]]
-        if firsts[0] is not None and firsts[0] > now:
-            firsts = []
-        for (queue,) in self._all("SELECT name FROM queues"):
+        (the first due entry of jobs_waiting)."""
+        row = self._one("""
+            SELECT run_at FROM jobs INDEXED BY jobs_waiting
+            WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed') AND run_at <= ?
+              AND queue NOT IN (SELECT name FROM queues WHERE paused = 1)
+            ORDER BY run_at
+            LIMIT 1""", (now,))
+        firsts = [] if row is None else [row[0]]
+        # Paused queues are left out: their jobs wait because someone asked.
+        for (queue,) in self._all("SELECT name FROM queues WHERE paused = 0"):
             firsts.append(self._one("""
                 WITH RECURSIVE p(pr) AS (
                     SELECT (SELECT priority FROM jobs INDEXED BY jobs_ready
@@ -3995,8 +3999,14 @@ class Dashboard:
         def job_html():
             job = store.get(job_id)
             runs = store.recent_runs(job_id, 100)
-            data = job_to_json(job)
-            fields = [("attempts", _h(_attempts(job))), ("priority", _h(job["priority"])),
+            data = job_detail_to_json(store, job, ())
+            after = ", ".join('<a href="/jobs/%s">%s</a> (%s)' % (_q(d["id"]), _h(d["id"]), _h(d["state"] or "purged"))
+                              for d in data["after"])
+            fields = [("queue", _h(job["queue"])), ("waiting", _h(data["waiting"] or "-")),
+                      ("after", after or "-"), ("unique", _h(job["unique_key"] or "-")),
+                      ("env", "<br>".join("<code>%s</code>" % _h(printable("%s=%s" % kv))
+                                          for kv in sorted(data["env"].items())) or "-"),
+                      ("attempts", _h(_attempts(job))), ("priority", _h(job["priority"])),
                       ("run at", _ago(job["run_at"], now)),
                       ("timeout", _h("-" if job["timeout"] is None else format_seconds(job["timeout"]))),
                       ("created", _ago(job["created_at"], now)), ("updated", _ago(job["updated_at"], now)),
@@ -4227,7 +4237,7 @@ class Dashboard:
                 upto = self._seq(q, "upto")
                 if upto is None:
                     raise QueueError("missing upto")
-                done, tries = 0, 0
+                done, tries, refused = 0, 0, None
                 while done < DASHBOARD_RETRY_MAX and tries < 20:
                     jobs, _ = store.find_jobs("dead", outcome=group, upto=upto,
                                               limit=min(PURGE_BATCH, DASHBOARD_RETRY_MAX - done))
@@ -4235,8 +4245,13 @@ class Dashboard:
                         break
                     try:
                         done += len(store.retry_dead([j["id"] for j in jobs]))
-                    except QueueError:
-                        tries += 1      # one changed meanwhile (retried elsewhere): read the batch again
+                    except QueueError as e:
+                        # One changed meanwhile (retried elsewhere): read the batch
+                        # again. The same refusal twice (a job whose dependency is
+                        # still dead) is the user's to see, as for one job.
+                        if str(e) == refused:
+                            raise
+                        refused, tries = str(e), tries + 1
                 return "retried", done
             if name == "purge":
                 states = sorted(set(form.get("state", [])))
@@ -5779,9 +5794,13 @@ def cmd_dlq_retry(args):
     if args.all == bool(args.ids):
         raise UsageError("give job ids or --all, not both or neither")
     with _open_store(args, note=args.all) as store:
-        ids = store.retry_dead(None if args.all else list(dict.fromkeys(args.ids)),
-                               reset_retries=args.reset_retries)
-    _err("%d job%s moved back to pending" % (len(ids), "" if len(ids) == 1 else "s"))
+        given = None if args.all else list(dict.fromkeys(args.ids))
+        ids = store.retry_dead(given, reset_retries=args.reset_retries)
+    followed = 0 if given is None else len(ids) - len(given)
+    _err("%d job%s moved back to pending%s" % (
+        len(ids), "" if len(ids) == 1 else "s",
+        "" if not followed else " (%d with a job %s depend%s on)" % (
+            followed, "it" if followed == 1 else "they", "s" if followed == 1 else "")))
     return EXIT_OK
 
 

@@ -2583,7 +2583,7 @@ class TestDependencies(QueueTestCase):
             f.write('{"id": "x", "command": "true", "after": ["y"]}\n{"id": "y", "command": "true", "after": ["x"]}\n')
         self.expect_failure("enqueue", "--file", path, err_prefix="queuectl: error: dependency cycle: ")
         for args, err in (
-                (("enqueue", "--after", "nope", "--", "true"), "queuectl: error: job '%s': dependency 'nope' not found"),
+                (("enqueue", "--after", "nope", "--", "true"), "queuectl: error: field 'after': job 'nope' not found"),
                 (("enqueue", '{"command": "true", "id": "s", "after": ["s"]}'),
                  "queuectl: error: field 'after': job 's' cannot run after itself"),
                 (("enqueue", '{"command": "true", "after": 5}'),
@@ -4943,6 +4943,44 @@ class TestDashboardServer(DashboardTestCase):
         self.assertEqual(metrics[("queuectl_runs_total", frozenset({("outcome", "failed")}))], 2)
         self.assertEqual(metrics[("queuectl_jobs", frozenset({("state", "completed")}))], 2)
         self.assertNotIn(done, dash.get("/jobs"))
+
+    def test_queues_and_dependencies_as_the_dashboard_shows_them(self):
+        """A job's page shows its queue, dependencies, waiting reason and env; retrying a group
+        whose dependency is still dead is refused as for one job; a paused queue adds no latency."""
+        build = self.add("exit 1", max_retries=0)
+        deploy = self.expect_success("enqueue", "-q", "deploys", "--after", build, "--env", "TARGET=<b>prod</b>",
+                                     "--", "echo deploy").strip()
+        self.run_once()
+        self.assertEqual((self.job(build)["state"], self.job(deploy)["outcome"]),
+                         ("dead", "dependency %s dead" % build))
+        dash = self.dashboard()
+        page = dash.get("/jobs/" + deploy)
+        self.assertIn("<dd>deploys</dd>", page)
+        self.assertIn('<a href="/jobs/%s">%s</a> (dead)' % (build, build), page)
+        self.assertIn("<code>TARGET=&lt;b&gt;prod&lt;/b&gt;</code>", page)
+        self.assertNotIn("<b>prod</b>", page)
+        page = dash.get("/confirm/retry?g=1&outcome=" + urllib.parse.quote("dependency %s dead" % build))
+        upto = re.search(r'name="upto" value="(\d+)"', page).group(1)
+        status, _, body = dash.post("/actions/retry-matching", {"g": "1", "outcome": "dependency %s dead" % build,
+                                                                "upto": upto, "back": "/dlq"})
+        self.assertEqual(status, 409, body[:300])
+        self.assertIn(b"which is dead: retry that one", body)
+        self.assertEqual(self.job(deploy)["state"], "dead")
+        # dlq retry of the dependency brings the dependent back, and says so.
+        self.expect_success("dlq", "retry", build,
+                            err="queuectl: 2 jobs moved back to pending (1 with a job it depends on)\n")
+        self.assertEqual(self.job(deploy)["state"], "pending")
+        self.expect_success("cancel", build, err=None)          # and its dependent with it
+        # Latency: a job waiting in a paused queue is not late.
+        self.expect_success("queue", "pause", "held", err=None)
+        self.expect_success("enqueue", "-q", "held", "--run-at", "2001-01-01T00:00:00Z", "--", "true")
+        latency = parse_prometheus(dash.get("/metrics", auth="bearer"))[("queuectl_queue_latency_seconds",
+                                                                          frozenset())]
+        self.assertEqual(latency, 0)
+        self.expect_success("queue", "resume", "held", err=None)
+        latency = parse_prometheus(dash.get("/metrics", auth="bearer"))[("queuectl_queue_latency_seconds",
+                                                                          frozenset())]
+        self.assertGreater(latency, 3600 * 24 * 365)
 
     def job_count(self):
         return sum(json.loads(self.expect_success("status", "--json"))["counts"].values())
