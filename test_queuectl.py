@@ -144,8 +144,10 @@ def python_for_uid(test, uid):
 
 
 def as_uid(uid):
-    """argv prefix that runs a command as user and group `uid`, without supplementary groups."""
-    return ["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups"]
+    """argv prefix that runs a command as user and group `uid`, without supplementary groups.
+    Without LD_PRELOAD: the old SQLite that .ci/run preloads lives in root's home, which
+    another uid cannot read (ld.so would say so on stderr)."""
+    return ["env", "-u", "LD_PRELOAD", "setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups"]
 
 
 class QueueTestCase(unittest.TestCase):
