@@ -663,16 +663,15 @@ def check_private(path, create):
             if create:
                 raise
             return False
-        except OSError as e:
-            if os.path.islink(path):
-                raise StoreError("refusing database %s: it is a symbolic link (to %s); give the real path"
-                                 % (path, os.path.realpath(path)))
-            raise
-    try:
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    if stat.S_ISLNK(st.st_mode):
+        except OSError:
+            if not os.path.islink(path):    # ELOOP, where there is no O_PATH
+                raise
+    if fd is not None:
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+    if fd is None or stat.S_ISLNK(st.st_mode):
         raise StoreError("refusing database %s: it is a symbolic link (to %s); give the real path"
                          % (path, os.path.realpath(path)))
     if create and not os.access(path, os.R_OK | os.W_OK):
