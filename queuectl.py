@@ -156,13 +156,17 @@ WAL_SIZE_LIMIT = 4 * 1024 * 1024
 #: File systems on which SQLite's WAL locking does not work across hosts.
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
                        "lustre", "gpfs", "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs", "davfs")
-#: How often an idle worker looks for new work (a cheap read of a counter):
-#: every 2 ms at first, backing off to every 25 ms (under 1% of a core;
-#: a wake-up costs more than the read).
+#: An idle worker sleeps until a commit nudges it (see WakeFifo). Where it
+#: cannot be nudged (no FIFO could be made beside the database), it polls a
+#: cheap counter instead: every 2 ms at first, backing off to every 25 ms.
 IDLE_POLL_SECONDS = (0.002, 0.025)
-#: An idle worker re-runs the full claim query at least this often (for jobs
-#: whose run_at passes without any write to the database).
+#: An idle worker re-runs the full claim query at least this often: for jobs
+#: whose run_at passes without any write to the database, and as the safety
+#: net for a nudge that was lost (a writer killed between commit and nudge,
+#: an older queuectl that does not nudge).
 IDLE_CLAIM_SECONDS = 0.5
+#: Suffix of the FIFO beside the database through which commits wake idle workers.
+WAKE_SUFFIX = "-wake"
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -923,6 +927,90 @@ def _encodable(text):
         return False
 
 
+def _drain(fd, size=4096):
+    """Read a non-blocking pipe empty (or `size` bytes, if size is 1)."""
+    try:
+        while os.read(fd, size) and size > 1:
+            pass
+    except BlockingIOError:
+        pass
+
+
+class WakeFifo:
+    """How a commit wakes idle workers at once instead of their polling:
+    a FIFO beside the database (`<db>-wake`), made 0600 by the first worker
+    that waits on it.
+
+    An idle worker opens it (read-write, so that it never reads EOF), then
+    looks for work, then waits for the FIFO to become readable: a commit
+    after the look nudges it, one before it was seen by it. A commit that
+    made work claimable writes a byte per job (up to ALL) into it. A worker
+    holds it open only while idle: with none idle, the writer's open fails at
+    once (ENXIO) and costs about as much as a stat(); bytes nobody read are
+    dropped by the kernel when the last worker closes it. Nothing depends on
+    it: a lost nudge (a writer killed between commit and write, an older
+    queuectl, a full pipe) is caught by the worker's slow safety poll, a
+    SIGKILLed worker leaves only the FIFO itself, which the next one reuses,
+    and where no FIFO can be made the worker polls as before.
+    """
+
+    ALL = 64            # bytes for "every idle worker should look" (stop, resume)
+
+    def __init__(self, path):
+        self.fd = None
+        if path is None:
+            return
+        import stat
+        flags = os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(path, flags)
+            except FileNotFoundError:
+                try:
+                    os.mkfifo(path, 0o600)
+                except FileExistsError:
+                    pass        # another worker made it first
+                fd = os.open(path, flags)
+        except OSError:
+            return              # read-only directory, a symlink: poll instead
+        st = os.fstat(fd)
+        if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            os.close(fd)        # not ours to trust: poll instead
+            return
+        self.fd = fd
+
+    def fileno(self):
+        return self.fd
+
+    def drain(self, size=4096):
+        """Read what is there (all of it, or one nudge: size=1, so that the
+        other bytes wake other workers)."""
+        _drain(self.fd, size)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @staticmethod
+    def nudge(path, n):
+        """Wake up to `n` idle workers waiting on the FIFO at `path`; never fails."""
+        if path is None:
+            return
+        import stat
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return      # ENOENT: no worker ever waited here; ENXIO: none waits now
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):    # never write into a regular file
+                os.write(fd, b"." * min(n, WakeFifo.ALL))
+        except OSError:
+            pass        # EAGAIN: the FIFO is full of nudges not yet read
+        finally:
+            os.close(fd)
+
+
 class Store:
     """All access to the SQLite file. Every state change is one transaction.
 
@@ -938,6 +1026,10 @@ class Store:
         self.missing = None
         # SQLite puts the WAL beside the database file a symlink points to.
         self._wal_path = None if path == ":memory:" else os.path.realpath(path) + "-wal"
+        #: The FIFO that idle workers wait on, and how many of them the
+        #: current transaction's commit should wake (see WakeFifo).
+        self._wake_path = None if path == ":memory:" else os.path.realpath(path) + WAKE_SUFFIX
+        self._wake = 0
         self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
         self._open(durable, self.busy_timeout, create)
 
@@ -1091,6 +1183,7 @@ class Store:
         seconds) at BEGIN.
         """
         self._begin(wait)
+        self._wake = 0
         try:
             yield
             self._execute("COMMIT")
@@ -1101,6 +1194,9 @@ class Store:
                 except sqlite3.Error:
                     pass
             raise
+        if self._wake:
+            # After the commit: a worker nudged before it would find nothing.
+            WakeFifo.nudge(self._wake_path, self._wake)
 
     def _begin(self, wait=None):
         """BEGIN IMMEDIATE, waiting for the lock in short naps at first.
@@ -1145,6 +1241,11 @@ class Store:
         finally:
             if self.conn.in_transaction:
                 self._execute("COMMIT")
+
+    def waker(self):
+        """What an idle worker waits on to be woken by a commit (a WakeFifo;
+        its fileno() is None where none could be made: then poll)."""
+        return WakeFifo(self._wake_path)
 
     def data_version(self):
         """A number that changes whenever another connection commits."""
@@ -1305,6 +1406,7 @@ class Store:
                 raise _not_utf8([value for row in rows for value in row])
             for (queue, state), n in added.items():
                 self._execute("UPDATE counts SET n = n + ? WHERE queue = ? AND state = ?", (n, queue, state))
+            self._wake += sum(row[10] for row in rows)      # the jobs claimable now
         return result
 
     def _add_queue(self, name):
@@ -1552,6 +1654,9 @@ class Store:
                       (now, exit_code, outcome, state, stdout, stderr, job["id"], run))
         if live:        # the run stored live output (or may have: a reclaim)
             self._execute("DELETE FROM output WHERE job_id = ? AND run = ?", (job["id"], run))
+        # A finished run may free a slot in a limited queue (or be due again at
+        # once): an idle worker that serves that queue looks again.
+        self._wake += 1
         if state in ("completed", "dead") and dependents:
             if state == "completed":
                 self._unblock(job["id"])
@@ -1574,6 +1679,7 @@ class Store:
         left with none enter jobs_waiting, and the next claim promotes them)."""
         for dependent in self._dependents(job_id, DUE_STATES):
             self._execute("UPDATE jobs SET blocked = blocked - 1 WHERE id = ? AND blocked > 0", (dependent,))
+            self._wake += 1
 
     def _bury_dependents(self, job_id, now):
         """A job went dead: every job waiting for it goes dead too, unrun, with
@@ -1664,6 +1770,7 @@ class Store:
         """Ask every registered worker to finish its job and exit. Returns their rows."""
         with self.transaction():
             self._execute("UPDATE workers SET stop_requested = stop_requested | ?", (STOP_ASKED,))
+            self._wake = WakeFifo.ALL
             return self.workers()
 
     def forget_workers(self, worker_ids):
@@ -1881,6 +1988,7 @@ class Store:
             SET state = 'pending', ready = ?, blocked = ?, attempts = 0, run_at = ?, exit_code = NULL,
                 outcome = NULL, cancel_requested = 0, updated_at = ?, max_retries = COALESCE(?, max_retries)
             WHERE id = ?""", (0 if waits else 1, waits, now, now, max_retries, job_id))
+        self._wake += 0 if waits else 1
 
     def retry_failed(self, job_ids, now=None):
         """Make failed jobs due now instead of at their backoff time. All or nothing."""
@@ -1898,6 +2006,7 @@ class Store:
                 self._execute("""
                     UPDATE jobs SET run_at = ?, ready = 1, updated_at = ?
                     WHERE id = ?""", (now, now, job_id))
+                self._wake += 1
         return job_ids
 
     def purge(self, states, before, batch=PURGE_BATCH):
@@ -1935,6 +2044,7 @@ class Store:
             for column in ("max_running", "paused"):
                 if column in settings:
                     self._execute("UPDATE queues SET %s = ? WHERE name = ?" % column, (settings[column], name))
+            self._wake = WakeFifo.ALL      # resumed, or a limit raised: its jobs may run now
         return existed
 
     def cancel(self, job_ids, now=None):
@@ -2583,10 +2693,12 @@ class Worker:
         self._live = None               # output not yet stored for `logs --follow`
         self._live_written = False      # whether any of this run's was
         self._parent = os.getppid()
+        self._signals = None            # the signal wake-up pipe (see _listen_for_signals)
 
     def run(self):
         """Work until asked to stop (or, with once, until nothing is due). Returns an exit code."""
         self.store = Store(self.db_path, durable=False)
+        old_wakeup = self._listen_for_signals()
         try:
             self.store.register_worker(self.id)
             self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
@@ -2639,6 +2751,34 @@ class Worker:
                     self.stop_asked = True
             finally:
                 self.store.close()
+                self._stop_listening_for_signals(old_wakeup)
+
+    def _listen_for_signals(self):
+        """Make a signal end idle()'s wait at once: a handler only sets a flag,
+        and select() would go on waiting after it ran (PEP 475). Python writes
+        to the wake-up pipe for each signal it handles. Only the main thread
+        may do this (a worker run in another thread, by tests, polls). Returns
+        the wake-up fd it replaced."""
+        import signal
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        try:
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(r)
+            os.close(w)
+            return None
+        self._signals, self._signal_fds = r, (r, w)
+        return old
+
+    def _stop_listening_for_signals(self, old):
+        if self._signals is not None:
+            import signal
+            signal.set_wakeup_fd(old)
+            for fd in self._signal_fds:
+                os.close(fd)
+            self._signals = None
 
     def housekeeping(self, job_id=None):
         """Heartbeat (and every few beats, reclaim lost jobs) when due. Returns
@@ -2687,10 +2827,50 @@ class Worker:
         return self.stop_level > 0
 
     def idle(self):
-        """Wait until a job is due or we are asked to stop. Only reads: the
-        data_version counter every IDLE_POLL_SECONDS (it changes when another
-        connection commits) and the due check when it changed, or every
-        IDLE_CLAIM_SECONDS (for jobs whose run_at simply passes)."""
+        """Wait until a job is due or we are asked to stop, reading nothing
+        while we wait: a commit that makes work claimable (or asks a stop)
+        nudges us through the store's waker (a FIFO beside the database); a
+        signal ends the wait through the wake-up pipe. The claim query re-runs
+        at least every IDLE_CLAIM_SECONDS anyway, for jobs whose run_at simply
+        passes and for a nudge that was lost."""
+        import select
+        waker = self.store.waker()
+        try:
+            if waker.fileno() is None:
+                return self._poll_idle()
+            # Open before we look: a commit after the look nudges us, one
+            # before it is seen by it. Old nudges are stale after the look.
+            waker.drain()
+            if self._work_or_stop():
+                return
+            waits = [waker] if self._signals is None else [waker, self._signals]
+            recheck = time.monotonic() + IDLE_CLAIM_SECONDS
+            while self.stop_level == 0:
+                timeout = min(recheck, self._next_heartbeat) - time.monotonic()
+                ready = select.select(waits, [], [], max(timeout, 0.0))[0]
+                nudged = waker in ready
+                if nudged:
+                    waker.drain(1)      # one byte: the others wake other workers
+                if self._signals in ready:
+                    _drain(self._signals)
+                self.maybe_pause()
+                now = time.monotonic()
+                if nudged or now >= recheck:
+                    if self._work_or_stop():
+                        return
+                    recheck = now + IDLE_CLAIM_SECONDS
+                self.housekeeping()
+        finally:
+            waker.close()
+
+    def _work_or_stop(self):
+        """Asked to stop, or could a claim take a job now? (Reads, no lock.)"""
+        return self._stop_requested() or self.store.has_due(time.time(), self.queues)
+
+    def _poll_idle(self):
+        """idle() where the store cannot wake us: read the data_version counter
+        every IDLE_POLL_SECONDS (it changes when another connection commits)
+        and run the due check when it changed, or every IDLE_CLAIM_SECONDS."""
         version = self.store.data_version()
         # A job enqueued after our last claim but before the counter was read
         # changes nothing we would see: look once now.
@@ -2706,9 +2886,7 @@ class Worker:
             current = self.store.data_version()
             changed, version = current != version, current    # read once: no commit slips between
             if changed or now >= recheck:
-                if self._stop_requested():
-                    return
-                if self.store.has_due(time.time(), self.queues):
+                if self._work_or_stop():
                     return
                 recheck = now + IDLE_CLAIM_SECONDS
             self.housekeeping()

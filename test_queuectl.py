@@ -5443,3 +5443,128 @@ class TestDashboardBrowser(DashboardTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestWakeUp(QueueTestCase):
+    """Idle workers are woken by commits through the FIFO beside the database, and work without it."""
+
+    def idle_workers(self, proc, count):
+        """Wait until `count` workers of the pool hold the wake FIFO open (they are idle, waiting)."""
+        fifo = os.path.realpath(self.db) + queuectl.WAKE_SUFFIX
+
+        def waiting():
+            return len([pid for pid in pids_of_session(proc.pid) if self.has_open(pid, fifo)]) == count
+        self.wait_until(waiting, message="%d idle workers waiting on the FIFO" % count)
+        return fifo
+
+    def test_a_commit_that_makes_work_claimable_nudges_a_waiting_worker(self):
+        import select
+        self.init_db()
+        with queuectl.Store(self.db) as store:
+            waker = store.waker()
+            self.addCleanup(waker.close)
+            self.assertIsNotNone(waker.fileno())
+            self.assertTrue(stat.S_ISFIFO(os.lstat(self.db + queuectl.WAKE_SUFFIX).st_mode))
+            self.assertEqual(stat.S_IMODE(os.lstat(self.db + queuectl.WAKE_SUFFIX).st_mode), 0o600)
+
+            def nudged():
+                ready = select.select([waker], [], [], 0)[0]
+                waker.drain()
+                return bool(ready)
+            # Each of these makes work claimable (or asks a stop): a nudge.
+            self.add("true")
+            self.assertTrue(nudged(), "enqueue")
+            self.expect_success("queue", "pause", "q2", err=None)
+            nudged()
+            self.expect_success("queue", "resume", "q2", err=None)
+            self.assertTrue(nudged(), "queue resume")
+            self.expect_success("worker", "stop", err=None)
+            self.assertTrue(nudged(), "worker stop")
+            # ... and these do not: a job for later, a read.
+            self.add("true", delay="1h")
+            self.assertFalse(nudged(), "a delayed job")
+            self.expect_success("status")
+            self.assertFalse(nudged(), "status")
+            # A worker that finishes a run nudges too (it may free a slot of a limited queue).
+            job = store.claim("w", queues=None)
+            self.assertIsNotNone(job)
+            nudged()
+            store.finish(job["id"], job["run"], "w", queuectl.RunResult(0, "exit 0"))
+            self.assertTrue(nudged(), "finish")
+
+    def test_enqueue_with_no_worker_waiting_neither_blocks_nor_leaves_a_file(self):
+        self.add("true")
+        self.assertFalse(os.path.lexists(self.db + queuectl.WAKE_SUFFIX))
+        # A FIFO that no worker holds open (its worker was SIGKILLed): the
+        # writer's open fails at once (ENXIO) instead of blocking.
+        os.mkfifo(self.db + queuectl.WAKE_SUFFIX, 0o600)
+        code, _, err = self.script("enqueue", "--", "true", timeout=10)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.expect_success("status", "--json").count('"pending": 2'), 1)
+
+    def test_a_lost_nudge_is_caught_by_the_safety_poll(self):
+        self.init_db()
+        pool = self.start_pool("--count", "2")
+        fifo = self.idle_workers(pool, 2)
+        # The FIFO goes away under the idle workers: no nudge can reach them.
+        os.unlink(fifo)
+        job_id = self.add("true")
+        self.wait_state(job_id, "completed")
+        self.assertNotIn("Traceback", self.pool_log(pool))
+
+    def test_a_worker_that_cannot_be_nudged_polls(self):
+        # Something that is not a FIFO where the FIFO goes: the worker polls
+        # instead, and no commit writes into it.
+        self.init_db()
+        path = self.db + queuectl.WAKE_SUFFIX
+        with open(path, "wb") as f:
+            f.write(b"keep")
+        os.chmod(path, 0o600)
+        pool = self.start_pool()
+        self.wait_until(lambda: len(json.loads(self.expect_success("status", "--json"))["workers"]) == 1,
+                        message="the worker registered")
+        ids = [self.add("true") for _ in range(3)]
+        for job_id in ids:
+            self.wait_state(job_id, "completed")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"keep")
+        self.expect_success("worker", "stop", err=None)
+        self.assertEqual(self.wait_pool(pool), 0)
+
+    def test_the_fifo_left_by_a_killed_pool_serves_the_next_one(self):
+        self.init_db()
+        pool = self.start_pool()
+        fifo = self.idle_workers(pool, 1)
+        kill_session(pool.pid)
+        pool.wait(10)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+        self.add("true")        # no reader now: must not block
+        pool = self.start_pool()
+        self.idle_workers(pool, 1)      # the first job done, waiting again on the old FIFO
+        job_id = self.add("true")
+        self.wait_state(job_id, "completed")
+
+    def test_sixteen_enqueuers_and_four_idle_workers_lose_no_job(self):
+        self.init_db()
+        pool = self.start_pool("--count", "4")
+        self.idle_workers(pool, 4)
+        procs = [subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "enqueue", "--file", "-"],
+                                  env=self.env(), cwd=self.tmp, stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for _ in range(16)]
+        for proc in procs:
+            _, err = proc.communicate(b'{"command": "true"}\n' * 5, timeout=DEADLINE)
+            self.assertEqual(proc.returncode, 0, err)
+        self.wait_until(lambda: json.loads(self.expect_success("status", "--json"))["counts"]["completed"] == 80,
+                        message="80 jobs completed")
+        self.expect_success("worker", "stop", err=None)
+        self.assertEqual(self.wait_pool(pool), 0)
+
+    def test_a_signal_ends_the_idle_wait(self):
+        # SIGTERM to the supervisor: its idle workers stop at once, not at
+        # their next safety poll (nothing reads the database while they wait).
+        self.init_db()
+        pool = self.start_pool("--count", "2")
+        self.idle_workers(pool, 2)
+        pool.send_signal(signal.SIGTERM)
+        self.assertEqual(self.wait_pool(pool, timeout=10), 0)
