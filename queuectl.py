@@ -2075,12 +2075,13 @@ class Store:
     # -- dashboard reads: each bounded by a LIMIT (or a seq window) and an index --
 
     @staticmethod
-    def _job_filter(low=None, high=None, state=None, text=None, outcome=None):
+    def _job_filter(low=None, high=None, state=None, text=None, outcome=None, queue=None):
         """WHERE clause and parameters for find_jobs and count_matching:
-        low <= seq < high, the state, the text, the (outcome, exit_code) group."""
+        low <= seq < high, the state, the queue, the text, the (outcome, exit_code) group."""
         where, params = ["1"], []
         for clause, value, given in (("seq >= ?", low, low is not None), ("seq < ?", high, high is not None),
-                                     ("state = ?", state, state is not None)):
+                                     ("state = ?", state, state is not None),
+                                     ("queue = ?", queue, queue is not None)):
             if given:
                 where.append(clause)
                 params.append(value)
@@ -2093,20 +2094,20 @@ class Store:
         return " AND ".join(where), params
 
     def find_jobs(self, state=None, text=None, outcome=None, before=None, upto=None,
-                  limit=50, scan=None):
-        """Jobs newest first (keyset pagination on seq): in `state`; whose command
-        contains `text` or whose id starts with it; dead with this (outcome,
-        exit_code) group. `before`: only seq < before; `upto`: only seq <= upto.
+                  limit=50, scan=None, queue=None):
+        """Jobs newest first (keyset pagination on seq): in `state`; in `queue`;
+        whose command contains `text` or whose id starts with it; dead with this
+        (outcome, exit_code) group. `before`: only seq < before; `upto`: only seq <= upto.
 
-        Filters that no index serves (text, outcome) look at most `scan` jobs
+        Filters that no index serves (text, outcome, queue) look at most `scan` jobs
         back from `before`, so a rare match costs a bounded walk, not a table
         scan. Returns (jobs, low): low is the lowest seq looked at (None if
         the walk was not cut short)."""
         top = (self._one("SELECT MAX(seq) FROM jobs")[0] or 0) + 1 if before is None else before
         if upto is not None:
             top = min(top, upto + 1)
-        low = top - scan if scan is not None and (text or outcome is not None) else None
-        where, params = self._job_filter(low, top, state, text, outcome)
+        low = top - scan if scan is not None and (text or outcome is not None or queue is not None) else None
+        where, params = self._job_filter(low, top, state, text, outcome, queue)
         rows = self._all("""
             SELECT * FROM jobs
             WHERE %s
@@ -3478,6 +3479,8 @@ _DONE = {
     "retried": "%d job(s) moved back to pending",
     "purged": "%d job(s) purged",
     "stopping": "asked %d worker(s) to stop after their current job",
+    "paused": "%d queue paused: its running jobs finish, no new ones start",
+    "resumed": "%d queue resumed",
 }
 
 
@@ -3799,6 +3802,8 @@ class _Watcher:
                  "runs": repr(max_finished),
                  "dlq": "%d.%s" % (counts["dead"], max_dead),
                  "workers": "%x" % (hash(states) & 0xffffffffffff),
+                 "queues": "%x" % (hash(tuple((q["name"], q["max_running"], q["paused"], tuple(q["counts"].values()))
+                                              for q in self.store.queues())) & 0xffffffffffff),
                  "depth": self.marks.get("depth", "0"),
                  "stats": self.marks.get("stats", "0")}
         if now >= self.next_sample:
@@ -3943,10 +3948,18 @@ class Dashboard:
         with self.pool.store() as store:
             self.counters.update(store, force=True)
             counts = store.counts()
+            queues = store.queues()
             workers = store.workers()
             latency = self.latency(store, now)
         out = ["# HELP queuectl_jobs Jobs stored, by state.", "# TYPE queuectl_jobs gauge"]
         out += ['queuectl_jobs{state="%s"} %d' % (s, counts[s]) for s in STATES]
+        # Queue names are letters, digits and ._- only: nothing to escape in a label value.
+        out += ["# HELP queuectl_queue_jobs Jobs stored, by queue and state.", "# TYPE queuectl_queue_jobs gauge"]
+        out += ['queuectl_queue_jobs{queue="%s",state="%s"} %d' % (x["name"], s, x["counts"][s])
+                for x in queues for s in STATES]
+        out += ["# HELP queuectl_queue_paused 1 if the queue is paused (no new jobs start).",
+                "# TYPE queuectl_queue_paused gauge"]
+        out += ['queuectl_queue_paused{queue="%s"} %d' % (x["name"], 1 if x["paused"] else 0) for x in queues]
         totals = self.counters.snapshot()
         out += ["# HELP queuectl_runs_total Finished runs by outcome (from the runs stored when the "
                 "dashboard started, then every run it saw finish; purging never lowers it).",
@@ -4080,6 +4093,30 @@ class Dashboard:
                            ("dashboard start" if depth and depth[0][0] > now - 3590 else "-60m", "now"),
                            "queue depth", fmt=lambda v: "%d" % v))
 
+        def queues_html():
+            rows = []
+            for queue in store.queues():
+                c, name = queue["counts"], queue["name"]
+                running = "%d / %d" % (c["processing"], queue["max_running"]) \
+                    if queue["max_running"] is not None else "%d" % c["processing"]
+                if self.read_only:
+                    act = ""
+                elif queue["paused"]:
+                    act = self.action("/actions/queue-resume", "resume", "/", "small", queue=name)
+                else:
+                    act = self.action("/actions/queue-pause", "pause", "/", "small", queue=name)
+                rows.append("<tr><td><a href=\"%s\">%s</a></td><td>%s</td>%s<td class=\"num\">%s</td>"
+                            "%s<td>%s</td></tr>" % (
+                                _url("/jobs", queue=name), _h(name),
+                                _badge("paused") if queue["paused"] else _badge("active"),
+                                "<td class=\"num\">%d</td>" % c["pending"], running,
+                                "".join("<td class=\"num\">%d</td>" % c[s] for s in ("failed", "dead", "completed")),
+                                act))
+            return ("<h2>Queues</h2><table class=\"queues\"><thead><tr><th>Queue</th><th>State</th>"
+                    "<th class=\"num\">Pending</th><th class=\"num\">Running / limit</th>"
+                    "<th class=\"num\">Failed</th><th class=\"num\">Dead</th><th class=\"num\">Completed</th>"
+                    "<th></th></tr></thead><tbody>%s</tbody></table>") % "".join(rows)
+
         def dead_html():
             jobs, _ = store.find_jobs("dead", limit=8)
             if not jobs:
@@ -4092,7 +4129,8 @@ class Dashboard:
                     "<thead><tr><th>ID</th><th>Last outcome</th><th>Died</th><th>Command</th></tr></thead>"
                     "<tbody>%s</tbody></table>") % rows
 
-        return "Overview", "Overview", [("counts", "jobs", counts_html), ("workers", "workers jobs", workers_html),
+        return "Overview", "Overview", [("counts", "jobs", counts_html), ("queues", "queues", queues_html),
+                                        ("workers", "workers jobs", workers_html),
                                         ("stats", "stats depth", stats_html), ("dead", "dlq", dead_html)]
 
     def _limit(self, q):
@@ -4113,22 +4151,30 @@ class Dashboard:
     def page_jobs(self, store, q, now, marks):
         state = q.get("state") or None
         _check_state(state)
+        queue = q.get("queue") or None
+        if queue is not None and not valid_queue_name(queue):
+            raise QueueError("invalid queue name %r" % queue)
         text = q.get("q") or None
         limit = self._limit(q)
         before = self._seq(q, "before")
         here = "/jobs" + ("?" + q["_query"] if q.get("_query") else "")
 
         def list_html():
-            jobs, low = store.find_jobs(state, text, before=before, limit=limit, scan=DASHBOARD_SCAN)
-            counts = store.counts()
+            jobs, low = store.find_jobs(state, text, before=before, limit=limit, scan=DASHBOARD_SCAN, queue=queue)
+            queues = store.queues()
+            counts = {s: sum(x["counts"][s] for x in queues if queue in (None, x["name"])) for s in STATES}
             options = "".join('<option value="%s"%s>%s (%d)</option>' % (
                 s, " selected" if s == state else "", s, counts[s]) for s in STATES)
+            queue_options = "".join('<option value="%s"%s>%s%s</option>' % (
+                _h(x["name"]), " selected" if x["name"] == queue else "", _h(x["name"]),
+                " (paused)" if x["paused"] else "") for x in queues)
             form = ('<form class="filters" method="get" action="/jobs"><select name="state" aria-label="state">'
                     '<option value="">all states (%d)</option>%s</select>'
+                    '<select name="queue" aria-label="queue"><option value="">all queues</option>%s</select>'
                     '<input type="search" name="q" value="%s" placeholder="id prefix or command text" '
                     'aria-label="search">'
                     '<select name="limit" aria-label="page size">%s</select><button>Filter</button></form>') % (
-                sum(counts.values()), options, _h(text or ""),
+                sum(counts.values()), options, queue_options, _h(text or ""),
                 "".join('<option value="%d"%s>%d a page</option>' % (n, " selected" if n == limit else "", n)
                         for n in sorted({50, 100, 200, DASHBOARD_PAGE[1], limit})))
             exact = ""
@@ -4143,29 +4189,30 @@ class Dashboard:
                     act = self.action("/actions/cancel", "cancel", here, "small", one=j["id"])
                 elif j["state"] == "dead":
                     act = self.action("/actions/retry", "retry", here, "small", one=j["id"])
-                rows.append("<tr><td><a class=\"id\" href=\"/jobs/%s\">%s</a></td><td>%s</td>"
+                rows.append("<tr><td><a class=\"id\" href=\"/jobs/%s\">%s</a></td><td>%s</td><td>%s</td>"
                             "<td class=\"num\">%s</td><td class=\"num\">%d</td><td>%s</td><td class=\"num\">%s</td>"
                             "<td class=\"cmd\" title=\"%s\"><code>%s</code></td><td>%s</td></tr>" % (
-                                _q(j["id"]), _h(j["id"]), _badge(j["state"]), _attempts(j), j["priority"],
-                                _ago(when, now), _h(j["exit_code"]), _h(_short(j["command"], 2000)),
+                                _q(j["id"]), _h(j["id"]), _badge(j["state"]), _h(j["queue"]), _attempts(j),
+                                j["priority"], _ago(when, now), _h(j["exit_code"]), _h(_short(j["command"], 2000)),
                                 _h(_short(j["command"])), act))
-            table = ("<table class=\"jobs\"><thead><tr><th>ID</th><th>State</th><th class=\"num\">Attempts</th>"
-                     "<th class=\"num\">Pri</th><th>Due / updated</th><th class=\"num\">Exit</th><th>Command</th>"
-                     "<th></th></tr></thead><tbody>%s</tbody></table>") % "".join(rows)
+            table = ("<table class=\"jobs\"><thead><tr><th>ID</th><th>State</th><th>Queue</th>"
+                     "<th class=\"num\">Attempts</th><th class=\"num\">Pri</th><th>Due / updated</th>"
+                     "<th class=\"num\">Exit</th><th>Command</th><th></th></tr></thead><tbody>%s</tbody></table>") % (
+                "".join(rows))
             if not rows:
-                table = "<p class=\"empty\">No jobs%s.</p>" % (" match" if text or state else "")
+                table = "<p class=\"empty\">No jobs%s.</p>" % (" match" if text or state or queue else "")
             pager = []
+            keep = dict(state=state, queue=queue, q=text, limit=limit)
             if before is not None:
-                pager.append('<a href="%s">\u2190 newest</a>' % _url("/jobs", state=state, q=text, limit=limit))
+                pager.append('<a href="%s">\u2190 newest</a>' % _url("/jobs", **keep))
             if len(jobs) == limit:
-                pager.append('<a href="%s">older \u2192</a>' % _url("/jobs", state=state, q=text, limit=limit,
-                                                                   before=jobs[-1]["seq"]))
+                pager.append('<a href="%s">older \u2192</a>' % _url("/jobs", before=jobs[-1]["seq"], **keep))
             elif low is not None:
                 pager.append('<span class="note">searched %d jobs back</span> <a href="%s">search older \u2192</a>' % (
-                    DASHBOARD_SCAN, _url("/jobs", state=state, q=text, limit=limit, before=low)))
+                    DASHBOARD_SCAN, _url("/jobs", before=low, **keep)))
             return "%s%s%s<nav class=\"pager\">%s</nav>" % (form, exact, table, " ".join(pager))
 
-        title = "Jobs" + (" \u00b7 " + state if state else "")
+        title = "Jobs" + "".join(" \u00b7 " + x for x in (queue, state) if x)
         return title, "Jobs", [("list", "jobs", list_html)]
 
     def page_job(self, store, q, now, marks, job_id):
@@ -4439,6 +4486,12 @@ class Dashboard:
                 except ValueError as e:
                     raise QueueError(str(e))
                 return "purged", store.purge(states, time.time() - older)
+            if name in ("queue-pause", "queue-resume"):
+                queue = (form.get("queue") or [""])[0]
+                if queue not in {row["name"] for row in store.queues()}:
+                    raise QueueError("no queue %r" % queue)
+                store.set_queue(queue, paused=1 if name == "queue-pause" else 0)
+                return ("paused" if name == "queue-pause" else "resumed"), 1
             if name == "worker-stop":
                 targets = store.request_stop()
                 gone = [w["id"] for w in targets
@@ -4730,10 +4783,12 @@ def _dashboard_handler(app):
                     return self._json({"last_hour": stats["last_hour"], "last_day": stats["last_day"],
                                        "counts": store.counts()})
                 if path == "/api/jobs":
-                    state = q.get("state") or None
+                    state, queue = q.get("state") or None, q.get("queue") or None
                     _check_state(state)
+                    if queue is not None and not valid_queue_name(queue):
+                        raise QueueError("invalid queue name %r" % queue)
                     jobs, low = store.find_jobs(state, q.get("q") or None, before=app._seq(q, "before"),
-                                                limit=app._limit(q), scan=DASHBOARD_SCAN)
+                                                limit=app._limit(q), scan=DASHBOARD_SCAN, queue=queue)
                     nxt = jobs[-1]["seq"] if len(jobs) == app._limit(q) else low
                     return self._json({"jobs": [job_to_json(j) for j in jobs], "next_before": nxt})
                 if path == "/api/dlq":
@@ -4950,8 +5005,8 @@ table.stats th { text-transform: none; font-size: 12px; color: var(--fg); backgr
 .badge { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 11px; font-weight: 600;
   background: #e4e7eb; color: var(--pending); }
 .badge.s-processing { background: #dce8fb; color: var(--processing); }
-.badge.s-completed, .badge.s-alive { background: #ddf3e4; color: var(--ok); }
-.badge.s-failed, .badge.s-stopping { background: #fcefd9; color: #a8680a; }
+.badge.s-completed, .badge.s-alive, .badge.s-active { background: #ddf3e4; color: var(--ok); }
+.badge.s-failed, .badge.s-stopping, .badge.s-paused { background: #fcefd9; color: #a8680a; }
 .badge.s-dead, .badge.s-lost { background: #fbe1e1; color: var(--dead); }
 .cols { display: grid; grid-template-columns: minmax(260px, 1fr) 3fr; gap: 20px; }
 .charts { display: grid; grid-template-columns: 1fr 1fr; gap: 10px 16px; margin-top: 20px; }

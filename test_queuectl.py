@@ -4781,8 +4781,8 @@ class TestDashboardServer(DashboardTestCase):
         ]
         for kw, code in attempts:
             for path in ("/actions/retry", "/actions/retry-matching", "/actions/purge", "/actions/cancel",
-                         "/actions/worker-stop"):
-                status, _, _ = dash.post(path, dict(form, state="dead", upto="999"), **kw)
+                         "/actions/worker-stop", "/actions/queue-pause", "/actions/queue-resume"):
+                status, _, _ = dash.post(path, dict(form, state="dead", upto="999", queue="default"), **kw)
                 self.assertEqual(status, code, (path, kw))
         self.assertEqual(self.db_dump(), before)
         status, headers, _ = dash.post("/actions/retry", form, headers={"Sec-Fetch-Site": "same-origin"})
@@ -4801,10 +4801,10 @@ class TestDashboardServer(DashboardTestCase):
         self.add("echo pending")
         dash = self.dashboard()
         before = self.db_dump()
-        query = "?one=%s&sel=%s&state=dead&state=completed&older_than=0&g=1&outcome=exit+3&exit=3&upto=999" % (
-            ids[0], ids[1])
+        query = "?one=%s&sel=%s&state=dead&state=completed&older_than=0&g=1&outcome=exit+3&exit=3&upto=999" \
+            "&queue=default" % (ids[0], ids[1])
         for path in ("/actions/retry", "/actions/retry-matching", "/actions/purge", "/actions/cancel",
-                     "/actions/worker-stop"):
+                     "/actions/worker-stop", "/actions/queue-pause", "/actions/queue-resume"):
             status, headers, _ = dash.request(path + query)
             self.assertEqual(status, 405, path)
             self.assertEqual(headers["Allow"], "POST")
@@ -5016,6 +5016,53 @@ class TestDashboardServer(DashboardTestCase):
         status, headers, _ = dash.post("/actions/worker-stop", {"back": "/"})
         self.assertEqual(headers["Location"], "/?done=stopping&n=0")
         self.assertIn("dashboard: 2 job(s) purged", dash.stderr())
+
+    def test_queues_are_shown_filtered_and_paused_like_the_cli(self):
+        """Overview lists each queue (counts, running / limit, paused) with pause/resume; /jobs filters by
+        queue and shows it; /metrics and /api/jobs have it; a pause from the page is the CLI's pause."""
+        self.expect_success("queue", "set", "backups", "--limit", "1", err=None)
+        nightly = self.add("echo nightly", queue="backups")
+        thumb = self.add("echo thumb", queue="thumbs")
+        self.add("echo plain")
+        dash = self.dashboard()
+        html = dash.get("/")
+        section = html[html.index("<h2>Queues</h2>"):]
+        section = section[:section.index("</table>")]
+        for name in ("backups", "default", "thumbs"):
+            self.assertIn('href="/jobs?queue=%s"' % name, section)
+        self.assertRegex(section, r'backups</a></td><td><span class="badge s-active">active</span></td>'
+                                  r'<td class="num">1</td><td class="num">0 / 1</td>')
+        # Pause from the page: the CLI sees it; the button turns into resume.
+        status, headers, _ = dash.post("/actions/queue-pause", {"queue": "thumbs", "back": "/"})
+        self.assertEqual((status, headers["Location"]), (303, "/?done=paused&n=1"))
+        queues = {q["name"]: q for q in json.loads(self.expect_success("queue", "list", "--json"))}
+        self.assertTrue(queues["thumbs"]["paused"])
+        self.assertFalse(queues["backups"]["paused"])
+        html = dash.get("/?done=paused&n=1")
+        self.assertIn("1 queue paused", html)
+        self.assertRegex(html, r'thumbs</a></td><td><span class="badge s-paused">paused</span>')
+        self.assertIn('action="/actions/queue-resume"', html)
+        self.assertEqual(dash.post("/actions/queue-resume", {"queue": "thumbs", "back": "/"})[0], 303)
+        self.assertFalse({q["name"]: q for q in json.loads(self.expect_success("queue", "list", "--json"))}
+                         ["thumbs"]["paused"])
+        # An unknown queue changes nothing.
+        before = self.db_dump()
+        status, _, body = dash.post("/actions/queue-pause", {"queue": "nosuch", "back": "/"})
+        self.assertEqual(status, 409)
+        self.assertIn(b"no queue", body)
+        self.assertEqual(self.db_dump(), before)
+        # The jobs list: a queue column, and a filter.
+        html = dash.get("/jobs?queue=backups")
+        self.assertIn(nightly, html)
+        self.assertNotIn(thumb, html)
+        self.assertIn('<option value="backups" selected>backups</option>', html)
+        self.assertIn("<th>Queue</th>", dash.get("/jobs"))
+        self.assertEqual(dash.request("/jobs?queue=no%20way")[0], 400)
+        api = dash.get_json("/api/jobs?queue=thumbs")
+        self.assertEqual([j["id"] for j in api["jobs"]], [thumb])
+        metrics = parse_prometheus(dash.get("/metrics"))
+        self.assertEqual(metrics[("queuectl_queue_jobs", frozenset({("queue", "backups"), ("state", "pending")}))], 1)
+        self.assertEqual(metrics[("queuectl_queue_paused", frozenset({("queue", "thumbs")}))], 0)
 
     def test_read_only_offers_and_accepts_no_action(self):
         """--read-only: no forms or action links on any page; every POST is 403 and changes nothing."""
