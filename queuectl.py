@@ -5642,8 +5642,12 @@ def cmd_enqueue(args):
             jobs.append(validate_job(obj, cwd, now))
         except ValueError as e:
             raise QueueError("%s%s" % (where, e))
-    if len(jobs) > 1 and "id" in flags:
-        raise UsageError("--id cannot be used with several jobs")
+    if len(jobs) > 1:
+        for name in ("id", "unique"):
+            if name in flags:
+                # One id or key for every job would add the first and drop the rest.
+                raise UsageError("--%s cannot be used with several jobs (give each its own \"%s\" in the "
+                                 "JSON)" % (name, name))
     with _open_store(args, create=True) as store:
         added = store.submit(jobs, now=now)
     if args.json:

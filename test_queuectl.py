@@ -2630,6 +2630,21 @@ class TestUniqueJobs(QueueTestCase):
                             err="queuectl: error: field 'unique' must be a non-empty string of at most 256 "
                                 "characters, not ''")
 
+    def test_a_flag_key_or_id_for_several_jobs_is_refused(self):
+        # One key for a whole file would add its first job and silently drop the rest.
+        lines = b'{"command": "echo a"}\n{"command": "echo b"}\n'
+        self.init_db()
+        before = self.db_dump()
+        for flag in ("--unique", "--id"):
+            self.expect_failure("enqueue", flag, "k1", "--file", "-", stdin=lines, code=2,
+                                err='queuectl: error: %s cannot be used with several jobs (give each its own '
+                                    '"%s" in the JSON)' % (flag, flag[2:]))
+        self.assertEqual(self.db_dump(), before)
+        # Keys of their own, in the JSON: fine.
+        self.expect_success("enqueue", "--file", "-",
+                            stdin=b'{"command": "echo a", "unique": "a"}\n{"command": "echo b", "unique": "b"}\n')
+        self.assertEqual(sorted(j["unique"] for j in self.jobs()), ["a", "b"])
+
     def test_sixteen_concurrent_enqueuers_create_one_job(self):
         self.init_db()
         procs = [subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "enqueue", "--unique", "k", "--",
