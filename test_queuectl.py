@@ -5424,7 +5424,8 @@ class TestDashboardBrowser(DashboardTestCase):
         for i in range(3):
             self.add("sleep 30 # report %d" % i, priority=1)
         for i in range(25):
-            self.add("resize-images --batch %d" % i)
+            self.add("resize-images --batch %d" % i, queue="thumbs")
+        self.expect_success("queue", "set", "thumbs", "--limit", "2", err=None)
         pool = self.start_pool("--count", "3")
         self.wait_until(lambda: sum(w["job"] is not None for w in json.loads(
             self.expect_success("status", "--json"))["workers"]) == 3, message="3 busy workers")
@@ -5432,7 +5433,7 @@ class TestDashboardBrowser(DashboardTestCase):
         self.open(dash)
         rows = self.driver.js("""return Array.from(document.querySelectorAll('section.region'), function (r) {
             return [r.getAttribute('data-region'), r.querySelectorAll('tbody tr').length]; });""")
-        self.assertEqual(rows, [["counts", 0], ["workers", 3], ["stats", 8], ["dead", 8]])
+        self.assertEqual(rows, [["counts", 0], ["queues", 2], ["workers", 3], ["stats", 8], ["dead", 8]])
         self.shot("dashboard")
         self.assert_page_behaved(dash)
         self.stop_pool(pool)
