@@ -1474,6 +1474,9 @@ class Store:
         row = self._one("SELECT stop_requested FROM workers WHERE id = ?", (worker_id,))
         return bool(row and row[0] & STOP_ASKED)
 
+    #: Waiting jobs (in jobs_waiting) whose run_at (the parameter) has passed.
+    _WAITING_DUE = "ready = 0 AND blocked = 0 AND state IN ('pending', 'failed') AND run_at <= ?"
+
     @staticmethod
     def _served(queues):
         """SQL that keeps the queues a worker serves (all when None), and its parameters."""
@@ -1521,26 +1524,51 @@ class Store:
 
     def _claim(self, worker_id, now, lease, queues=None):
         """The body of claim(); the caller holds the transaction."""
-        if self.stop_requested(worker_id):
-            return None
-        self._promote(now)
         served, params = self._served(queues)
+        # The seq of the job to take: the best of the heads of jobs_ready in
+        # the queues we serve that are neither paused nor full. When a single
+        # queue is open to us and it has no limit (everything in `default`),
+        # its head is read straight from the index: the same job, without
+        # the sort of the heads (a temporary b-tree, a fifth of a claim).
         # Indexes named: the planner would rather use jobs_state and sort.
-        job = self._one("""
-            SELECT j.* FROM queues q
-            JOIN jobs j ON j.seq = (SELECT seq FROM jobs INDEXED BY jobs_ready
-                                    WHERE ready = 1 AND queue = q.name
-                                    ORDER BY priority DESC, run_at, seq
-                                    LIMIT 1)
-            WHERE q.paused = 0 %s
-              AND (q.max_running IS NULL
-                   OR (SELECT COUNT(*) FROM jobs INDEXED BY jobs_running
-                       WHERE state = 'processing' AND queue = q.name) < q.max_running)
-            ORDER BY j.priority DESC, j.run_at, j.seq
-            LIMIT 1""" % served, params)
-        if job is None:
+        head = """COALESCE(
+            (SELECT seq FROM jobs INDEXED BY jobs_ready
+             WHERE ready = 1 AND queue = (SELECT CASE WHEN COUNT(*) = 1 AND MAX(max_running) IS NULL
+                                                      THEN MAX(name) END
+                                          FROM queues q WHERE q.paused = 0 %s)
+             ORDER BY priority DESC, run_at, seq
+             LIMIT 1),
+            (SELECT j.seq FROM queues q
+             JOIN jobs j ON j.seq = (SELECT seq FROM jobs INDEXED BY jobs_ready
+                                     WHERE ready = 1 AND queue = q.name
+                                     ORDER BY priority DESC, run_at, seq
+                                     LIMIT 1)
+             WHERE q.paused = 0 %s
+               AND (q.max_running IS NULL
+                    OR (SELECT COUNT(*) FROM jobs INDEXED BY jobs_running
+                        WHERE state = 'processing' AND queue = q.name) < q.max_running)
+             ORDER BY j.priority DESC, j.run_at, j.seq
+             LIMIT 1))""" % (served, served)
+        params += params
+        # One read, the claim of a busy worker's every job, also answers
+        # whether we were asked to stop, and whether a waiting job is due:
+        # then promote it and read the head again (once in a job's life, or
+        # once per backoff).
+        row = self._one("""
+            SELECT (SELECT stop_requested FROM workers WHERE id = ?) AS stop_requested_,
+                   EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_waiting WHERE %s) AS due_,
+                   j.*
+            FROM (SELECT 1) one
+            LEFT JOIN jobs j ON j.seq = %s""" % (self._WAITING_DUE, head), (worker_id, now) + params)
+        job = dict(zip(row.keys(), row))    # (dict(row) looks each name up: 7x slower)
+        if (job.pop("stop_requested_") or 0) & STOP_ASKED:
             return None
-        job = dict(job)
+        if job.pop("due_"):
+            self._promote(now)
+            row = self._one("SELECT * FROM jobs WHERE seq = %s" % head, params)
+            job = row and dict(zip(row.keys(), row))
+        if not job or job["seq"] is None:
+            return None
         job["attempts"] += 1
         job["run_count"] += 1
         job["run"] = job["run_count"]
@@ -1559,10 +1587,7 @@ class Store:
         """Mark waiting jobs whose run_at has passed ready; the caller holds
         the transaction. A seek in jobs_waiting plus one write per job that
         becomes due, once in its life (or once per backoff)."""
-        self._execute("""
-            UPDATE jobs INDEXED BY jobs_waiting
-            SET ready = 1
-            WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed') AND run_at <= ?""", (now,))
+        self._execute("UPDATE jobs INDEXED BY jobs_waiting SET ready = 1 WHERE %s" % self._WAITING_DUE, (now,))
 
     def append_output(self, job_id, run, worker_id, chunks, drop):
         """Store chunks [(stream, pos, data)] of a running job's output for
@@ -1715,9 +1740,11 @@ class Store:
     def _finish(self, job_id, run, worker_id, result, now, interrupted, live=True):
         """The body of finish(); the caller holds the transaction."""
         # Whether any job depends on it, in the same read (one statement less
-        # a job: a busy worker's transaction is a dozen of them).
+        # a job: a busy worker's transaction is a dozen of them). Only the
+        # columns _settle reads: decoding all of a row was a twentieth of a job.
         job = self._one("""
-            SELECT *, EXISTS (SELECT 1 FROM deps WHERE after_id = jobs.id) AS has_dependents
+            SELECT id, run_at, attempts, max_retries, cancel_requested,
+                   EXISTS (SELECT 1 FROM deps WHERE after_id = jobs.id) AS has_dependents
             FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ?""",
                         (job_id, worker_id))
         if job is None:

@@ -627,6 +627,32 @@ class TestStore(QueueTestCase):
         self.assertEqual(self.store.claim(self.W, now=self.T + 30)["id"], e)
         self.assert_counts_consistent()
 
+    def test_jobs_due_during_a_drain_are_claimed_on_time(self):
+        # A busy worker claims its next job in the transaction that records
+        # the last one, and one read of that claim says whether a waiting job
+        # is due: a scheduled job and a retry that become due while the
+        # worker drains are taken as soon as they are due (by priority), not
+        # once the queue is empty. The scheduled one comes from another
+        # connection, which commits while this one holds no transaction.
+        ok = queuectl.RunResult(0, "exit 0")
+        other = queuectl.Store(self.db)
+        self.addCleanup(other.close)
+        plain = [self.put() for _ in range(5)]
+        retried = self.put(priority=3, max_retries=1, now=self.T - 10)
+        job = self.store.claim(self.W, now=self.T - 10)
+        self.assertEqual(job["id"], retried)
+        self.assertEqual(self.fail_run(job, self.T), ("failed", self.T + 2))
+        job = self.store.claim(self.W, now=self.T)
+        self.assertEqual(job["id"], plain[0])
+        later = other.enqueue([queuectl.validate_job({"command": "true", "priority": 5, "delay": 5},
+                                                     self.tmp, self.T)], now=self.T)[0]
+        order = [job["id"]]
+        for now in (self.T + 1, self.T + 1.9, self.T + 2, self.T + 4.9, self.T + 5, self.T + 6, self.T + 7):
+            _, job = self.store.finish(job["id"], job["run"], self.W, ok, now=now, claim_next=True)
+            order.append(job and job["id"])
+        self.assertEqual(order, [plain[0], plain[1], plain[2], retried, plain[3], later, plain[4], None])
+        self.assert_counts_consistent()
+
     def waiting_store(self, kind, n):
         """A store holding n priority-10 jobs that a claim at T cannot take
         (`kind` says why), then one due job of priority 0; returns (store, due id)."""
@@ -2468,6 +2494,33 @@ class TestQueues(QueueTestCase):
         self.assertEqual(store.claim("h:3:1", now=now, queues=["one"])["id"], one2)
         store.set_queue("p", paused=0)
         self.assertEqual(store.claim("h:4:1", now=now)["id"], paused)
+
+    def test_one_open_queue_keeps_its_limit_pause_and_order(self):
+        # With a single queue open to a worker (all in `default`, or a worker
+        # serving one queue) the claim reads that queue's head straight from
+        # jobs_ready: its limit and pause still hold, and the order is the same.
+        store = queuectl.Store(self.db, durable=False)
+        self.addCleanup(store.close)
+        now = time.time()
+        put = lambda p=0, q="default": store.enqueue([queuectl.validate_job(
+            {"command": "true", "priority": p, "queue": q}, self.tmp, now)], now=now)[0]
+        a, b, c, d = put(), put(), put(5), put()
+        store.set_queue("default", max_running=1)
+        self.assertEqual(store.claim("h:1:1", now=now)["id"], c)
+        self.assertIsNone(store.claim("h:2:1", now=now))
+        store.set_queue("default", max_running=None, paused=1)
+        self.assertIsNone(store.claim("h:2:1", now=now))
+        self.assertIsNone(store.claim("h:2:1", now=now, queues=["default"]))
+        store.set_queue("default", paused=0)
+        self.assertEqual(store.claim("h:2:1", now=now)["id"], a)
+        x = put(9, "x")
+        self.assertEqual(store.claim("h:3:1", now=now, queues=["default"])["id"], b)
+        store.set_queue("x", max_running=1)
+        self.assertEqual(store.claim("h:4:1", now=now, queues=["x", "nightly"])["id"], x)
+        self.assertIsNone(store.claim("h:4:1", now=now, queues=["x"]))
+        store.set_queue("x", max_running=2)
+        self.assertEqual(store.claim("h:5:1", now=now)["id"], d)
+        self.assertIsNone(store.claim("h:6:1", now=now))
 
     def test_limit_one_holds_across_two_pools(self):
         # Four workers in two pools, eight jobs of a limit-1 queue: never two at once.
