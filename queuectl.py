@@ -2887,10 +2887,6 @@ class Worker:
         return ", %s" % state if state != "dead" else ", dead (moved to DLQ)"
 
 
-###############################################################################
-# Supervisor ##################################################################
-###############################################################################
-
 def _worker_main(db_path, name, once, queues=None):
     """Entry point of a worker process (module level, takes only plain values).
 
@@ -2963,6 +2959,10 @@ def _worker_main(db_path, name, once, queues=None):
     sys.stdout.flush()
     os._exit(code)
 
+
+###############################################################################
+# Supervisor ##################################################################
+###############################################################################
 
 class Supervisor:
     """Runs N worker processes in the foreground and restarts those that die.
