@@ -2545,24 +2545,15 @@ def _log(message):
 class Worker:
     """Claims due jobs one at a time, runs them and records the result.
 
-    `stop_level` is raised by signal handlers (they only set it): 1 means
-    finish the current job and exit, 2 means kill it, put it back and exit.
-    It only ever goes up: it is two flags, each only ever set, so that a
-    handler running in the middle of another's `max(level, 1)` cannot undo it.
+    How it stops is two flags, each only ever set (so that a signal handler
+    running in the middle of another cannot undo it): `stopping` (claim no
+    more, finish the current job and exit) and `stopping_hard` (kill the
+    current job, put it back and exit; it comes with `stopping`). Who asked is
+    three more, which decide whether the supervisor replaces this worker:
+    `stop_by_supervisor` (SIGUSR1/SIGUSR2), `stop_by_sigterm` (SIGTERM or
+    SIGHUP sent to this worker alone) and `stop_by_command` (`worker stop`,
+    through the database).
     """
-
-    _soft = _hard = False
-
-    @property
-    def stop_level(self):
-        return 2 if self._hard else 1 if self._soft else 0
-
-    @stop_level.setter
-    def stop_level(self, level):
-        if level >= 2:
-            self._hard = True
-        if level >= 1:
-            self._soft = True
 
     def __init__(self, db_path, name="w1", once=False, log=_log, queues=None):
         self.db_path = db_path
@@ -2571,7 +2562,8 @@ class Worker:
         self.queues = queues        # the queues this worker serves (None: all)
         self.log = log
         self.pause_requested = False    # Ctrl-Z, relayed by the supervisor
-        self.stop_asked = False     # by `worker stop` (through the database)
+        self.stopping = self.stopping_hard = False
+        self.stop_by_supervisor = self.stop_by_sigterm = self.stop_by_command = False
         pid = os.getpid()
         start = process_start(pid)
         self.id = "%s:%d:%s" % (this_host(), pid, "-" if start is None else start)
@@ -2584,6 +2576,55 @@ class Worker:
         self._live_written = False      # whether any of this run's was
         self._parent = os.getppid()
 
+    def install_signal_handlers(self):
+        """Make this process's signals set the stop flags. The handlers only
+        set flags: the loop acts on them where it holds no lock."""
+        import signal
+        # A handler, not SIG_IGN: an ignored signal stays ignored across exec, and
+        # the jobs must get SIGINT's default action.
+        signal.signal(signal.SIGINT, self._on_sigint)
+        signal.signal(signal.SIGUSR1, self._on_supervisor_stop)
+        signal.signal(signal.SIGUSR2, self._on_supervisor_stop_hard)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGHUP, self._on_sigterm)      # only ever sent to this worker alone
+        signal.signal(signal.SIGTSTP, self._on_sigtstp)
+        signal.signal(signal.SIGCONT, signal.SIG_DFL)   # not the supervisor's relay
+
+    def stop(self, hard=False):
+        """Claim no more and exit after the current job; `hard`: kill it and put it back."""
+        if hard:
+            self.stopping_hard = True
+        self.stopping = True
+
+    def _on_supervisor_stop(self, signum, frame):
+        """SIGUSR1: the supervisor's graceful stop."""
+        self.stop_by_supervisor = True
+        self.stop()
+
+    def _on_supervisor_stop_hard(self, signum, frame):
+        """SIGUSR2: the supervisor's hard stop."""
+        self.stop_by_supervisor = True
+        self.stop(hard=True)
+
+    def _on_sigterm(self, signum, frame):
+        """SIGTERM or SIGHUP to this worker alone: the first stops it
+        gracefully, the next hard."""
+        self.stop_by_sigterm = True
+        self.stop(hard=self.stopping)
+
+    def _on_sigtstp(self, signum, frame):
+        """Ctrl-Z, relayed by the supervisor: see maybe_pause()."""
+        self.pause_requested = True
+
+    def _on_sigint(self, signum, frame):
+        pass
+
+    def _stop_by_command(self):
+        """`worker stop` asked (seen in the database): a graceful stop."""
+        self.log("%s stop requested" % self.name)
+        self.stop_by_command = True
+        self.stop()
+
     def run(self):
         """Work until asked to stop (or, with once, until nothing is due). Returns an exit code."""
         self.store = Store(self.db_path, durable=False)
@@ -2595,21 +2636,21 @@ class Worker:
             self.apply_retention()
             pause = 1.0
             job = None
-            while self.stop_level == 0:
+            while not self.stopping:
                 try:
                     self._check_parent()
-                    if self.stop_level:
+                    if self.stopping:
                         break
                     if job is None:
                         job = self.store.claim(self.id, queues=self.queues)
-                        if job is not None and self.stop_level:
+                        if job is not None and self.stopping:
                             continue    # a stop came during the claim: given back below
                     if job is not None:
                         # process() records the result and claims the next
                         # job in the same transaction.
                         current, job = job, None
                         job = self.process(current)
-                    elif self._stop_requested():
+                    elif self._check_stop_command():
                         break
                     elif self.once:
                         break
@@ -2621,7 +2662,7 @@ class Worker:
                     # rather than die and be restarted in a loop.
                     self.log("%s database error (%s); retrying in %gs" % (self.name, e, pause))
                     end = time.monotonic() + pause
-                    while self.stop_level == 0 and time.monotonic() < end:
+                    while not self.stopping and time.monotonic() < end:
                         time.sleep(0.05)
                     pause = min(pause * 2, 30.0)
             if job is not None:
@@ -2630,13 +2671,13 @@ class Worker:
                 self.store.finish(job["id"], job["run"], self.id, RunResult(None, "interrupted"),
                                   interrupted=True)
                 self.log("%s %s not started, back to pending" % (self.name, job["id"]))
-            return EXIT_INTERRUPTED if self.stop_level >= 2 else EXIT_OK
+            return EXIT_INTERRUPTED if self.stopping_hard else EXIT_OK
         finally:
             try:
                 # Stopping for another reason, `worker stop` may have asked too:
                 # then the supervisor must not replace this worker.
                 if self.store.unregister_worker(self.id):
-                    self.stop_asked = True
+                    self.stop_by_command = True
             finally:
                 self.store.close()
 
@@ -2648,15 +2689,13 @@ class Worker:
             return False, True
         self._next_heartbeat = now + HEARTBEAT_SECONDS
         try:
-            stop, cancel, held = self.store.heartbeat(self.id, job_id, stopping=self.stop_level > 0)
+            stop, cancel, held = self.store.heartbeat(self.id, job_id, stopping=self.stopping)
         except StoreError as e:
             # The lease has LEASE_SECONDS to run; a missed beat is not a loss.
             self.log("%s heartbeat failed (%s); will retry" % (self.name, e))
             return False, True
-        if stop and self.stop_level == 0:
-            self.log("%s stop requested" % self.name)
-            self.stop_level = 1
-            self.stop_asked = True
+        if stop and not self.stopping:
+            self._stop_by_command()
         self._check_parent()
         if job_id is None:
             self.reclaim_lost()
@@ -2675,16 +2714,15 @@ class Worker:
 
     def _check_parent(self):
         """If our supervisor was killed, finish the job at hand, then go too."""
-        if self.stop_level == 0 and os.getppid() != self._parent:
+        if not self.stopping and os.getppid() != self._parent:
             self.log("%s supervisor gone; stopping" % self.name)
-            self.stop_level = 1
+            self.stop()
 
-    def _stop_requested(self):
-        if self.stop_level == 0 and self.store.stop_requested(self.id):
-            self.log("%s stop requested" % self.name)
-            self.stop_level = 1
-            self.stop_asked = True
-        return self.stop_level > 0
+    def _check_stop_command(self):
+        """Has `worker stop` asked (or anything else)? Reads the database."""
+        if not self.stopping and self.store.stop_requested(self.id):
+            self._stop_by_command()
+        return self.stopping
 
     def idle(self):
         """Wait until a job is due or we are asked to stop. Only reads: the
@@ -2698,7 +2736,7 @@ class Worker:
             return
         recheck = time.monotonic() + IDLE_CLAIM_SECONDS
         nap, longest = IDLE_POLL_SECONDS
-        while self.stop_level == 0:
+        while not self.stopping:
             time.sleep(nap)
             self.maybe_pause()
             nap = min(nap * 1.25, longest)
@@ -2706,7 +2744,7 @@ class Worker:
             current = self.store.data_version()
             changed, version = current != version, current    # read once: no commit slips between
             if changed or now >= recheck:
-                if self._stop_requested():
+                if self._check_stop_command():
                     return
                 if self.store.has_due(time.time(), self.queues):
                     return
@@ -2756,7 +2794,7 @@ class Worker:
         """Called by the runner while the command runs: stop, cancel or carry on."""
         self.maybe_pause()
         self._flush_live(job)
-        if self.stop_level >= 2:
+        if self.stopping_hard:
             return "interrupted"
         cancel, held = self.housekeeping(job["id"])
         if not held:
@@ -2840,12 +2878,12 @@ class Worker:
         reclaimed as 'worker lost' and run again. Returns (settled, next job)."""
         give_up = time.monotonic() + LEASE_SECONDS
         while True:
-            if self.stop_level >= 2:
+            if self.stopping_hard:
                 # A hard stop still records the result (it gives the attempt
                 # back), but waits for the database only a few more seconds.
                 give_up = min(give_up, time.monotonic() + 5.0)
             self._check_parent()
-            claim_next = self.stop_level == 0
+            claim_next = not self.stopping
             try:
                 done = self.store.finish(job["id"], job["run"], self.id, result, interrupted=interrupted,
                                          claim_next=claim_next, queues=self.queues, live=self._live_written)
@@ -2919,42 +2957,14 @@ def _worker_main(db_path, name, once, queues=None):
             signal.signal(signal.SIGTTOU, old)
 
     worker = Worker(db_path, name=name, once=once, log=log, queues=queues)
-    told = {"supervisor": False, "term": False}
-
-    def graceful(signum, frame):
-        told["supervisor"] = True
-        worker.stop_level = max(worker.stop_level, 1)
-
-    def hard(signum, frame):
-        told["supervisor"] = True
-        worker.stop_level = 2
-
-    def term(signum, frame):
-        told["term"] = True
-        worker.stop_level = min(worker.stop_level + 1, 2)
-
-    def pause(signum, frame):
-        worker.pause_requested = True
-
-    def ignore(signum, frame):
-        pass
-
-    # A handler, not SIG_IGN: an ignored signal stays ignored across exec, and
-    # the jobs must get SIGINT's default action.
-    signal.signal(signal.SIGINT, ignore)
-    signal.signal(signal.SIGUSR1, graceful)
-    signal.signal(signal.SIGUSR2, hard)
-    signal.signal(signal.SIGTERM, term)
-    signal.signal(signal.SIGHUP, term)      # only ever sent to this worker alone
-    signal.signal(signal.SIGTSTP, pause)
-    signal.signal(signal.SIGCONT, signal.SIG_DFL)   # not the supervisor's relay
+    worker.install_signal_handlers()
     try:
         code = worker.run()
     except QueueError as e:
         log("%s error: %s" % (name, e))
         code = EXIT_ERROR
-    if code in (EXIT_OK, EXIT_INTERRUPTED) and told["term"] and not told["supervisor"] \
-            and not worker.stop_asked:
+    if code in (EXIT_OK, EXIT_INTERRUPTED) and worker.stop_by_sigterm and not worker.stop_by_supervisor \
+            and not worker.stop_by_command:
         code = EXIT_WORKER_TERMINATED
     sys.stdout.flush()
     os._exit(code)
@@ -2978,12 +2988,19 @@ class Supervisor:
         self.once = once
         self.queues = queues
         self.log = log
-        self.stop_level = 0
+        self.stopping = False       # workers told to finish their jobs and exit (SIGUSR1)
+        self.stopping_hard = False  # and then to kill them and put them back (SIGUSR2)
         self.failed = False     # a --once worker failed
         self.workers = {}       # name -> Process
+        self._ctx = None        # the multiprocessing context workers start from
+        self._restarts = {}     # name -> quick deaths in a row
+        self._due = {}          # name -> when to restart it
+        self._signalled = []    # stop signals caught, not yet acted on
+        self._old_handlers = None
 
-    def _start(self, ctx, name):
-        proc = ctx.Process(target=_worker_main, args=(self.db_path, name, self.once, self.queues), name=name)
+    def _start(self, name):
+        proc = self._ctx.Process(target=_worker_main, args=(self.db_path, name, self.once, self.queues),
+                                 name=name)
         proc.daemon = False
         proc.start()
         proc.started_at = time.monotonic()
@@ -2999,118 +3016,150 @@ class Supervisor:
                 pass
 
     def run(self):
+        """Start the workers, then until all have exited: wait, act on the
+        signals caught, restart the workers that are due, reap those that exited."""
         import multiprocessing
-        import multiprocessing.connection
-        import signal
 
         # fork: a worker is the supervisor's child (parent-death checks, signals
         # and the pool's session rely on it), whatever the platform's default.
-        ctx = multiprocessing.get_context("fork")
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        signalled = []
-
-        def on_signal(signum, frame):
-            signalled.append(signum)
-
-        def on_tstp(signum, frame):
-            # Ctrl-Z reaches us alone (workers have groups of their own):
-            # workers pause themselves where they hold no lock (within 0.1 s),
-            # then we stop. Their jobs run on, as they always did.
-            self._signal_workers(signal.SIGTSTP)
-            os.kill(os.getpid(), signal.SIGSTOP)
-
-        def on_cont(signum, frame):
-            self._signal_workers(signal.SIGCONT)
-
-        stops = [signal.SIGINT, signal.SIGTERM]
-        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
-            stops.append(signal.SIGHUP)     # the terminal went away (unless under nohup)
-        old = {s: signal.signal(s, on_signal) for s in stops}
-        old[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, on_tstp)
-        old[signal.SIGCONT] = signal.signal(signal.SIGCONT, on_cont)
-        old_wakeup = signal.set_wakeup_fd(wake_w)
-        restarts = {}           # name -> quick deaths in a row
-        due = {}                # name -> when to restart it
+        self._ctx = multiprocessing.get_context("fork")
+        self.install_signal_handlers()
         try:
             for i in range(self.count):
-                self._start(ctx, "w%d" % (i + 1))
+                self._start("w%d" % (i + 1))
             self.log("started %d worker%s on %s%s%s" % (
                 self.count, "" if self.count == 1 else "s", self.db_path,
                 "" if self.queues is None else ", queue%s %s" % ("" if len(self.queues) == 1 else "s",
                                                                  ",".join(self.queues)),
                 " (once)" if self.once else ""))
-            while self.workers or due:
-                timeout = 1.0
-                if due:
-                    timeout = max(0.0, min(timeout, min(due.values()) - time.monotonic()))
-                sentinels = [p.sentinel for p in self.workers.values()]
-                multiprocessing.connection.wait(sentinels + [wake_r], timeout=timeout)
-                try:
-                    os.read(wake_r, 512)
-                except BlockingIOError:
-                    pass
-                while signalled:
-                    if signalled.pop() == signal.SIGHUP and self.stop_level:
-                        continue    # a closing terminal may send two: never a hard stop
-                    self.stop_level = min(self.stop_level + 1, 2)
-                    if self.stop_level == 1:
-                        self.log("stopping: waiting for running jobs to finish (signal again to kill them)")
-                        self._signal_workers(signal.SIGUSR1)
-                    else:
-                        self.log("stopping now: killing running jobs and putting them back")
-                        self._signal_workers(signal.SIGUSR2)
-                    due.clear()
-                for name, when in list(due.items()):
+            while self.workers or self._due:
+                self._wait()
+                self._act_on_signals()
+                for name, when in list(self._due.items()):
                     if time.monotonic() >= when:
-                        del due[name]
-                        self._start(ctx, name)
+                        del self._due[name]
+                        self._start(name)
                 for name, proc in list(self.workers.items()):
                     if proc.is_alive():
                         continue
                     proc.join()
                     del self.workers[name]
-                    code = proc.exitcode
-                    quick = time.monotonic() - proc.started_at < 1.0
-                    restarts[name] = restarts.get(name, 0) + 1 if quick else 0
-                    delay = min(2 ** restarts[name], 30) if quick else 0
-                    if code == EXIT_WORKER_TERMINATED and not self.stop_level:
-                        if self.once:
-                            self.log("%s (pid %d) stopped by SIGTERM" % (name, proc.pid))
-                        else:
-                            self.log("%s (pid %d) stopped by SIGTERM; starting another%s" % (
-                                name, proc.pid, " in %ds" % delay if delay else ""))
-                            due[name] = time.monotonic() + delay
-                        continue
-                    if code in (EXIT_OK, EXIT_INTERRUPTED) or self.stop_level:
-                        if code == EXIT_OK and not self.once and not self.stop_level:
-                            # A worker leaves on its own only when `worker stop` asked.
-                            self.stop_level = 1
-                            self._signal_workers(signal.SIGUSR1)
-                            due.clear()
-                        continue
-                    how = "signal %d" % -code if code < 0 else "exit code %d" % code
-                    if self.once and code > 0:
-                        # From cron: report and let the next run try again,
-                        # rather than pile up supervisors that retry forever.
-                        self.log("%s (pid %d) failed (%s); not restarted with --once" % (name, proc.pid, how))
-                        self.failed = True
-                        continue
-                    self.log("%s (pid %d) died (%s); restarting%s" % (
-                        name, proc.pid, how, " in %ds" % delay if delay else ""))
-                    # Restarted by the loop, which keeps answering signals meanwhile.
-                    due[name] = time.monotonic() + delay
+                    self._after_exit(name, proc)
         finally:
-            signal.set_wakeup_fd(old_wakeup)
-            for s, handler in old.items():
-                signal.signal(s, handler)
-            os.close(wake_r)
-            os.close(wake_w)
+            self.restore_signal_handlers()
         self.log("all workers stopped")
-        if self.stop_level >= 2:
+        if self.stopping_hard:
             return EXIT_INTERRUPTED
         return EXIT_ERROR if self.failed else EXIT_OK
+
+    # Signals. The handlers only note a stop signal and wake the loop (through
+    # the wake-up fd, so that it never sleeps through one); the loop acts on it.
+
+    def install_signal_handlers(self):
+        import signal
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        stops = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            stops.append(signal.SIGHUP)     # the terminal went away (unless under nohup)
+        old = {s: signal.signal(s, self._on_stop_signal) for s in stops}
+        old[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, self._on_sigtstp)
+        old[signal.SIGCONT] = signal.signal(signal.SIGCONT, self._on_sigcont)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w)
+        self._old_handlers = old
+
+    def restore_signal_handlers(self):
+        import signal
+        signal.set_wakeup_fd(self._old_wakeup)
+        for s, handler in self._old_handlers.items():
+            signal.signal(s, handler)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _on_stop_signal(self, signum, frame):
+        """SIGINT, SIGTERM, SIGHUP: noted for _act_on_signals()."""
+        self._signalled.append(signum)
+
+    def _on_sigtstp(self, signum, frame):
+        # Ctrl-Z reaches us alone (workers have groups of their own):
+        # workers pause themselves where they hold no lock (within 0.1 s),
+        # then we stop. Their jobs run on, as they always did.
+        import signal
+        self._signal_workers(signal.SIGTSTP)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    def _on_sigcont(self, signum, frame):
+        import signal
+        self._signal_workers(signal.SIGCONT)
+
+    def _wait(self):
+        """Sleep until a worker exits, a signal comes or a restart is due (at most 1 s)."""
+        import multiprocessing.connection
+        timeout = 1.0
+        if self._due:
+            timeout = max(0.0, min(timeout, min(self._due.values()) - time.monotonic()))
+        sentinels = [p.sentinel for p in self.workers.values()]
+        multiprocessing.connection.wait(sentinels + [self._wake_r], timeout=timeout)
+        try:
+            os.read(self._wake_r, 512)
+        except BlockingIOError:
+            pass
+
+    def _act_on_signals(self):
+        """The first stop signal stops the workers gracefully, the next hard."""
+        import signal
+        while self._signalled:
+            if self._signalled.pop() == signal.SIGHUP and self.stopping:
+                continue    # a closing terminal may send two: never a hard stop
+            if self.stopping:
+                self.log("stopping now: killing running jobs and putting them back")
+            else:
+                self.log("stopping: waiting for running jobs to finish (signal again to kill them)")
+            self._stop_workers(hard=self.stopping)
+
+    def _stop_workers(self, hard):
+        """Tell every worker to stop (SIGUSR1, or SIGUSR2 if `hard`) and restart none."""
+        import signal
+        if hard:
+            self.stopping_hard = True
+        self.stopping = True
+        self._signal_workers(signal.SIGUSR2 if hard else signal.SIGUSR1)
+        self._due.clear()
+
+    # The restart policy.
+
+    def _after_exit(self, name, proc):
+        """A worker has exited: restart it (later if it keeps dying quickly),
+        or not (a stop, --once), or stop the others (`worker stop`)."""
+        code = proc.exitcode
+        quick = time.monotonic() - proc.started_at < 1.0
+        self._restarts[name] = self._restarts.get(name, 0) + 1 if quick else 0
+        delay = min(2 ** self._restarts[name], 30) if quick else 0
+        if code == EXIT_WORKER_TERMINATED and not self.stopping:
+            if self.once:
+                self.log("%s (pid %d) stopped by SIGTERM" % (name, proc.pid))
+            else:
+                self.log("%s (pid %d) stopped by SIGTERM; starting another%s" % (
+                    name, proc.pid, " in %ds" % delay if delay else ""))
+                self._due[name] = time.monotonic() + delay
+            return
+        if code in (EXIT_OK, EXIT_INTERRUPTED) or self.stopping:
+            if code == EXIT_OK and not self.once and not self.stopping:
+                # A worker leaves on its own only when `worker stop` asked.
+                self._stop_workers(hard=False)
+            return
+        how = "signal %d" % -code if code < 0 else "exit code %d" % code
+        if self.once and code > 0:
+            # From cron: report and let the next run try again,
+            # rather than pile up supervisors that retry forever.
+            self.log("%s (pid %d) failed (%s); not restarted with --once" % (name, proc.pid, how))
+            self.failed = True
+            return
+        self.log("%s (pid %d) died (%s); restarting%s" % (
+            name, proc.pid, how, " in %ds" % delay if delay else ""))
+        # Restarted by the loop, which keeps answering signals meanwhile.
+        self._due[name] = time.monotonic() + delay
 
 
 ###############################################################################
