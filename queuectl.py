@@ -492,6 +492,13 @@ def parse_time(text):
     return ts
 
 
+def _json_type(value):
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
 def backoff_delay(failures, base, cap):
     """Seconds to wait after the `failures`-th failed run: min(base ** failures, cap)."""
     try:
@@ -525,6 +532,14 @@ def format_seconds(secs):
     if secs < 3600:
         return "%dm%02ds" % divmod(int(secs), 60)
     return "%dh%02dm" % divmod(int(secs) // 60, 60)
+
+
+def printable(value):
+    """Text safe for a terminal: control characters are shown escaped."""
+    s = "" if value is None else str(value)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
 
 def default_db_path(environ=None):
@@ -865,14 +880,6 @@ def kill_job_processes(job_id, worker_id, db_path):
             except OSError:
                 pass
     return killed
-
-
-def printable(value):
-    """Text safe for a terminal: control characters are shown escaped."""
-    s = "" if value is None else str(value)
-    if s.isprintable():
-        return s
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
 
 ###############################################################################
@@ -2140,13 +2147,6 @@ def _check_int(name, value, low, high):
     if not low <= value <= high:
         raise ValueError("field %r must be between %d and %d, not %d" % (name, low, high, value))
     return value
-
-
-def _json_type(value):
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def validate_job(obj, cwd, now):
