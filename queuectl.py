@@ -413,7 +413,7 @@ class StoreError(QueueError):
 
 
 ###############################################################################
-# Helpers #####################################################################
+# Helpers: parsing and formatting times, durations, text ######################
 ###############################################################################
 
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -541,6 +541,10 @@ def printable(value):
         return s
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
+
+###############################################################################
+# Helpers: database location and file system ##################################
+###############################################################################
 
 def default_db_path(environ=None):
     """$QUEUECTL_DB, else $XDG_DATA_HOME/queuectl/queue.db (~/.local/share/...)."""
@@ -707,6 +711,10 @@ def check_private(path, create):
     return True
 
 
+###############################################################################
+# Helpers: job ids and queue names ############################################
+###############################################################################
+
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 _ID_PAIRS = None
 _id_state = {"ms": 0, "prefix": "", "counter": 0}
@@ -760,6 +768,10 @@ def valid_queue_name(name):
         return False
     return all(c.isascii() and (c.isalnum() or c in "._-") for c in name)
 
+
+###############################################################################
+# Helpers: processes, their liveness and clean-up #############################
+###############################################################################
 
 _HOST = None
 _BOOT_ID = None
