@@ -64,6 +64,7 @@ the schema, the claim/lease protocol and the failure modes.
 __version__ = "0.1.0"
 
 import contextlib
+import functools      # loaded by contextlib anyway
 import os
 import sqlite3
 import sys
@@ -773,18 +774,14 @@ def valid_queue_name(name):
 # Helpers: processes, their liveness and clean-up #############################
 ###############################################################################
 
-_HOST = None
-_BOOT_ID = None
-
-
+@functools.lru_cache(maxsize=None)
 def this_host():
-    global _HOST
-    if _HOST is None:
-        import socket
-        _HOST = socket.gethostname()
-    return _HOST
+    """This host's name (read once)."""
+    import socket
+    return socket.gethostname()
 
 
+@functools.lru_cache(maxsize=None)
 def this_boot_id():
     """'<kernel boot id>/<pid namespace>' ('' parts where there are none).
 
@@ -792,19 +789,16 @@ def this_boot_id():
     different pid namespace (another container on the same kernel and host
     name) means its pids cannot be checked from here.
     """
-    global _BOOT_ID
-    if _BOOT_ID is None:
-        try:
-            with open("/proc/sys/kernel/random/boot_id") as f:
-                boot = f.read().strip()
-        except OSError:
-            boot = ""
-        try:
-            namespace = os.readlink("/proc/self/ns/pid")
-        except OSError:
-            namespace = ""
-        _BOOT_ID = "%s/%s" % (boot, namespace)
-    return _BOOT_ID
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return "%s/%s" % (boot, namespace)
 
 
 def process_start(pid):
@@ -854,19 +848,19 @@ def holder_is_dead(host, boot_id, pid, start):
     return not process_alive(pid, start)
 
 
-def kill_job_processes(job_id, worker_id, db_path):
+def kill_job_processes(job_id, worker_id, real_db_path):
     """SIGKILL every process on this host left by `worker_id`'s run of job `job_id`.
 
     Used when a job's worker is lost: its command may still be running,
     orphaned. The processes are found by the QUEUECTL_JOB_ID, QUEUECTL_WORKER_ID
-    and QUEUECTL_DB their worker put in their environment: a recorded pid
+    and QUEUECTL_DB (`real_db_path`) their worker put in their environment: a recorded pid
     could have been reused by now, and a new run of the same job (by another
     worker) has another worker id. Linux only; returns the count.
     """
     import signal
     marks = (b"\0QUEUECTL_JOB_ID=" + job_id.encode() + b"\0",
              b"\0QUEUECTL_WORKER_ID=" + worker_id.encode() + b"\0",
-             b"\0QUEUECTL_DB=" + os.path.realpath(db_path).encode() + b"\0")
+             b"\0QUEUECTL_DB=" + real_db_path.encode() + b"\0")
     killed = 0
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -2523,8 +2517,12 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
         proc.stdout.close()
         proc.stderr.close()
         returncode = proc.wait()
-    duration = time.monotonic() - started
-    out, err = out.value(), err.value()
+    return _run_result(returncode, reason, out.value(), err.value(), time.monotonic() - started)
+
+
+def _run_result(returncode, reason, out, err, duration):
+    """The RunResult of a run: `reason` if we killed it, else what its exit status says."""
+    import signal
     if reason is not None:
         return RunResult(None, reason, out, err, duration)
     if returncode < 0:
@@ -2569,6 +2567,7 @@ class Worker:
 
     def __init__(self, db_path, name="w1", once=False, log=_log, queues=None):
         self.db_path = db_path
+        self.real_db_path = os.path.realpath(db_path)   # what jobs get as $QUEUECTL_DB
         self.name = name
         self.once = once
         self.queues = queues        # the queues this worker serves (None: all)
@@ -2794,7 +2793,7 @@ class Worker:
             kill = None
             if host == this_host():
                 def kill(lease=lease):
-                    kill_job_processes(lease["id"], lease["worker_id"], self.db_path)
+                    kill_job_processes(lease["id"], lease["worker_id"], self.real_db_path)
             result = self.store.reclaim(lease["id"], lease["worker_id"], lease["run"], dead, now, before=kill)
             if result is not None:
                 self.log("%s %s worker lost (%s)%s" % (
@@ -2843,7 +2842,7 @@ class Worker:
         replaced variable: a worker would grow by ~80 bytes a job.)"""
         if self._base_env is None:
             self._base_env = dict(os.environ)
-            self._base_env["QUEUECTL_DB"] = os.path.realpath(self.db_path)
+            self._base_env["QUEUECTL_DB"] = self.real_db_path
             self._base_env["QUEUECTL_WORKER_ID"] = self.id
         env = dict(self._base_env)
         if job.get("env"):
@@ -2869,8 +2868,8 @@ class Worker:
         if result.exit_code is None and result.outcome in ("timeout", "cancelled", "interrupted", "lease lost"):
             # Killing the process group misses what left it (setsid, daemons);
             # their environment still names this run.
-            kill_job_processes(job["id"], self.id, self.db_path)
-        settled, next_job = self._finish(job, result, interrupted)
+            kill_job_processes(job["id"], self.id, self.real_db_path)
+        settled, next_job = self._record_result(job, result, interrupted)
         self._bound_wal()
         if settled is None:
             self.log("%s %s lease lost: another worker took the job back (%s)" % (
@@ -2883,7 +2882,7 @@ class Worker:
             self.log("%s %s %s%s" % (self.name, job["id"], result.outcome, self._next_step(settled)))
         return next_job
 
-    def _finish(self, job, result, interrupted):
+    def _record_result(self, job, result, interrupted):
         """Record the result; if the database is unwritable for a while (disk
         full, a lock held too long), keep trying for about a lease, so that
         the run is not lost to a passing problem. After that the job will be
@@ -5070,30 +5069,20 @@ def _help_width():
         return 78
 
 
-def _int_arg(text, low):
-    """An integer option from `low` up to what SQLite stores (a bigger one
-    would fail in the query with OverflowError)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise _argtype_error("invalid integer %r" % text)
-    if value < low:
-        raise _argtype_error("must be at least %d, not %d" % (low, value) if low else "must not be negative")
-    if value >= _INT64:
-        raise _argtype_error("too large: %s (at most %d)" % (text, _INT64 - 1))
-    return value
-
-
-def _positive_int(text):
-    return _int_arg(text, 1)
-
-
-def _nonneg_int(text):
-    return _int_arg(text, 0)
-
-
-def _int64(text):
-    return _int_arg(text, -_INT64)
+def _int_arg(low):
+    """The type of an integer option: from `low` up to what SQLite stores (a
+    bigger one would fail in the query with OverflowError)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise _argtype_error("invalid integer %r" % text)
+        if value < low:
+            raise _argtype_error("must be at least %d, not %d" % (low, value) if low else "must not be negative")
+        if value >= _INT64:
+            raise _argtype_error("too large: %s (at most %d)" % (text, _INT64 - 1))
+        return value
+    return parse
 
 
 def _port(text):
@@ -5145,7 +5134,7 @@ def _env_arg(text):
 def _limit_arg(text):
     if text.strip().lower() in ("none", "0"):
         return None
-    return _positive_int(text)
+    return _int_arg(1)(text)
 
 
 def _argtype_error(message):
@@ -5255,8 +5244,8 @@ def build_parser(only=None):
     p.add_argument("-f", "--file", metavar="PATH",
                    help="read jobs from a file ('-' = stdin): a JSON object, array or JSON Lines")
     p.add_argument("--id", help="the job's id (default: generated)")
-    p.add_argument("-p", "--priority", type=_int64, help="higher runs first (default 0)")
-    p.add_argument("-r", "--max-retries", type=_nonneg_int, metavar="N",
+    p.add_argument("-p", "--priority", type=_int_arg(-_INT64), help="higher runs first (default 0)")
+    p.add_argument("-r", "--max-retries", type=_int_arg(0), metavar="N",
                    help="retries after the first run (default: config max_retries)")
     p.add_argument("-t", "--timeout", type=_duration_arg, metavar="DURATION",
                    help="kill the job after this long (e.g. 60, 10m; default: config timeout)")
@@ -5278,7 +5267,7 @@ def build_parser(only=None):
     wsub = p.add_subparsers(dest="worker_cmd", metavar="ACTION")
     wsub.required = True
     w = add(wsub, "start", cmd_worker_start, "run workers in the foreground")
-    w.add_argument("-c", "--count", type=_positive_int, default=1, metavar="N",
+    w.add_argument("-c", "--count", type=_int_arg(1), default=1, metavar="N",
                    help="number of worker processes (default 1)")
     w.add_argument("--once", action="store_true",
                    help="process every job that is due now, then exit (for cron)")
@@ -5294,7 +5283,7 @@ def build_parser(only=None):
 
     p = add(sub, "list", cmd_list, "list jobs, most recent last", parents=[json_opt])
     p.add_argument("-s", "--state", help="only jobs in this state (%s)" % ", ".join(STATES))
-    p.add_argument("-n", "--limit", type=_nonneg_int, default=100, metavar="N",
+    p.add_argument("-n", "--limit", type=_int_arg(0), default=100, metavar="N",
                    help="show the N most recent (default 100; 0 = all)")
 
     p = add(sub, "show", cmd_show, "every field of a job and its run history", parents=[json_opt])
@@ -5302,7 +5291,7 @@ def build_parser(only=None):
 
     p = add(sub, "logs", cmd_logs, "captured stdout (to stdout) and stderr (to stderr) of a run")
     p.add_argument("id", metavar="ID", help="the job's id (as enqueue printed it)")
-    p.add_argument("-a", "--attempt", type=_positive_int, metavar="N",
+    p.add_argument("-a", "--attempt", type=_int_arg(1), metavar="N",
                    help="the Nth run as numbered by 'show' (default: the last)")
     p.add_argument("-f", "--follow", action="store_true",
                    help="print a running job's output as it comes (waiting for the job to start) and exit "
@@ -6012,7 +6001,7 @@ def cmd_dashboard(args):
     for name in args.allow_host:
         if not name or any(c in name for c in "/ \t@") or not name.isascii():
             raise UsageError("dashboard: invalid --allow-host %r (a host name, no port or scheme)" % name)
-    return run_dashboard(getattr(args, "db", None) or default_db_path(), host=args.host, port=args.port,
+    return run_dashboard(_db_path(args), host=args.host, port=args.port,
                          read_only=args.read_only, token_file=args.token_file, allow_hosts=args.allow_host)
 
 
