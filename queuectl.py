@@ -2630,7 +2630,7 @@ class Worker:
     def _on_sigint(self, signum, frame):
         pass
 
-    def _stop_by_command(self):
+    def _obey_worker_stop(self):
         """`worker stop` asked (seen in the database): a graceful stop."""
         self.log("%s stop requested" % self.name)
         self.stop_by_command = True
@@ -2706,7 +2706,7 @@ class Worker:
             self.log("%s heartbeat failed (%s); will retry" % (self.name, e))
             return False, True
         if stop and not self.stopping:
-            self._stop_by_command()
+            self._obey_worker_stop()
         self._check_parent()
         if job_id is None:
             self.reclaim_lost()
@@ -2732,7 +2732,7 @@ class Worker:
     def _check_stop_command(self):
         """Has `worker stop` asked (or anything else)? Reads the database."""
         if not self.stopping and self.store.stop_requested(self.id):
-            self._stop_by_command()
+            self._obey_worker_stop()
         return self.stopping
 
     def idle(self):
