@@ -540,16 +540,22 @@ class TestHelpers(unittest.TestCase):
 # Store, with injected time ##################################################
 ###############################################################################
 
-class TestWorkerStopLevel(unittest.TestCase):
-    def test_stop_level_only_goes_up(self):
-        # Signal handlers raise it; one running inside another's
-        # `max(level, 1)` must not undo a hard stop.
+class TestWorkerStop(unittest.TestCase):
+    def test_stop_only_goes_up(self):
+        # Signal handlers set the flags; one running after (or inside) another
+        # must not undo a hard stop.
         w = queuectl.Worker(os.path.join(tempfile.gettempdir(), "never-opened.db"))
-        self.assertEqual(w.stop_level, 0)
-        w.stop_level = 2
-        w.stop_level = 1
-        w.stop_level = 0
-        self.assertEqual(w.stop_level, 2)
+        self.assertFalse(w.stopping or w.stopping_hard)
+        w._on_supervisor_stop_hard(signal.SIGUSR2, None)
+        w._on_supervisor_stop(signal.SIGUSR1, None)
+        w._on_sigterm(signal.SIGTERM, None)
+        self.assertTrue(w.stopping and w.stopping_hard)
+        # SIGTERM to a worker alone: the first is graceful, the second hard.
+        w = queuectl.Worker(os.path.join(tempfile.gettempdir(), "never-opened.db"))
+        w._on_sigterm(signal.SIGTERM, None)
+        self.assertEqual((w.stopping, w.stopping_hard, w.stop_by_sigterm), (True, False, True))
+        w._on_sigterm(signal.SIGTERM, None)
+        self.assertTrue(w.stopping_hard)
 
 
 class TestStore(QueueTestCase):
