@@ -1,14 +1,41 @@
-"""Tests for queuectl.py: the command-line contract of issue 2, the store, and real workers.
+"""Tests for queuectl.py: the command-line contract, the store, real workers, reliability under
+chaos, the SQLite file itself, and the dashboard.
 
 Run from the repository root:
 
     python3 -m unittest -v test_queuectl
+    python3 -m unittest -v test_queuectl.TestShutdown      # one area
 
-Standard library only (it also runs under pytest). Every test gets its own SQLite file in a
-temporary directory. CLI tests call ``queuectl.main([...])`` in-process; process tests start real
-``queuectl.py worker start`` pools with ``subprocess`` and run real shell commands. Every wait has
-a deadline, and every process a test starts is killed when the test ends, pass or fail. Linux
-only: leftover processes are found through /proc.
+Standard library only (it also runs under pytest). Linux only: processes are found through /proc.
+
+The scaffold (use it for every new test):
+
+- ``QueueTestCase`` is the one base class. Each test gets a private temp dir (``self.tmp``, also
+  the cwd), a private environment, and a fresh database location ``self.db`` from ``new_db()``.
+  Every process a test starts carries the test's tag (``self.env()``) and is SIGKILLed when the
+  test ends, pass or fail.
+- The CLI in-process: ``run_cli``/``run_cli_bytes`` -> (code, out, err); ``expect_success`` and
+  ``expect_failure`` assert the contract (exit code, one stderr line, database unchanged).
+  Shortcuts on top: ``add``, ``job``, ``jobs``, ``dlq_ids``, ``init_db``.
+- The CLI as a real process: ``cli_argv`` builds ``python queuectl.py --db DB ARGS``; ``spawn``
+  starts it in the background; ``script`` runs it to the end -> (code, out bytes, err bytes);
+  ``script_text`` decodes and by default asserts exit 0; ``run_once`` is ``worker start --once``;
+  ``start_pool``/``wait_pool``/``stop_pool``/``pool_log`` run ``worker start`` in the background.
+- Waiting: ``self.wait_until(predicate, timeout, message)`` and ``wait_state``. Every wait has a
+  deadline; nothing sleeps "long enough".
+- The database directly: ``db_dump`` (everything, for "nothing changed"), ``query`` and
+  ``query_one`` (read-only SQL), ``open_store`` (a ``queuectl.Store`` closed at cleanup),
+  ``connect`` (a raw connection). ``self.db`` is passed to queuectl only through these helpers and
+  the CLI helpers above, so one override of ``new_db`` (and ``connect``) can run the same tests
+  against another backend.
+
+Backends. Every ``QueueTestCase`` class is a behaviour test that must hold on every backend
+(today SQLite; PostgreSQL next: ``new_db`` returning ``QUEUECTL_TEST_PG_DSN`` with a schema of
+its own per test through ``options=-csearch_path=...``), unless it is decorated ``@sqlite_only``:
+tests of the SQLite file itself (file permissions and locations, WAL, locks held by other
+SQLite processes, migrations of old files, SQLite builds). A behaviour test reaches the database
+only through the helpers above, never through ``sqlite3`` or a file path of its own; plain
+``unittest.TestCase`` classes touch no database at all.
 """
 
 import argparse
@@ -37,7 +64,64 @@ import urllib.request
 from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+QUEUECTL = os.path.join(HERE, "queuectl.py")
+LINUX = sys.platform.startswith("linux") and os.path.isdir("/proc/self")
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import queuectl  # noqa: E402
+
+#: Written by queuectl at schema 1.
 FIXTURE_V1 = os.path.join(HERE, "test_fixtures", "schema-v1.db")
+#: Written by queuectl at schema 2 (commit c792427): done-1 completed, dead-1 dead, backoff-1
+#: failed with its retry due in 2100 (priority 10), retry-1 failed and due (priority 1), due-1
+#: pending and due, sched-1 pending for 2100 (priority 10).
+FIXTURE_V2 = os.path.join(HERE, "test_fixtures", "schema-v2.db")
+#: The five states, in the contract's order.
+STATES = ("pending", "processing", "completed", "failed", "dead")
+#: Fields the contract documents for a job in --json output.
+JOB_JSON_FIELDS = ("id", "command", "state", "attempts", "max_retries", "priority", "run_at",
+                   "timeout", "created_at", "updated_at", "exit_code")
+#: Every command and subcommand the contract names.
+CONTRACT_COMMANDS = (("enqueue",), ("worker", "start"), ("worker", "stop"), ("status",), ("list",),
+                     ("show",), ("logs",), ("wait",), ("dlq", "list"), ("dlq", "retry"),
+                     ("config", "set"), ("config", "get"), ("config", "list"), ("stats",))
+#: Seconds any single wait may take before the test fails (generous: the machine may be busy).
+DEADLINE = 30.0
+#: Seconds a whole queuectl process may take (it may wait on locks and other processes).
+SCRIPT_DEADLINE = 60.0
+#: ISO-8601 UTC, as --json prints times.
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+#: Environment variable that marks every process a test starts (pools, workers, their jobs).
+TAG_ENV = "QUEUECTL_TEST_TAG"
+
+
+###############################################################################
+# Helpers: time, the parser, fixtures, other users ############################
+###############################################################################
+
+def iso_to_ts(text):
+    """Epoch seconds from the ISO-8601 UTC strings that --json prints."""
+    if not ISO_UTC.match(text or ""):
+        raise AssertionError("not an ISO-8601 UTC time ending in Z: %r" % (text,))
+    fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if "." in text else "%Y-%m-%dT%H:%M:%SZ"
+    dt = datetime.datetime.strptime(text, fmt).replace(tzinfo=datetime.timezone.utc)
+    return dt.timestamp()
+
+
+def command_paths():
+    """Every command and subcommand of the real parser, e.g. ['dlq', 'retry']."""
+    paths = []
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    paths.append(prefix + [name])
+                    walk(sub, prefix + [name])
+
+    walk(queuectl.build_parser(), [])
+    return paths
 
 
 def copy_fixture(path, fixture=FIXTURE_V1):
@@ -57,70 +141,6 @@ def copy_fixture(path, fixture=FIXTURE_V1):
             conn.execute("UPDATE jobs SET cwd = ?", (cwd,))
     finally:
         conn.close()
-QUEUECTL = os.path.join(HERE, "queuectl.py")
-LINUX = sys.platform.startswith("linux") and os.path.isdir("/proc/self")
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-import queuectl  # noqa: E402
-
-#: The five states, in the contract's order.
-STATES = ("pending", "processing", "completed", "failed", "dead")
-#: Fields the contract documents for a job in --json output.
-JOB_JSON_FIELDS = ("id", "command", "state", "attempts", "max_retries", "priority", "run_at",
-                   "timeout", "created_at", "updated_at", "exit_code")
-#: Every command and subcommand the contract names.
-CONTRACT_COMMANDS = (("enqueue",), ("worker", "start"), ("worker", "stop"), ("status",), ("list",),
-                     ("show",), ("logs",), ("wait",), ("dlq", "list"), ("dlq", "retry"),
-                     ("config", "set"), ("config", "get"), ("config", "list"), ("stats",))
-#: Seconds any single wait may take before the test fails (generous: the machine may be busy).
-DEADLINE = 30.0
-#: ISO-8601 UTC, as --json prints times.
-ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
-#: Environment variable that marks every process a test starts (pools, workers, their jobs).
-TAG_ENV = "QUEUECTL_TEST_TAG"
-
-
-def iso_to_ts(text):
-    """Epoch seconds from the ISO-8601 UTC strings that --json prints."""
-    if not ISO_UTC.match(text or ""):
-        raise AssertionError("not an ISO-8601 UTC time ending in Z: %r" % (text,))
-    fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if "." in text else "%Y-%m-%dT%H:%M:%SZ"
-    dt = datetime.datetime.strptime(text, fmt).replace(tzinfo=datetime.timezone.utc)
-    return dt.timestamp()
-
-
-def read_proc(pid, name):
-    try:
-        with open("/proc/%s/%s" % (pid, name), "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def pids():
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
-
-
-def processes_running(needle):
-    """Pids of live processes whose command line contains `needle` (zombies have none)."""
-    needle = needle.encode() if isinstance(needle, str) else needle
-    return [p for p in pids() if needle in read_proc(p, "cmdline")]
-
-
-def command_paths():
-    """Every command and subcommand of the real parser, e.g. ['dlq', 'retry']."""
-    paths = []
-
-    def walk(parser, prefix):
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    paths.append(prefix + [name])
-                    walk(sub, prefix + [name])
-
-    walk(queuectl.build_parser(), [])
-    return paths
 
 
 def skip_or_fail(test, reason):
@@ -150,14 +170,138 @@ def as_uid(uid):
     return ["env", "-u", "LD_PRELOAD", "setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups"]
 
 
+def mount_tmpfs(test, size="256k"):
+    """A small tmpfs of our own in the test's temp dir (root only); unmounted at cleanup."""
+    if os.geteuid() != 0:
+        test.skipTest("mounting a tmpfs needs root")
+    mnt = os.path.join(test.tmp, "mnt")
+    os.mkdir(mnt)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size, "tmpfs", mnt],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        test.skipTest("cannot mount a tmpfs here: %s" % r.stdout.decode(errors="replace").strip())
+    test.addCleanup(subprocess.run, ["umount", "-l", mnt])
+    return mnt
+
+
+def file_state(path):
+    """Bytes and mtime of a file and which of its -wal/-shm companions exist."""
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    return (data, os.stat(path).st_mtime_ns,
+            [s for s in ("-wal", "-shm", "-journal") if os.path.exists(path + s)])
+
+
+###############################################################################
+# Helpers: processes, through /proc ###########################################
+###############################################################################
+
+def read_proc(pid, name):
+    """/proc/PID/NAME as bytes (b"" if the process is gone)."""
+    try:
+        with open("/proc/%s/%s" % (pid, name), "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def pids():
+    """Every process but this one."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+
+
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name ([state, ppid, pgrp, session, ...]),
+    or [] if the process is gone."""
+    stat_ = read_proc(pid, "stat")
+    return stat_.rsplit(b")", 1)[1].split() if stat_ else []
+
+
+def proc_state(pid):
+    """The state letter of a process in /proc (b"R", b"S", b"T", b"Z", ...), or b"?" if it is gone."""
+    return (proc_stat(pid) or [b"?"])[0]
+
+
+def is_zombie(pid):
+    return proc_state(pid) == b"Z"
+
+
+def processes_running(needle):
+    """Pids of live processes whose command line contains `needle` (zombies have none)."""
+    needle = needle.encode() if isinstance(needle, str) else needle
+    return [p for p in pids() if needle in read_proc(p, "cmdline")]
+
+
+def pids_of_db(db):
+    """Live processes started by a worker of `db` (QUEUECTL_DB in their environment)."""
+    m = b"\0QUEUECTL_DB=" + os.path.abspath(db).encode() + b"\0"
+    return [p for p in pids() if m in b"\0" + read_proc(p, "environ") and proc_state(p) not in (b"Z", b"?")]
+
+
+def pids_of_session(sid):
+    """Live processes of session `sid`. A pool started with start_new_session
+    is its supervisor and its workers (each worker has a process group of its
+    own), not its jobs (they have sessions of their own)."""
+    out = []
+    for p in pids():
+        fields = proc_stat(p)
+        if fields and int(fields[3]) == sid and fields[0] != b"Z":
+            out.append(p)
+    return out
+
+
+def kill_all(pids_, sig=signal.SIGKILL):
+    for p in pids_:
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+
+
+def kill_session(sid, sig=signal.SIGKILL):
+    """`sig` to the leader of session `sid` first (a killed supervisor starts
+    no more workers), then to every other process in it: a whole pool."""
+    kill_all([sid], sig)
+    kill_all(pids_of_session(sid), sig)
+
+
+def children(pid):
+    """Live child processes of `pid` (a pool's workers, under the fork start method)."""
+    out = []
+    for p in pids():
+        fields = proc_stat(p)
+        if fields and int(fields[1]) == pid and fields[0] != b"Z":
+            cmd = read_proc(p, "cmdline")
+            if b"forkserver" not in cmd and b"resource_tracker" not in cmd:
+                out.append(p)
+    return out
+
+
+###############################################################################
+# The base class ##############################################################
+###############################################################################
+
+def sqlite_only(cls):
+    """Mark a test class as a test of the SQLite file itself (permissions, WAL, locks, old
+    files, SQLite builds): it runs on SQLite only, never against another backend."""
+    cls.SQLITE_ONLY = True
+    return cls
+
+
 class QueueTestCase(unittest.TestCase):
     """A fresh database per test, a private environment, and helpers to drive the CLI."""
+
+    #: True (set by @sqlite_only) for tests of the SQLite file itself; False for behaviour
+    #: tests, which must pass on every backend.
+    SQLITE_ONLY = False
 
     def setUp(self):
         tmp = tempfile.TemporaryDirectory(prefix="queuectl-test-")
         self.addCleanup(tmp.cleanup)
         self.tmp = os.path.realpath(tmp.name)
-        self.db = os.path.join(self.tmp, "q.db")
+        self.db = self.new_db("q")
         self.tag = "%s:%d:%d" % (self.id(), os.getpid(), random.randrange(10 ** 9))
         self.pools = []
         # In-process commands run with the temp dir as cwd (jobs run where they were
@@ -173,6 +317,58 @@ class QueueTestCase(unittest.TestCase):
         os.environ["XDG_DATA_HOME"] = os.path.join(self.tmp, "xdg-default")
         # Registered last, so it runs first: no process of ours outlives the test.
         self.addCleanup(self.kill_leftovers)
+
+    # -- the database --------------------------------------------------------------
+
+    def new_db(self, name):
+        """A fresh, empty database location for this test (`name` tells several apart): a file
+        in the temp dir. The one place that chooses where a test's database lives; a backend
+        other than SQLite overrides it (and `connect`)."""
+        return os.path.join(self.tmp, name + ".db")
+
+    def connect(self, db=None, readonly=True):
+        """A raw DB-API connection to the database (the caller closes it)."""
+        db = db or self.db
+        if readonly:
+            return sqlite3.connect("file:%s?mode=ro" % db, uri=True, timeout=DEADLINE)
+        return sqlite3.connect(db, timeout=DEADLINE)
+
+    def open_store(self, db=None, **kw):
+        """queuectl.Store on the database (or another one from new_db), closed at cleanup."""
+        store = queuectl.Store(db or self.db, **kw)
+        self.addCleanup(store.close)
+        return store
+
+    def query(self, sql, *params, db=None):
+        """Rows of a read-only query, as dicts."""
+        conn = self.connect(db)
+        try:
+            cur = conn.execute(sql, params)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur]
+        finally:
+            conn.close()
+
+    def query_one(self, sql, *params, db=None):
+        """The first column of the first row of a read-only query."""
+        return list(self.query(sql, *params, db=db)[0].values())[0]
+
+    def db_dump(self, db=None):
+        """Everything in the database, for before/after comparisons: user_version, the schema,
+        and every row of every table in storage order (None if there is no database file).
+        Opened read-only."""
+        db = db or self.db
+        if not os.path.isfile(db):
+            return None
+        conn = self.connect(db)
+        try:
+            dump = {"user_version": conn.execute("PRAGMA user_version").fetchone()[0],
+                    "schema": conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()}
+            for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                dump[table] = conn.execute('SELECT * FROM "%s"' % table).fetchall()
+            return dump
+        finally:
+            conn.close()
 
     # -- in-process CLI ------------------------------------------------------------
 
@@ -231,28 +427,11 @@ class QueueTestCase(unittest.TestCase):
         if check_db:
             after = self.db_dump()
             if before is None:
-                self.assertFalse(after and any(after[t] for t in ("jobs", "runs", "config")),
+                self.assertFalse(after and any(after.get(t) for t in ("jobs", "runs", "config")),
                                  "an error wrote to a new database: " + where)
             else:
                 self.assertEqual(before, after, "an error changed the database: " + where)
         return lines[0]
-
-    def db_dump(self, path=None):
-        """Every row of every queuectl table (None if there is no database file)."""
-        path = path or self.db
-        if not os.path.isfile(path):
-            return None
-        conn = sqlite3.connect(path)
-        try:
-            dump = {"user_version": conn.execute("PRAGMA user_version").fetchone()[0]}
-            for table in ("jobs", "runs", "config", "workers", "counts", "queues", "deps", "output"):
-                try:
-                    dump[table] = [tuple(r) for r in conn.execute("SELECT * FROM %s ORDER BY rowid" % table)]
-                except sqlite3.OperationalError:
-                    dump[table] = None
-            return dump
-        finally:
-            conn.close()
 
     def init_db(self):
         """Create the database the way a user does: with a command that writes."""
@@ -270,20 +449,45 @@ class QueueTestCase(unittest.TestCase):
         return json.loads(self.expect_success("show", job_id, "--json"))
 
     def jobs(self, *args):
+        """Every job as `list --json` prints it."""
         return json.loads(self.expect_success("list", "--limit", "0", "--json", *args))
+
+    def jobs_by_id(self, *args):
+        """{id: job} of every job as `list --json` prints it."""
+        return {j["id"]: j for j in self.jobs(*args)}
 
     def dlq_ids(self):
         return [j["id"] for j in json.loads(self.expect_success("dlq", "list", "--json"))]
 
+    # -- what jobs leave behind ----------------------------------------------------------
+
+    def ledger_path(self, name="ledger"):
+        return os.path.join(self.tmp, name)
+
+    def ledger_text(self, name="ledger"):
+        """What jobs appended to the ledger file ("" if none did)."""
+        try:
+            with open(self.ledger_path(name)) as f:
+                return f.read()
+        except OSError:
+            return ""
+
     def ledger(self, name="ledger"):
-        path = os.path.join(self.tmp, name)
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return f.read().split()
+        """The words jobs appended to the ledger file."""
+        return self.ledger_text(name).split()
+
+    def ledger_lines(self, name="ledger"):
+        """The whole lines jobs appended to the ledger file."""
+        return self.ledger_text(name).split("\n")[:-1]
 
     def ledger_command(self, text="$QUEUECTL_JOB_ID", name="ledger"):
-        return "echo %s >> %s" % (text, shlex.quote(os.path.join(self.tmp, name)))
+        """A command that appends `text` to the ledger."""
+        return "echo %s >> %s" % (text, shlex.quote(self.ledger_path(name)))
+
+    def ledger_job(self, body):
+        """A command that appends `start <id>` and `end <id>` to the ledger around `body`."""
+        return "%s; %s; %s" % (self.ledger_command('"start $QUEUECTL_JOB_ID"'), body,
+                               self.ledger_command('"end $QUEUECTL_JOB_ID"'))
 
     def marker(self):
         """A unique sleep duration, so a test can find exactly its own processes."""
@@ -292,7 +496,8 @@ class QueueTestCase(unittest.TestCase):
     # -- waiting -----------------------------------------------------------------------
 
     def wait_until(self, predicate, timeout=DEADLINE, message="condition", interval=0.02):
-        """Poll until predicate() is true; fail with `message` (and the pool logs) at the deadline."""
+        """Poll until predicate() is true and return its value; fail with `message` (and the
+        pool logs) at the deadline."""
         deadline = time.monotonic() + timeout
         while True:
             value = predicate()
@@ -317,31 +522,53 @@ class QueueTestCase(unittest.TestCase):
     # -- real processes ----------------------------------------------------------------
 
     def env(self, **extra):
+        """This process's (cleaned) environment with the test's tag, and `extra`."""
         env = dict(os.environ)
         env[TAG_ENV] = self.tag
         env.update(extra)
         return env
 
-    def script(self, *args, db=True, env=None, stdin=None, cwd=None, timeout=DEADLINE, python_flags=(),
-               nofile=None):
-        """Run `python queuectl.py ARGS` as a real process: (code, stdout bytes, stderr bytes).
-        `nofile`: its (soft, hard) limit of open files."""
-        argv = [sys.executable] + list(python_flags) + [QUEUECTL] + (["--db", self.db] if db else [])
-        argv += [str(a) for a in args]
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or self.env(),
-                                cwd=cwd or self.tmp, start_new_session=True,
-                                preexec_fn=nofile and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)))
+    def cli_argv(self, *args, db=True, python_flags=()):
+        """argv of `python queuectl.py --db DB ARGS`: `db` True for the test's database, a
+        database location, or False for no --db."""
+        argv = [sys.executable] + list(python_flags) + [QUEUECTL]
+        if db:
+            argv += ["--db", self.db if db is True else db]
+        return argv + [str(a) for a in args]
+
+    def spawn(self, *args, db=True, python_flags=(), env=None, cwd=None, **popen):
+        """Start queuectl ARGS as a real process in the background (killed at cleanup as every
+        tagged process is); `env` defaults to self.env(), `cwd` to the temp dir."""
+        return subprocess.Popen(self.cli_argv(*args, db=db, python_flags=python_flags),
+                                env=env or self.env(), cwd=cwd or self.tmp, **popen)
+
+    def script(self, *args, db=True, env=None, stdin=None, cwd=None, timeout=SCRIPT_DEADLINE,
+               python_flags=(), nofile=None):
+        """Run queuectl ARGS as a real process (its own session) to the end:
+        (code, stdout bytes, stderr bytes). `nofile`: its (soft, hard) limit of open files."""
+        proc = self.spawn(*args, db=db, python_flags=python_flags, env=env, cwd=cwd,
+                          stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                          preexec_fn=nofile and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)))
         try:
             out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_session(proc.pid)
             out, err = proc.communicate()
             self.fail("%s did not finish within %gs\nstdout: %r\nstderr: %r" % (
-                " ".join(argv), timeout, out[-2000:], err[-2000:]))
+                " ".join(proc.args), timeout, out[-2000:], err[-2000:]))
         return proc.returncode, out, err
 
-    def run_once(self, count=1, timeout=DEADLINE):
+    def script_text(self, *args, check=True, **kw):
+        """Like script, with stdout and stderr decoded; asserts exit 0 unless check=False."""
+        code, out, err = self.script(*args, **kw)
+        out, err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+        if check:
+            self.assertEqual(code, 0, "queuectl %s failed (%d): %s" % (" ".join(map(str, args)), code, err))
+            self.assertNotIn("Traceback", err)
+        return code, out, err
+
+    def run_once(self, count=1, timeout=SCRIPT_DEADLINE):
         """`worker start --once` as a real process; asserts exit 0 and no stdout. Returns its log."""
         code, out, err = self.script("worker", "start", "--once", "--count", count, timeout=timeout)
         log = err.decode("utf-8", "replace")
@@ -350,17 +577,16 @@ class QueueTestCase(unittest.TestCase):
         self.assertNotIn("Traceback", log)
         return log
 
-    def start_pool(self, *args, stdin=subprocess.DEVNULL):
-        """Start `worker start ARGS` in the background (its own session), killed at cleanup."""
+    def start_pool(self, *args, count=None, env=None, stdin=subprocess.DEVNULL):
+        """Start `worker start [--count N] ARGS` in the background (its own session), with `env`
+        added to the test's environment; killed at cleanup."""
         n = len(self.pools) + 1
-        log = open(os.path.join(self.tmp, "pool%d.log" % n), "wb")
-        out = open(os.path.join(self.tmp, "pool%d.out" % n), "wb")
-        proc = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "worker", "start"]
-                                + [str(a) for a in args],
-                                stdin=stdin, stdout=out, stderr=log, env=self.env(), cwd=self.tmp,
-                                start_new_session=True)
-        log.close()
-        out.close()
+        if count is not None:
+            args = ("--count", count) + args
+        with open(os.path.join(self.tmp, "pool%d.log" % n), "wb") as log, \
+                open(os.path.join(self.tmp, "pool%d.out" % n), "wb") as out:
+            proc = self.spawn("worker", "start", *args, env=self.env(**(env or {})),
+                              stdin=stdin, stdout=out, stderr=log, start_new_session=True)
         proc.log_path = log.name
         proc.out_path = out.name
         self.pools.append(proc)
@@ -369,10 +595,7 @@ class QueueTestCase(unittest.TestCase):
 
     def stop_pool(self, proc):
         if proc.poll() is None:
-            try:
-                kill_session(proc.pid)
-            except ProcessLookupError:
-                pass
+            kill_session(proc.pid)
         proc.wait(10)
         if proc.stdin:
             proc.stdin.close()
@@ -396,12 +619,23 @@ class QueueTestCase(unittest.TestCase):
         self.assertNotIn("Traceback", self.pool_log(proc))
         return code
 
-    @staticmethod
-    def has_open(pid, path):
-        """Does process `pid` have `path` open (so it is past start-up, inside the command)?"""
+    def workers(self, check=True):
+        """The workers as `status --json` lists them (None if status failed and not check)."""
+        code, out, err = self.run_cli("status", "--json")
+        if check:
+            self.assertEqual(code, 0, err)
+        return json.loads(out)["workers"] if code == 0 else None
+
+    def wait_pool_ready(self, proc, count, timeout=10):
+        """Until the pool's workers are registered (and its signal handlers set)."""
+        self.wait_until(lambda: len(self.workers(check=False) or ()) >= count,
+                        timeout, "%d workers to register" % count, interval=0.1)
+
+    def has_db_open(self, pid):
+        """Has process `pid` opened the database (so it is past start-up, inside the command)?"""
         fds = "/proc/%d/fd" % pid
         try:
-            return any(os.readlink(os.path.join(fds, fd)) == path for fd in os.listdir(fds))
+            return any(os.readlink(os.path.join(fds, fd)) == self.db for fd in os.listdir(fds))
         except OSError:
             return False
 
@@ -409,17 +643,9 @@ class QueueTestCase(unittest.TestCase):
         """SIGKILL every process that carries this test's tag (pools, workers and their jobs)."""
         for proc in self.pools:
             if proc.poll() is None:
-                try:
-                    kill_session(proc.pid)
-                except ProcessLookupError:
-                    pass
+                kill_session(proc.pid)
         needle = ("\0%s=%s\0" % (TAG_ENV, self.tag)).encode()
-        for pid in pids():
-            if needle in b"\0" + read_proc(pid, "environ"):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        kill_all([pid for pid in pids() if needle in b"\0" + read_proc(pid, "environ")])
         for proc in self.pools:
             try:
                 proc.wait(10)
@@ -558,8 +784,7 @@ class TestStore(QueueTestCase):
 
     def setUp(self):
         super().setUp()
-        self.store = queuectl.Store(self.db)
-        self.addCleanup(self.store.close)
+        self.store = self.open_store()
 
     def put(self, now=None, **fields):
         now = self.T if now is None else now
@@ -630,8 +855,7 @@ class TestStore(QueueTestCase):
     def waiting_store(self, kind, n):
         """A store holding n priority-10 jobs that a claim at T cannot take
         (`kind` says why), then one due job of priority 0; returns (store, due id)."""
-        store = queuectl.Store(os.path.join(self.tmp, "%s-%d.db" % (kind, n)), durable=False)
-        self.addCleanup(store.close)
+        store = self.open_store(self.new_db("%s-%d" % (kind, n)), durable=False)
         if kind == "scheduled":             # for tomorrow
             job = queuectl.validate_job({"command": "true", "priority": 10, "delay": 86400}, self.tmp, self.T)
             store.enqueue([job] * n, now=self.T)
@@ -944,8 +1168,7 @@ class TestDatabaseLocation(QueueTestCase):
         self.assertEqual(self.db_dump(), before)
 
     def test_database_on_a_read_only_mount_can_be_read(self):
-        self.dir = self.tmp
-        mnt = _mount_tmpfs(self, size="2m")
+        mnt = mount_tmpfs(self, size="2m")
         self.db = os.path.join(mnt, "q.db")
         job_id = self.add("true", id="ro")
         self.expect_success("config", "set", "retention", "7d", err=None)
@@ -1725,7 +1948,7 @@ class TestCommands(QueueTestCase):
         done = self.add("true")
         self.run_once()
         self.init_db()
-        conn = sqlite3.connect(self.db)
+        conn = self.connect(readonly=False)
         conn.execute("INSERT OR REPLACE INTO config (key, value) VALUES ('retention', '0.0'), ('timeout', '0.0')")
         conn.commit()
         conn.close()
@@ -1813,7 +2036,7 @@ class TestCommands(QueueTestCase):
 
         def delete():
             if first_read.wait(DEADLINE):
-                with queuectl.Store(self.db) as store:
+                with self.open_store() as store:
                     store.cancel([job_id])
                     store.purge(["dead"], time.time() + 1)
 
@@ -2046,7 +2269,7 @@ class TestWorkers(QueueTestCase):
                 f.write(json.dumps({"id": "j%03d" % i, "command": self.ledger_command()}) + "\n")
         ids = self.expect_success("enqueue", "--file", path).split()
         self.assertEqual(len(ids), 200)
-        self.run_once(count=4, timeout=60)
+        self.run_once(count=4)
         ledger = self.ledger()
         self.assertEqual(len(ledger), 200, "each job must run exactly once")
         self.assertEqual(sorted(ledger), sorted(ids))
@@ -2214,11 +2437,10 @@ class TestWorkers(QueueTestCase):
 
     def test_wait_blocks_until_the_job_is_done(self):
         job_id = self.add("sleep 0.3")
-        waiter = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "wait", job_id],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env())
+        waiter = self.spawn("wait", job_id, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(waiter.wait)
         self.addCleanup(waiter.kill)
-        self.wait_until(lambda: self.has_open(waiter.pid, self.db), 10, "wait to open the database")
+        self.wait_until(lambda: self.has_db_open(waiter.pid), 10, "wait to open the database")
         time.sleep(0.2)       # not a wait for a result: give `wait` a chance to return early, wrongly
         self.assertIsNone(waiter.poll(), "wait returned while the job was pending")
         self.run_once()
@@ -2323,7 +2545,9 @@ class TestWorkerLifecycle(QueueTestCase):
         self.assertEqual(self.wait_pool(pool), 0)
         self.assertEqual(self.job(job_id)["state"], "completed")
 
-    def test_sigkilled_worker_does_not_leave_its_job_stuck(self):
+    def start_a_job_that_hangs_once(self):
+        """A pool running a job whose first attempt hangs in `sleep MARKER` and whose second one
+        logs attempt-2; returns (job id, marker, pool)."""
         self.expect_success("config", "set", "backoff-max", "0", err=None)
         m = self.marker()
         job_id = self.add('if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep %s; fi; ' % m
@@ -2331,24 +2555,26 @@ class TestWorkerLifecycle(QueueTestCase):
         pool = self.start_pool()
         self.wait_state(job_id, "processing")
         self.wait_until(lambda: processes_running(m), 10, "the job's command to start")
-        os.kill(self.worker_pid(job_id), signal.SIGKILL)
-        job = self.wait_state(job_id, "completed")
-        self.assertEqual(job["attempts"], 2)
+        return job_id, m, pool
+
+    def assert_ran_again(self, job, m):
+        """The first run was lost with its worker, its command killed; the second one completed."""
         self.assertEqual([r["outcome"] for r in job["runs"]], ["worker lost", "exit 0"])
         self.assertEqual(self.ledger(), ["attempt-2"])
         self.wait_until(lambda: not processes_running(m), 2, "the lost run's command to be killed")
+
+    def test_sigkilled_worker_does_not_leave_its_job_stuck(self):
+        job_id, m, pool = self.start_a_job_that_hangs_once()
+        os.kill(self.worker_pid(job_id), signal.SIGKILL)
+        job = self.wait_state(job_id, "completed")
+        self.assertEqual(job["attempts"], 2)
+        self.assert_ran_again(job, m)
         self.assertIsNone(pool.poll(), "the pool died with its worker")
         os.kill(pool.pid, signal.SIGTERM)
         self.assertEqual(self.wait_pool(pool), 0)
 
     def test_killed_pool_job_reclaimed_by_worker_once(self):
-        self.expect_success("config", "set", "backoff-max", "0", err=None)
-        m = self.marker()
-        job_id = self.add('if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep %s; fi; ' % m
-                          + self.ledger_command("attempt-$QUEUECTL_ATTEMPT"))
-        pool = self.start_pool()
-        self.wait_state(job_id, "processing")
-        self.wait_until(lambda: processes_running(m), 10, "the job's command to start")
+        job_id, m, pool = self.start_a_job_that_hangs_once()
         kill_session(pool.pid)       # the whole pool: a reboot or the OOM killer
         pool.wait(DEADLINE)
         self.assertEqual(self.job(job_id)["state"], "processing")
@@ -2357,9 +2583,7 @@ class TestWorkerLifecycle(QueueTestCase):
         self.assertLess(time.monotonic() - started, queuectl.LEASE_SECONDS / 2)
         job = self.job(job_id)
         self.assertEqual((job["state"], job["attempts"]), ("completed", 2))
-        self.assertEqual([r["outcome"] for r in job["runs"]], ["worker lost", "exit 0"])
-        self.assertEqual(self.ledger(), ["attempt-2"])
-        self.wait_until(lambda: not processes_running(m), 2, "the lost run's command to be killed")
+        self.assert_ran_again(job, m)
 
     def test_cancel_survives_a_lost_worker(self):
         m = self.marker()
@@ -2447,8 +2671,7 @@ class TestQueues(QueueTestCase):
         self.assertEqual(self.db_dump(), before)
 
     def test_limit_and_pause_in_the_claim(self):
-        store = queuectl.Store(self.db, durable=False)
-        self.addCleanup(store.close)
+        store = self.open_store(durable=False)
         now = time.time()
         jobs = [queuectl.validate_job({"command": "true", "queue": q, "priority": p}, self.tmp, now)
                 for q, p in (("one", 9), ("one", 9), ("p", 8), ("default", 0))]
@@ -2632,9 +2855,8 @@ class TestUniqueJobs(QueueTestCase):
 
     def test_sixteen_concurrent_enqueuers_create_one_job(self):
         self.init_db()
-        procs = [subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "enqueue", "--unique", "k", "--",
-                                   "true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env(),
-                                  cwd=self.tmp) for _ in range(16)]
+        procs = [self.spawn("enqueue", "--unique", "k", "--", "true", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(16)]
         outs = []
         for p in procs:
             out, err = p.communicate(timeout=DEADLINE)
@@ -2650,9 +2872,8 @@ class TestLiveLogs(QueueTestCase):
     def test_follow_prints_as_it_comes_and_matches_logs_afterwards(self):
         job_id = self.add("for i in $(seq 30); do echo out $i; echo err $i >&2; sleep 0.1; done; "
                           "printf 'no newline \\377'; exit 3", max_retries=0)
-        follower = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "logs", job_id, "--follow"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env(), cwd=self.tmp,
-                                    start_new_session=True)
+        follower = self.spawn("logs", job_id, "--follow", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True)
         self.addCleanup(lambda: follower.poll() is None and kill_session(follower.pid))
         self.start_pool()
         first = follower.stdout.readline()          # a deadline: the job's own end, then the pool's kill
@@ -2666,9 +2887,7 @@ class TestLiveLogs(QueueTestCase):
         self.assertEqual(out, logged_out)
         self.assertEqual(err, logged_err)
         self.assertTrue(out.endswith(b"out 30\nno newline \377"), out[-40:])
-        conn = sqlite3.connect(self.db)
-        self.addCleanup(conn.close)
-        self.assertEqual(conn.execute("SELECT COUNT(*) FROM output").fetchone()[0], 0)
+        self.assertEqual(self.query_one("SELECT COUNT(*) FROM output"), 0)
 
     def test_follow_a_finished_job_and_a_job_that_never_ran(self):
         job_id = self.add("echo hi; exit 4", max_retries=0)
@@ -2685,7 +2904,7 @@ class TestLiveLogs(QueueTestCase):
         # 4 MB over 4 s: unbounded, the worker would store 256 KiB every 0.5 s (2 MiB).
         job_id = self.add("for i in $(seq 40); do head -c 100000 /dev/zero; sleep 0.1; done")
         self.start_pool()
-        conn = sqlite3.connect(self.db, timeout=DEADLINE)
+        conn = self.connect()
         self.addCleanup(conn.close)
         stored = []
 
@@ -2699,8 +2918,7 @@ class TestLiveLogs(QueueTestCase):
         self.assertEqual(conn.execute("SELECT COUNT(*) FROM output").fetchone()[0], 0)
 
     def test_live_output_buffer_is_bounded(self):
-        store = queuectl.Store(self.db, durable=False)
-        self.addCleanup(store.close)
+        store = self.open_store(durable=False)
         live = queuectl.LiveOutput(limit=100)
         for i in range(50):
             live.add(1, i * 10, b"x" * 10)
@@ -2888,12 +3106,11 @@ class TestScript(QueueTestCase):
         job_id = self.add("true")
         # A shell starts background jobs with SIGINT ignored, and Python keeps it so: give
         # `wait` the default disposition a terminal would, whoever runs the tests.
-        proc = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "wait", job_id],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env(),
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = self.spawn("wait", job_id, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.addCleanup(proc.wait)
         self.addCleanup(proc.kill)
-        self.wait_until(lambda: self.has_open(proc.pid, self.db), 10, "wait to open the database")
+        self.wait_until(lambda: self.has_db_open(proc.pid), 10, "wait to open the database")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=DEADLINE)
         self.assertEqual((proc.returncode, out), (130, b""))
@@ -3029,7 +3246,7 @@ class TestMeta(QueueTestCase):
         for line in pipelines:
             run(line)       # an empty queue
         # 150 jobs that died of a timeout (more than list's default 100), one of exit 3.
-        with queuectl.Store(self.db) as store:
+        with self.open_store() as store:
             worker = queuectl.this_host() + ":1:1"
             store.register_worker(worker)
             store.enqueue([{"command": "true", "cwd": self.tmp, "max_retries": 0} for _ in range(151)])
@@ -3064,263 +3281,6 @@ class TestMeta(QueueTestCase):
 # Reliability (issue 3): chaos, contention, shutdown, bad input
 ###############################################################################
 
-# Reliability tests for queuectl: chaos, contention, shutdown, bad input.
-# 
-# Every test drives the real command line (`python queuectl.py --db X ...`) in
-# subprocesses, with real workers and real shell commands. Each test class is
-# self-contained on top of the small helpers below (unittest only; pytest runs
-# them too). Linux only: processes are found through /proc.
-# 
-#     python3 -m unittest -v test_reliability
-#     python3 -m pytest -q test_reliability.py
-
-# -- helpers ---------------------------------------------------------------------
-
-def _env(extra=None):
-    env = dict(os.environ)
-    env.pop("QUEUECTL_DB", None)
-    env.pop("QUEUECTL_BUSY_TIMEOUT", None)
-    env.update(extra or {})
-    return env
-
-
-def qc(db, *args, stdin=None, env=None, timeout=60):
-    """Run `queuectl --db DB ARGS...`; returns (exit code, stdout bytes, stderr bytes)."""
-    r = subprocess.run([sys.executable, QUEUECTL, "--db", db] + list(args), input=stdin,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(env), timeout=timeout)
-    return r.returncode, r.stdout, r.stderr
-
-
-def qc_ok(test, db, *args, **kw):
-    code, out, err = qc(db, *args, **kw)
-    test.assertEqual(code, 0, "queuectl %s failed: %s" % (" ".join(args), err.decode(errors="replace")))
-    return out.decode()
-
-
-def wait_until(predicate, timeout, what="condition", interval=0.05):
-    """Poll `predicate` until it returns a true value or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
-        time.sleep(interval)
-
-
-def db_jobs(db):
-    """{id: row dict} of every job, read directly (read-only)."""
-    conn = sqlite3.connect("file:%s?mode=ro" % db, uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {r["id"]: dict(r) for r in conn.execute("SELECT * FROM jobs")}
-    finally:
-        conn.close()
-
-
-def db_count(db, sql):
-    conn = sqlite3.connect("file:%s?mode=ro" % db, uri=True, timeout=30)
-    try:
-        return conn.execute(sql).fetchone()[0]
-    finally:
-        conn.close()
-
-
-def db_runs(db, job_id):
-    conn = sqlite3.connect("file:%s?mode=ro" % db, uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(
-            "SELECT run, attempt, outcome, exit_code FROM runs WHERE job_id = ? ORDER BY run", (job_id,))]
-    finally:
-        conn.close()
-
-
-def db_dump(path):
-    """Everything in a database, for before/after comparisons: the schema, every
-    row of every table and user_version. Opened read-only."""
-    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=30)
-    try:
-        lines = list(conn.iterdump())
-        lines.append("user_version=%d" % conn.execute("PRAGMA user_version").fetchone()[0])
-        return lines
-    finally:
-        conn.close()
-
-
-def file_state(path):
-    """Bytes and mtime of a file and which of its -wal/-shm companions exist."""
-    if not os.path.exists(path):
-        return None
-    with open(path, "rb") as f:
-        data = f.read()
-    return (data, os.stat(path).st_mtime_ns,
-            [s for s in ("-wal", "-shm", "-journal") if os.path.exists(path + s)])
-
-
-def _pids():
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _read(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _alive(pid):
-    """Alive and not a zombie."""
-    stat = _read("/proc/%d/stat" % pid)
-    return bool(stat) and stat.rsplit(b")", 1)[1].split()[0] != b"Z"
-
-
-def pids_with_marker(marker):
-    """Live processes whose command line contains `marker`."""
-    m = marker.encode()
-    me = os.getpid()
-    return [p for p in _pids() if p != me and m in _read("/proc/%d/cmdline" % p) and _alive(p)]
-
-
-def pids_of_db(db):
-    """Live processes started by a worker of `db` (QUEUECTL_DB in their environment)."""
-    m = b"\0QUEUECTL_DB=" + os.path.abspath(db).encode() + b"\0"
-    me = os.getpid()
-    return [p for p in _pids() if p != me and m in b"\0" + _read("/proc/%d/environ" % p) and _alive(p)]
-
-
-def pids_of_session(sid):
-    """Live processes of session `sid`. A pool started with start_new_session
-    is its supervisor and its workers (each worker has a process group of its
-    own), not its jobs (they have sessions of their own)."""
-    out = []
-    for p in _pids():
-        stat = _read("/proc/%d/stat" % p)
-        if stat:
-            fields = stat.rsplit(b")", 1)[1].split()
-            if int(fields[3]) == sid and fields[0] != b"Z":
-                out.append(p)
-    return out
-
-
-def kill_session(sid, sig=signal.SIGKILL):
-    """`sig` to the leader of session `sid` first (a killed supervisor starts
-    no more workers), then to every other process in it: a whole pool."""
-    try:
-        os.kill(sid, sig)
-    except OSError:
-        pass
-    for p in pids_of_session(sid):
-        try:
-            os.kill(p, sig)
-        except OSError:
-            pass
-
-
-def children(pid):
-    """Live child processes of `pid` (a pool's workers, under the fork start method)."""
-    out = []
-    for p in _pids():
-        stat = _read("/proc/%d/stat" % p)
-        if stat:
-            fields = stat.rsplit(b")", 1)[1].split()
-            if int(fields[1]) == pid and fields[0] != b"Z":
-                cmd = _read("/proc/%d/cmdline" % p)
-                if b"forkserver" not in cmd and b"resource_tracker" not in cmd:
-                    out.append(p)
-    return out
-
-
-def proc_state(pid):
-    """The state letter of a process in /proc (b"R", b"S", b"T", b"Z", ...), or b"?" if it is gone."""
-    stat = _read("/proc/%d/stat" % pid)
-    return (stat.rsplit(b")", 1)[1].split() or [b"?"])[0] if stat else b"?"
-
-
-def is_zombie(pid):
-    return proc_state(pid) == b"Z"
-
-
-def kill_all(pids):
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def new_marker():
-    """A unique `sleep` argument that names a test's grandchild in /proc/*/cmdline."""
-    return "30.%d%06d" % (os.getpid() % 100000, random.randrange(10 ** 6))
-
-
-class ReliabilityTestCase(unittest.TestCase):
-    """A temporary directory and database; pools started here are killed at cleanup."""
-
-    def setUp(self):
-        if not LINUX:
-            self.skipTest("needs Linux /proc")
-        self.dir = tempfile.mkdtemp(prefix="queuectl-rel-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.db = os.path.join(self.dir, "q.db")
-        self.ledger = os.path.join(self.dir, "ledger.txt")
-        # Cleanups run last-in first-out: this one after the pools are killed,
-        # before the directory goes. Nothing a test started may outlive it.
-        self.addCleanup(lambda: kill_all(pids_of_db(self.db)))
-
-    def start_pool(self, *args, count=1, env=None):
-        """`queuectl worker start --count N ARGS` in its own process group; its
-        log goes to a file. Killed (the whole group) at cleanup."""
-        log = open(os.path.join(self.dir, "pool-%d.log" % time.monotonic_ns()), "wb")
-        self.addCleanup(log.close)
-        proc = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "worker", "start",
-                                 "--count", str(count)] + list(args),
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_env(env),
-                                start_new_session=True)
-        proc.log_path = log.name
-
-        def cleanup():
-            try:
-                kill_session(proc.pid)
-            except OSError:
-                pass
-            proc.wait(timeout=10)
-        self.addCleanup(cleanup)
-        return proc
-
-    def pool_log(self, proc):
-        with open(proc.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def wait_pool_ready(self, proc, count, timeout=10):
-        """Until the pool's workers are registered (and its signal handlers set)."""
-        def ready():
-            code, out, _ = qc(self.db, "status", "--json")
-            return code == 0 and len(json.loads(out)["workers"]) >= count
-        wait_until(ready, timeout, "%d workers to register" % count, interval=0.1)
-
-    def ledger_lines(self):
-        try:
-            with open(self.ledger) as f:
-                return f.read().split("\n")[:-1]
-        except OSError:
-            return []
-
-    def ledger_job(self, body):
-        """A command that logs `start <id>` and `end <id>` around `body`."""
-        ledger = shlex.quote(self.ledger)
-        return 'echo "start $QUEUECTL_JOB_ID" >> %s; %s; echo "end $QUEUECTL_JOB_ID" >> %s' % (
-            ledger, body, ledger)
-
-    def enqueue(self, command, *flags):
-        return qc_ok(self, self.db, "enqueue", *flags, "--", command).strip()
-
-    def job(self, job_id):
-        return db_jobs(self.db)[job_id]
-
-
 # -- 1. chaos --------------------------------------------------------------------
 
 class ChaosTest(unittest.TestCase):
@@ -3341,7 +3301,7 @@ class ChaosTest(unittest.TestCase):
 
 # -- 2. contention ---------------------------------------------------------------
 
-class ContentionTest(ReliabilityTestCase):
+class ContentionTest(QueueTestCase):
     """Many processes enqueueing at once while a pool drains: no lock errors."""
 
     ENQUEUERS = 14          # processes enqueueing one job at a time ...
@@ -3352,7 +3312,7 @@ class ContentionTest(ReliabilityTestCase):
     def test_sixteen_enqueuers_while_pool_drains(self):
         pool = self.start_pool(count=4)
         self.wait_pool_ready(pool, 4)
-        command = 'echo "$QUEUECTL_JOB_ID" >> %s' % shlex.quote(self.ledger)
+        command = self.ledger_command('"$QUEUECTL_JOB_ID"')
         results = []            # (exit code, stdout, stderr) of every queuectl run
         lock = threading.Lock()
         go = threading.Event()
@@ -3360,14 +3320,14 @@ class ContentionTest(ReliabilityTestCase):
         def one_by_one():
             go.wait()
             for _ in range(self.EACH):
-                r = qc(self.db, "enqueue", "--", command)
+                r = self.script("enqueue", "--", command)
                 with lock:
                     results.append(r)
 
         def batch():
             data = "".join(json.dumps({"command": command}) + "\n" for _ in range(self.BATCH)).encode()
             go.wait()
-            r = qc(self.db, "enqueue", "--file", "-", stdin=data)
+            r = self.script("enqueue", "--file", "-", stdin=data)
             with lock:
                 results.append(r)
 
@@ -3393,10 +3353,10 @@ class ContentionTest(ReliabilityTestCase):
         self.assertEqual(len(set(ids)), expected, "an id was returned twice")
 
         def drained():
-            jobs = db_jobs(self.db)
+            jobs = self.jobs_by_id()
             return sum(1 for j in jobs.values() if j["state"] == "completed") == expected
-        wait_until(drained, 60, "the pool to run every job", interval=0.2)
-        self.assertEqual(set(db_jobs(self.db)), set(ids))
+        self.wait_until(drained, 60, "the pool to run every job", interval=0.2)
+        self.assertEqual(set(self.jobs_by_id()), set(ids))
         ran = self.ledger_lines()
         self.assertEqual(sorted(ran), sorted(ids), "a job ran twice or not at all")
 
@@ -3407,7 +3367,7 @@ class ContentionTest(ReliabilityTestCase):
         self.assertNotIn("Traceback", log)
 
 
-class BusyTimeoutTest(ReliabilityTestCase):
+class BusyTimeoutTest(QueueTestCase):
     """Another process holds the write lock: queuectl waits, or fails in one line."""
 
     def hold_lock(self, seconds):
@@ -3427,27 +3387,27 @@ class BusyTimeoutTest(ReliabilityTestCase):
 
     def setUp(self):
         super().setUp()
-        qc_ok(self, self.db, "enqueue", "--id", "first", "--", "true")
+        self.script_text("enqueue", "--id", "first", "--", "true")
 
     def test_enqueue_waits_for_a_lock_released_in_time(self):
         holder = self.hold_lock(1.5)
         t0 = time.monotonic()
-        code, out, err = qc(self.db, "enqueue", "--id", "second", "--", "true",
-                            env={"QUEUECTL_BUSY_TIMEOUT": "20"})
+        code, out, err = self.script("enqueue", "--id", "second", "--", "true",
+                            env=self.env(QUEUECTL_BUSY_TIMEOUT="20"))
         waited = time.monotonic() - t0
         self.assertEqual((code, err), (0, b""))
         self.assertEqual(out, b"second\n")
         self.assertGreater(waited, 1.0, "enqueue did not wait for the lock")
         self.assertEqual(holder.wait(timeout=10), 0)
-        self.assertIn("second", db_jobs(self.db))
+        self.assertIn("second", self.jobs_by_id())
 
     def test_lock_held_past_the_timeout_fails_in_one_line(self):
-        before = db_dump(self.db)
+        before = self.db_dump()
         holder = self.hold_lock(60)     # far longer than the checks take, even on a busy machine
         for args in (("enqueue", "--", "true"), ("config", "set", "max_retries", "7"),
                      ("cancel", "first")):
             t0 = time.monotonic()
-            code, out, err = qc(self.db, *args, env={"QUEUECTL_BUSY_TIMEOUT": "0.5"})
+            code, out, err = self.script(*args, env=self.env(QUEUECTL_BUSY_TIMEOUT="0.5"))
             with self.subTest(args=args):
                 self.assertLess(time.monotonic() - t0, 2.0, "the busy timeout was not applied")
                 self.assertEqual(code, 1)
@@ -3456,26 +3416,26 @@ class BusyTimeoutTest(ReliabilityTestCase):
                 self.assertEqual(len(lines), 1, lines)
                 self.assertRegex(lines[0], r"^queuectl: error: database .* is locked")
         # Reads do not need the write lock (WAL).
-        code, out, err = qc(self.db, "list", env={"QUEUECTL_BUSY_TIMEOUT": "0.5"})
+        code, out, err = self.script("list", env=self.env(QUEUECTL_BUSY_TIMEOUT="0.5"))
         self.assertEqual(code, 0, err)
         self.assertIsNone(holder.poll(), "the lock was released before the checks ended")
         holder.kill()       # its (empty) transaction is rolled back
         holder.wait(timeout=10)
-        self.assertEqual(db_dump(self.db), before)
+        self.assertEqual(self.db_dump(), before)
 
     def test_worker_rides_out_a_lock_held_past_its_busy_timeout(self):
         # A heartbeat that cannot get the lock is not a lost lease: the lease
         # has 30 s left. The job must finish once, its result recorded.
-        job = qc_ok(self, self.db, "enqueue", "--", self.ledger_job("sleep 3")).strip()
+        job = self.script_text("enqueue", "--", self.ledger_job("sleep 3"))[1].strip()
         pool = self.start_pool(count=1, env={"QUEUECTL_BUSY_TIMEOUT": "0.5"})
-        wait_until(lambda: self.ledger_lines(), 15, "the job to start")
+        self.wait_until(lambda: self.ledger_lines(), 15, "the job to start")
         # Held across the worker's first heartbeat (HEARTBEAT_SECONDS = 2 s
         # after its start), for longer than its busy timeout.
         holder = self.hold_lock(2.5)
         self.assertEqual(holder.wait(timeout=10), 0)
-        wait_until(lambda: db_jobs(self.db)[job]["state"] not in ("pending", "processing"), 20,
+        self.wait_until(lambda: self.jobs_by_id()[job]["state"] not in ("pending", "processing"), 20,
                    "the job to finish")
-        row = db_jobs(self.db)[job]
+        row = self.jobs_by_id()[job]
         self.assertEqual((row["state"], row["attempts"]), ("completed", 1))
         self.assertEqual(len(self.ledger_lines()), 2, "the job ran more than once")
         self.assertNotIn("died", self.pool_log(pool))
@@ -3483,7 +3443,7 @@ class BusyTimeoutTest(ReliabilityTestCase):
 
 # -- 3. shutdown ----------------------------------------------------------------
 
-class ShutdownTest(ReliabilityTestCase):
+class ShutdownTest(QueueTestCase):
     """Graceful and hard stops, systemd's KillMode=mixed, and grandchildren."""
 
     def starts(self):
@@ -3492,34 +3452,49 @@ class ShutdownTest(ReliabilityTestCase):
     def ends(self):
         return [line.split()[1] for line in self.ledger_lines() if line.startswith("end ")]
 
+    def start_a_grandchild_that_hangs_once(self, count):
+        """A pool of `count` running a job whose first attempt hangs in a grandchild (found by
+        the returned marker); the next attempt succeeds at once. Returns (job, marker, pool)."""
+        self.script_text("config", "set", "backoff_max", "0")
+        marker = self.marker()
+        job = self.add(self.ledger_job(
+            'if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep %s & sleep 30; fi' % marker))
+        pool = self.start_pool(count=count)
+        self.wait_until(lambda: self.starts() and processes_running(marker), 15, "the job to start")
+        return job, marker, pool
+
+    def assert_lost_then_completed(self, job):
+        """The job's first run was lost with its worker and the second one completed."""
+        row = self.job(job)
+        self.assertEqual((row["state"], row["attempts"]), ("completed", 2))
+        self.assertEqual([r["outcome"] for r in row["runs"]], ["worker lost", "exit 0"])
+
     def test_supervisor_killed_alone_workers_finish_and_leave(self):
         # SIGKILL of the supervisor only: its worker notices (its parent
         # changed), finishes the job at hand, claims nothing more and exits.
-        a = self.enqueue(self.ledger_job("sleep 1"))
-        b = self.enqueue(self.ledger_job("true"))
+        a = self.add(self.ledger_job("sleep 1"))
+        b = self.add(self.ledger_job("true"))
         pool = self.start_pool(count=1)
-        wait_until(lambda: self.starts() == [a], 15, "the first job to start")
+        self.wait_until(lambda: self.starts() == [a], 15, "the first job to start")
         worker_pids = children(pool.pid)
         self.assertEqual(len(worker_pids), 1)
         os.kill(pool.pid, signal.SIGKILL)
         pool.wait(timeout=10)
-        wait_until(lambda: not os.path.exists("/proc/%d" % worker_pids[0]) or
-                   open("/proc/%d/stat" % worker_pids[0]).read().rsplit(")", 1)[1].split()[0] == "Z",
-                   15, "the orphaned worker to exit")
-        jobs = db_jobs(self.db)
+        self.wait_until(lambda: proc_state(worker_pids[0]) in (b"Z", b"?"), 15, "the orphaned worker to exit")
+        jobs = self.jobs_by_id()
         self.assertEqual((jobs[a]["state"], jobs[a]["attempts"]), ("completed", 1))
         self.assertEqual((jobs[b]["state"], jobs[b]["attempts"]), ("pending", 0))
         self.assertIn("supervisor gone; stopping", self.pool_log(pool))
 
     def test_graceful_stop_finishes_running_jobs(self):
-        a = self.enqueue(self.ledger_job("sleep 1.5"))
-        b = self.enqueue(self.ledger_job("sleep 1.5"))
-        c = self.enqueue(self.ledger_job("true"))
+        a = self.add(self.ledger_job("sleep 1.5"))
+        b = self.add(self.ledger_job("sleep 1.5"))
+        c = self.add(self.ledger_job("true"))
         pool = self.start_pool(count=2)
-        wait_until(lambda: len(self.starts()) == 2, 15, "two jobs to start")
+        self.wait_until(lambda: len(self.starts()) == 2, 15, "two jobs to start")
         os.kill(pool.pid, signal.SIGTERM)
         self.assertEqual(pool.wait(timeout=20), 0)
-        jobs = db_jobs(self.db)
+        jobs = self.jobs_by_id()
         self.assertEqual((jobs[a]["state"], jobs[a]["attempts"]), ("completed", 1))
         self.assertEqual((jobs[b]["state"], jobs[b]["attempts"]), ("completed", 1))
         self.assertEqual((jobs[c]["state"], jobs[c]["attempts"]), ("pending", 0))
@@ -3527,10 +3502,10 @@ class ShutdownTest(ReliabilityTestCase):
         self.assertEqual(pids_of_db(self.db), [])
 
     def test_hard_stop_puts_jobs_back_without_an_attempt(self):
-        marker = new_marker()
-        job = self.enqueue(self.ledger_job("sleep %s & sleep 30" % marker), "--max-retries", "0")
+        marker = self.marker()
+        job = self.add(self.ledger_job("sleep %s & sleep 30" % marker), max_retries=0)
         pool = self.start_pool(count=1)
-        wait_until(lambda: self.starts() and pids_with_marker(marker), 15, "the job to start")
+        self.wait_until(lambda: self.starts() and processes_running(marker), 15, "the job to start")
         os.kill(pool.pid, signal.SIGTERM)
         time.sleep(0.3)
         os.kill(pool.pid, signal.SIGTERM)
@@ -3539,23 +3514,23 @@ class ShutdownTest(ReliabilityTestCase):
         self.assertLess(time.monotonic() - t0, 5.0, "a hard stop should not wait for the job")
         row = self.job(job)
         self.assertEqual((row["state"], row["attempts"]), ("pending", 0))
-        self.assertEqual([r["outcome"] for r in db_runs(self.db, job)], ["interrupted"])
-        wait_until(lambda: not pids_with_marker(marker), 5, "the grandchild to be gone")
+        self.assertEqual([r["outcome"] for r in self.job(job)["runs"]], ["interrupted"])
+        self.wait_until(lambda: not processes_running(marker), 5, "the grandchild to be gone")
         self.assertEqual(self.ends(), [])
 
     def test_ctrl_c_once_finishes_twice_puts_back(self):
         # Ctrl-C in a terminal: SIGINT to the whole foreground process group
         # (the supervisor and its workers; jobs run in sessions of their own).
-        a = self.enqueue(self.ledger_job("sleep 1"))
+        a = self.add(self.ledger_job("sleep 1"))
         pool = self.start_pool(count=1)
-        wait_until(lambda: self.starts(), 15, "the job to start")
+        self.wait_until(lambda: self.starts(), 15, "the job to start")
         os.killpg(pool.pid, signal.SIGINT)
         self.assertEqual(pool.wait(timeout=20), 0)
         self.assertEqual((self.job(a)["state"], self.ends()), ("completed", [a]))
 
-        b = self.enqueue(self.ledger_job("sleep 30"))
+        b = self.add(self.ledger_job("sleep 30"))
         pool = self.start_pool(count=1)
-        wait_until(lambda: len(self.starts()) == 2, 15, "the second job to start")
+        self.wait_until(lambda: len(self.starts()) == 2, 15, "the second job to start")
         os.killpg(pool.pid, signal.SIGINT)
         time.sleep(0.3)
         os.killpg(pool.pid, signal.SIGINT)
@@ -3569,40 +3544,35 @@ class ShutdownTest(ReliabilityTestCase):
         # between its fork and its setsid() must not get the terminal's SIGINT
         # (CPython's vfork path resets handlers before setsid). It used to,
         # in about 4 Ctrl-Cs out of 10 here.
-        batch = os.path.join(self.dir, "batch.jsonl")
+        batch = os.path.join(self.tmp, "batch.jsonl")
         with open(batch, "w") as f:
             f.write('{"command": "true"}\n' * 3000)
         for _ in range(8):
-            qc_ok(self, self.db, "enqueue", "--file", batch)
-            runs = db_count(self.db, "SELECT count(*) FROM runs")
+            self.script_text("enqueue", "--file", batch)
+            runs = self.query_one("SELECT count(*) FROM runs")
             pool = self.start_pool(count=2)
-            wait_until(lambda: db_count(self.db, "SELECT count(*) FROM runs") >= runs + 50, 15, "jobs to run")
+            self.wait_until(lambda: self.query_one("SELECT count(*) FROM runs") >= runs + 50, 15, "jobs to run")
             os.killpg(pool.pid, signal.SIGINT)
             self.assertEqual(pool.wait(timeout=30), 0, self.pool_log(pool))
         # 'interrupted': claimed with the last result as the stop came, given back unstarted.
-        self.assertEqual(db_count(self.db, "SELECT count(*) FROM runs WHERE outcome NOT IN "
+        self.assertEqual(self.query_one("SELECT count(*) FROM runs WHERE outcome NOT IN "
                                            "('exit 0', 'interrupted')"), 0)
-        self.assertEqual(db_count(self.db, "SELECT count(*) FROM jobs WHERE state NOT IN "
+        self.assertEqual(self.query_one("SELECT count(*) FROM jobs WHERE state NOT IN "
                                            "('pending', 'completed')"), 0)
 
     def _gated_job(self):
         """A job that runs until the test creates its gate file; returns (id, gate)."""
-        gate = os.path.join(self.dir, "gate-%d" % time.monotonic_ns())
-        job = self.enqueue(self.ledger_job("while [ ! -e %s ]; do sleep 0.05; done" % shlex.quote(gate)))
+        gate = os.path.join(self.tmp, "gate-%d" % time.monotonic_ns())
+        job = self.add(self.ledger_job("while [ ! -e %s ]; do sleep 0.05; done" % shlex.quote(gate)))
         return job, gate
-
-    def _workers(self):
-        code, out, _ = qc(self.db, "status", "--json")
-        self.assertEqual(code, 0)
-        return json.loads(out)["workers"]
 
     def _sigterm_the_worker_of(self, pool, job):
         self.wait_pool_ready(pool, 1)
-        wait_until(lambda: self.starts() == [job], 15, "the job to start")
-        busy = wait_until(lambda: [w["pid"] for w in self._workers() if w["job"] == job], 15,
+        self.wait_until(lambda: self.starts() == [job], 15, "the job to start")
+        busy = self.wait_until(lambda: [w["pid"] for w in self.workers() if w["job"] == job], 15,
                           "status to show the job's worker")
         os.kill(busy[0], signal.SIGTERM)
-        wait_until(lambda: [w for w in self._workers() if w["pid"] == busy[0] and w["stopping"]], 15,
+        self.wait_until(lambda: [w for w in self.workers() if w["pid"] == busy[0] and w["stopping"]], 15,
                    "the worker to say it is stopping")
         self.assertEqual(self.job(job)["state"], "processing")
         return busy[0]
@@ -3614,12 +3584,12 @@ class ShutdownTest(ReliabilityTestCase):
         pool = self.start_pool(count=2)
         stopped = self._sigterm_the_worker_of(pool, a)
         open(gate, "w").close()
-        wait_until(lambda: self.job(a)["state"] == "completed", 15, "the job to finish")
-        wait_until(lambda: len(self._workers()) == 2 and stopped not in [w["pid"] for w in self._workers()],
+        self.wait_until(lambda: self.job(a)["state"] == "completed", 15, "the job to finish")
+        self.wait_until(lambda: len(self.workers()) == 2 and stopped not in [w["pid"] for w in self.workers()],
                    15, "a new worker in place of the stopped one")
         self.assertIsNone(pool.poll(), "the pool stopped with its worker")
-        b = self.enqueue(self.ledger_job("true"))
-        wait_until(lambda: self.job(b)["state"] == "completed", 15, "the pool to run the next job")
+        b = self.add(self.ledger_job("true"))
+        self.wait_until(lambda: self.job(b)["state"] == "completed", 15, "the pool to run the next job")
         self.assertEqual((self.job(a)["attempts"], self.ends()), (1, [a, b]))
         os.kill(pool.pid, signal.SIGTERM)
         self.assertEqual(pool.wait(timeout=15), 0)
@@ -3631,10 +3601,9 @@ class ShutdownTest(ReliabilityTestCase):
         a, gate = self._gated_job()
         pool = self.start_pool(count=1)
         self._sigterm_the_worker_of(pool, a)
-        stop = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "worker", "stop", "--timeout", "30"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(None))
+        stop = self.spawn("worker", "stop", "--timeout", "30", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(lambda: stop.poll() is None and stop.kill())
-        wait_until(lambda: db_count(self.db, "SELECT count(*) FROM workers WHERE stop_requested & %d"
+        self.wait_until(lambda: self.query_one("SELECT count(*) FROM workers WHERE stop_requested & %d"
                                     % queuectl.STOP_ASKED) == 1, 15, "worker stop to ask")
         open(gate, "w").close()
         self.assertEqual(pool.wait(timeout=20), 0, self.pool_log(pool))
@@ -3649,10 +3618,10 @@ class ShutdownTest(ReliabilityTestCase):
         workers = children(pool.pid)
         self.assertEqual(len(workers), 2)
         os.kill(pool.pid, signal.SIGTSTP)       # what the terminal sends to its foreground group
-        wait_until(lambda: all(proc_state(p) == b"T" for p in workers + [pool.pid]), 10, "the pool to pause")
-        job = self.enqueue(self.ledger_job("true"))
+        self.wait_until(lambda: all(proc_state(p) == b"T" for p in workers + [pool.pid]), 10, "the pool to pause")
+        job = self.add(self.ledger_job("true"))
         os.killpg(pool.pid, signal.SIGCONT)     # `fg`
-        wait_until(lambda: self.job(job)["state"] == "completed", 15, "the resumed pool to run a job")
+        self.wait_until(lambda: self.job(job)["state"] == "completed", 15, "the resumed pool to run a job")
         os.kill(pool.pid, signal.SIGTERM)
         self.assertEqual(pool.wait(timeout=15), 0)
 
@@ -3660,20 +3629,20 @@ class ShutdownTest(ReliabilityTestCase):
         # A pool paused while draining as fast as it can: an enqueue from
         # another shell must still get the lock (a SIGSTOP landing inside a
         # worker's transaction used to hold it until `fg`).
-        batch = os.path.join(self.dir, "batch.jsonl")
+        batch = os.path.join(self.tmp, "batch.jsonl")
         with open(batch, "w") as f:
             f.write('{"command": "true"}\n' * 3000)
-        qc_ok(self, self.db, "enqueue", "--file", batch)
+        self.script_text("enqueue", "--file", batch)
         pool = self.start_pool(count=2)
         self.wait_pool_ready(pool, 2)
         workers = children(pool.pid)
         for _ in range(4):
             os.kill(pool.pid, signal.SIGTSTP)
-            wait_until(lambda: all(proc_state(p) == b"T" for p in workers + [pool.pid]), 10, "the pool to pause")
-            code, out, err = qc(self.db, "enqueue", "--", "true", env={"QUEUECTL_BUSY_TIMEOUT": "2"})
+            self.wait_until(lambda: all(proc_state(p) == b"T" for p in workers + [pool.pid]), 10, "the pool to pause")
+            code, out, err = self.script("enqueue", "--", "true", env=self.env(QUEUECTL_BUSY_TIMEOUT="2"))
             self.assertEqual(code, 0, err)
             os.killpg(pool.pid, signal.SIGCONT)
-            wait_until(lambda: all(proc_state(p) != b"T" for p in workers + [pool.pid]), 10, "the pool to resume")
+            self.wait_until(lambda: all(proc_state(p) != b"T" for p in workers + [pool.pid]), 10, "the pool to resume")
         os.kill(pool.pid, signal.SIGTERM)
         self.assertEqual(pool.wait(timeout=15), 0)
 
@@ -3686,10 +3655,9 @@ class ShutdownTest(ReliabilityTestCase):
             return {sig for sig in (signal.SIGINT, signal.SIGTTOU) if mask & (1 << (sig - 1))}
         with open("/proc/self/status") as f:
             ours = ignored(f.read())
-        job = self.enqueue("cat /proc/$$/status")
-        code, out, err = qc(self.db, "worker", "start", "--once")
-        self.assertEqual(code, 0, err)
-        code, out, err = qc(self.db, "logs", job)
+        job = self.add("cat /proc/$$/status")
+        self.run_once()
+        code, out, err = self.script("logs", job)
         self.assertEqual(ignored(out.decode()) - (ours - {signal.SIGINT}), set())
 
     def test_sighup_drains_like_sigterm(self):
@@ -3700,12 +3668,12 @@ class ShutdownTest(ReliabilityTestCase):
         a, gate = self._gated_job()
         pool = self.start_pool(count=1)
         self.wait_pool_ready(pool, 1)
-        wait_until(lambda: self.starts() == [a], 15, "the job to start")
+        self.wait_until(lambda: self.starts() == [a], 15, "the job to start")
         os.kill(pool.pid, signal.SIGHUP)
-        wait_until(lambda: "stopping" in self.pool_log(pool), 10, "the pool to start draining")
+        self.wait_until(lambda: "stopping" in self.pool_log(pool), 10, "the pool to start draining")
         os.kill(pool.pid, signal.SIGHUP)        # a closing terminal often sends two
-        wait_until(lambda: self.pool_log(pool).count("stopping") == 1 and
-                   [w for w in self._workers() if w["stopping"]], 10, "the worker to drain")
+        self.wait_until(lambda: self.pool_log(pool).count("stopping") == 1 and
+                   [w for w in self.workers() if w["stopping"]], 10, "the worker to drain")
         self.assertEqual(self.job(a)["state"], "processing")
         open(gate, "w").close()
         self.assertEqual(pool.wait(timeout=15), 0, self.pool_log(pool))
@@ -3714,18 +3682,18 @@ class ShutdownTest(ReliabilityTestCase):
     def test_killmode_mixed_drains(self):
         # systemd, KillMode=mixed: SIGTERM to the main process only; when it
         # has exited (or TimeoutStopSec passed) SIGKILL to whatever is left.
-        a = self.enqueue(self.ledger_job("sleep 1"))
-        b = self.enqueue(self.ledger_job("sleep 1"))
-        c = self.enqueue(self.ledger_job("true"))
+        a = self.add(self.ledger_job("sleep 1"))
+        b = self.add(self.ledger_job("sleep 1"))
+        c = self.add(self.ledger_job("true"))
         pool = self.start_pool(count=2)
-        wait_until(lambda: len(self.starts()) == 2, 15, "two jobs to start")
+        self.wait_until(lambda: len(self.starts()) == 2, 15, "two jobs to start")
         os.kill(pool.pid, signal.SIGTERM)
         code = pool.wait(timeout=15)            # TimeoutStopSec
         left = pids_of_session(pool.pid) + pids_of_db(self.db)
         kill_all(left)
         self.assertEqual(code, 0)
         self.assertEqual(left, [], "processes left for the final SIGKILL")
-        jobs = db_jobs(self.db)
+        jobs = self.jobs_by_id()
         self.assertEqual([jobs[i]["state"] for i in (a, b, c)], ["completed", "completed", "pending"])
         self.assertEqual(jobs[c]["attempts"], 0)
         self.assertEqual(sorted(self.ends()), sorted([a, b]))
@@ -3733,93 +3701,70 @@ class ShutdownTest(ReliabilityTestCase):
     def test_killmode_mixed_kills_a_long_job_and_it_runs_again(self):
         # A job longer than TimeoutStopSec dies in the final SIGKILL with its
         # worker; the next worker takes it back and runs it again.
-        qc_ok(self, self.db, "config", "set", "backoff_max", "0")
-        marker = new_marker()
-        job = self.enqueue(self.ledger_job(
-            'if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep %s & sleep 30; fi' % marker))
-        pool = self.start_pool(count=1)
-        wait_until(lambda: self.starts() and pids_with_marker(marker), 15, "the job to start")
+        job, marker, pool = self.start_a_grandchild_that_hangs_once(count=1)
         os.kill(pool.pid, signal.SIGTERM)
         time.sleep(1.0)                         # a short TimeoutStopSec
         self.assertIsNone(pool.poll(), "the pool should still be waiting for its job")
         # The whole cgroup: the pool, its workers, the job and its children.
         kill_all(pids_of_session(pool.pid) + pids_of_db(self.db))
         pool.wait(timeout=10)
-        wait_until(lambda: not pids_with_marker(marker), 5, "the cgroup to be empty")
+        self.wait_until(lambda: not processes_running(marker), 5, "the cgroup to be empty")
         self.assertEqual(self.job(job)["state"], "processing")
-        code, out, err = qc(self.db, "worker", "start", "--once", timeout=60)
-        self.assertEqual(code, 0, err)
-        row = self.job(job)
-        self.assertEqual((row["state"], row["attempts"]), ("completed", 2))
-        self.assertEqual([r["outcome"] for r in db_runs(self.db, job)], ["worker lost", "exit 0"])
+        self.run_once()
+        self.assert_lost_then_completed(job)
 
     def test_grandchildren_gone_after_a_timeout(self):
-        marker = new_marker()
-        stubborn = new_marker()
+        marker = self.marker()
+        stubborn = self.marker()
         # One grandchild dies of SIGTERM; one ignores it and must be SIGKILLed.
-        job = self.enqueue("sleep %s & (trap '' TERM; exec sleep %s) & sleep 30" % (marker, stubborn),
-                           "--timeout", "1", "--max-retries", "0")
+        job = self.add("sleep %s & (trap '' TERM; exec sleep %s) & sleep 30" % (marker, stubborn),
+                     timeout=1, max_retries=0)
         t0 = time.monotonic()
-        code, out, err = qc(self.db, "worker", "start", "--once", timeout=60)
-        self.assertEqual(code, 0, err)
+        self.run_once()
         self.assertLess(time.monotonic() - t0, 8.0)
-        self.assertEqual(pids_with_marker(marker) + pids_with_marker(stubborn), [])
+        self.assertEqual(processes_running(marker) + processes_running(stubborn), [])
         row = self.job(job)
         self.assertEqual((row["state"], row["outcome"]), ("dead", "timeout"))
 
     def test_grandchildren_gone_after_a_hard_stop(self):
-        marker = new_marker()
-        self.enqueue("sleep %s >/dev/null 2>&1 & sleep 30" % marker)
+        marker = self.marker()
+        self.add("sleep %s >/dev/null 2>&1 & sleep 30" % marker)
         pool = self.start_pool(count=1)
-        wait_until(lambda: pids_with_marker(marker), 15, "the job to start")
+        self.wait_until(lambda: processes_running(marker), 15, "the job to start")
         os.kill(pool.pid, signal.SIGTERM)
         time.sleep(0.3)
         os.kill(pool.pid, signal.SIGTERM)
         self.assertEqual(pool.wait(timeout=20), 130)
-        wait_until(lambda: not pids_with_marker(marker), 5, "the grandchild to be gone")
+        self.wait_until(lambda: not processes_running(marker), 5, "the grandchild to be gone")
 
     def test_grandchildren_gone_after_pool_sigkill_and_reclaim(self):
-        qc_ok(self, self.db, "config", "set", "backoff_max", "0")
-        marker = new_marker()
-        job = self.enqueue(self.ledger_job(
-            'if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep %s & sleep 30; fi' % marker))
-        pool = self.start_pool(count=2)
-        wait_until(lambda: self.starts() and pids_with_marker(marker), 15, "the job to start")
+        job, marker, pool = self.start_a_grandchild_that_hangs_once(count=2)
         # The whole pool dies at once; the job's processes (own session) live on.
         kill_session(pool.pid)
         pool.wait(timeout=10)
         time.sleep(0.2)
-        self.assertTrue(pids_with_marker(marker), "the job's grandchild should have survived")
+        self.assertTrue(processes_running(marker), "the job's grandchild should have survived")
         self.assertEqual(self.job(job)["state"], "processing")
         # A new worker finds the lease holder dead, kills what is left of the
         # job on this host, and runs the job again.
-        code, out, err = qc(self.db, "worker", "start", "--once", timeout=60)
-        self.assertEqual(code, 0, err)
-        wait_until(lambda: not pids_with_marker(marker), 5, "the orphaned grandchild to be killed")
-        row = self.job(job)
-        self.assertEqual((row["state"], row["attempts"]), ("completed", 2))
-        self.assertEqual([r["outcome"] for r in db_runs(self.db, job)], ["worker lost", "exit 0"])
+        self.run_once()
+        self.wait_until(lambda: not processes_running(marker), 5, "the orphaned grandchild to be killed")
+        self.assert_lost_then_completed(job)
         self.assertEqual(pids_of_db(self.db), [])
 
     def test_job_of_a_killed_worker_not_yet_reaped_is_reclaimed_at_once(self):
         # A worker died but its parent has not reaped it yet (the supervisor
         # is busy, or init is slow): the zombie is dead, its job is free.
-        qc_ok(self, self.db, "config", "set", "backoff_max", "0")
-        marker = new_marker()
-        job = self.enqueue(self.ledger_job(
-            'if [ "$QUEUECTL_ATTEMPT" = 1 ]; then sleep %s & sleep 30; fi' % marker))
-        pool = self.start_pool(count=1)
-        wait_until(lambda: self.starts() and pids_with_marker(marker), 15, "the job to start")
+        job, marker, pool = self.start_a_grandchild_that_hangs_once(count=1)
         worker = children(pool.pid)
         self.assertEqual(len(worker), 1)
         os.kill(pool.pid, signal.SIGSTOP)      # cleanup's SIGKILL works on it stopped
         os.kill(worker[0], signal.SIGKILL)
-        wait_until(lambda: is_zombie(worker[0]), 5, "the worker to be a zombie")
-        code, out, err = qc(self.db, "worker", "start", "--once", timeout=60)
-        self.assertEqual(code, 0, err)
+        self.wait_until(lambda: is_zombie(worker[0]), 5, "the worker to be a zombie")
+        self.run_once()
         row = self.job(job)
         self.assertEqual((row["state"], row["attempts"]), ("completed", 2))
-        wait_until(lambda: not pids_with_marker(marker), 5, "the orphaned grandchild to be killed")
+        self.wait_until(lambda: not processes_running(marker), 5, "the orphaned grandchild to be killed")
 
     def test_stop_during_a_restart_delay_is_prompt(self):
         # A worker that dies within a second of its start is restarted after
@@ -3839,13 +3784,11 @@ class ShutdownTest(ReliabilityTestCase):
     def test_daemonized_grandchild_gone_after_a_timeout(self):
         # `setsid` takes a grandchild out of the job's process group, so
         # killing the group misses it; its environment still names the job.
-        marker = new_marker()
-        job = self.enqueue("setsid sleep %s >/dev/null 2>&1 & sleep 30" % marker,
-                           "--timeout", "1", "--max-retries", "0")
-        code, out, err = qc(self.db, "worker", "start", "--once", timeout=60)
-        self.assertEqual(code, 0, err)
+        marker = self.marker()
+        job = self.add("setsid sleep %s >/dev/null 2>&1 & sleep 30" % marker, timeout=1, max_retries=0)
+        self.run_once()
         self.assertEqual(self.job(job)["outcome"], "timeout")
-        wait_until(lambda: not pids_with_marker(marker), 3, "the daemonized grandchild to be gone")
+        self.wait_until(lambda: not processes_running(marker), 3, "the daemonized grandchild to be gone")
 
 
 # -- 4. bad input ---------------------------------------------------------------
@@ -3940,39 +3883,16 @@ BAD_INPUTS = [
 ]
 
 
-def _mount_tmpfs(test, size="256k"):
-    """A small tmpfs of our own (root only); unmounted at cleanup."""
-    if os.geteuid() != 0:
-        test.skipTest("mounting a tmpfs needs root")
-    mnt = os.path.join(test.dir, "mnt")
-    os.mkdir(mnt)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size, "tmpfs", mnt],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        test.skipTest("cannot mount a tmpfs here: %s" % r.stdout.decode(errors="replace").strip())
-    test.addCleanup(subprocess.run, ["umount", "-l", mnt])
-    return mnt
-
-
-class BadInputTest(ReliabilityTestCase):
+class BadInputTest(QueueTestCase):
     """Each bad input: exit non-zero, one line on stderr naming the problem, no
     traceback, nothing on stdout, and the database unchanged (or not created)."""
 
     @classmethod
     def setUpClass(cls):
-        # One seeded database, copied for each case (seeding takes a worker run).
-        cls._template_dir = tempfile.mkdtemp(prefix="queuectl-rel-template-")
-        cls._template = os.path.join(cls._template_dir, "q.db")
-        db = cls._template
-
-        def ok(*args):
-            code, out, err = qc(db, *args)
-            assert code == 0, err
-        ok("enqueue", "--id", "seed-done", "--", "true")
-        ok("enqueue", "--id", "seed-dead", "--max-retries", "0", "--", "exit 3")
-        ok("worker", "start", "--once")
-        ok("enqueue", "--id", "seed-pending", "--priority", "5", "--", "echo later")
-        ok("config", "set", "max_retries", "5")
+        # One seeded database, made by the first case that needs it and copied for each case
+        # (seeding takes a worker run).
+        cls._template_dir = tempfile.mkdtemp(prefix="queuectl-test-template-")
+        cls._template = None
 
     @classmethod
     def tearDownClass(cls):
@@ -3980,6 +3900,16 @@ class BadInputTest(ReliabilityTestCase):
 
     def seed(self, db):
         """A queuectl database with a completed, a dead and a pending job."""
+        cls = type(self)
+        if cls._template is None:
+            template = os.path.join(cls._template_dir, "q.db")
+            for args in (("enqueue", "--id", "seed-done", "--", "true"),
+                         ("enqueue", "--id", "seed-dead", "--max-retries", "0", "--", "exit 3"),
+                         ("worker", "start", "--once"),
+                         ("enqueue", "--id", "seed-pending", "--priority", "5", "--", "echo later"),
+                         ("config", "set", "max_retries", "5")):
+                self.script_text(*args, db=template, cwd=cls._template_dir)
+            cls._template = template
         for suffix in ("", "-wal"):
             if os.path.exists(self._template + suffix):
                 shutil.copyfile(self._template + suffix, db + suffix)
@@ -3987,33 +3917,33 @@ class BadInputTest(ReliabilityTestCase):
     def setup_db(self, kind):
         """Prepare the database of a case; returns (path, state function)."""
         db = self.db
-        dump = lambda: db_dump(db)
+        dump = lambda: self.db_dump(db)
         if kind == "seeded":
             self.seed(db)
         elif kind == "absent":
-            db = os.path.join(self.dir, "sub", "q.db")
+            db = os.path.join(self.tmp, "sub", "q.db")
             dump = lambda: (os.path.exists(db), os.path.exists(os.path.dirname(db)))
         elif kind == "directory":
-            db = self.dir
-            dump = lambda: sorted(os.listdir(self.dir))
+            db = self.tmp
+            dump = lambda: sorted(os.listdir(self.tmp))
         elif kind == "under_file":
-            db = os.path.join(self.dir, "afile", "q.db")
-            with open(os.path.join(self.dir, "afile"), "w") as f:
+            db = os.path.join(self.tmp, "afile", "q.db")
+            with open(os.path.join(self.tmp, "afile"), "w") as f:
                 f.write("not a directory\n")
-            dump = lambda: sorted(os.listdir(self.dir))
+            dump = lambda: sorted(os.listdir(self.tmp))
         elif kind == "uncreatable":
             db = "/proc/queuectl-test-%d/q.db" % os.getpid()
             dump = lambda: os.path.exists(os.path.dirname(db))
         elif kind == "read_only_dir":
             if os.geteuid() == 0:
                 self.skipTest("root ignores directory permissions (see db_on_read_only_fs)")
-            ro = os.path.join(self.dir, "ro")
+            ro = os.path.join(self.tmp, "ro")
             os.mkdir(ro, 0o500)
             self.addCleanup(os.chmod, ro, 0o700)
             db = os.path.join(ro, "q.db")
             dump = lambda: sorted(os.listdir(ro))
         elif kind == "read_only_fs":
-            mnt = _mount_tmpfs(self)
+            mnt = mount_tmpfs(self)
             db = os.path.join(mnt, "q.db")
             self.seed(db)
             subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
@@ -4037,7 +3967,7 @@ class BadInputTest(ReliabilityTestCase):
             conn.execute("PRAGMA user_version = 99")
             conn.close()
         elif kind in ("full_disk", "full_disk_idle"):
-            mnt = _mount_tmpfs(self)
+            mnt = mount_tmpfs(self)
             db = os.path.join(mnt, "q.db")
             self.seed(db)
             if kind == "full_disk":
@@ -4061,21 +3991,21 @@ class BadInputTest(ReliabilityTestCase):
                 os.close(fd)
             # With nothing holding it open, not even a reader can map the
             # database's -shm file on the full disk: compare the bytes.
-            dump = (lambda: db_dump(db)) if kind == "full_disk" else (lambda: file_state(db)[:2])
+            dump = (lambda: self.db_dump(db)) if kind == "full_disk" else (lambda: file_state(db)[:2])
         return db, dump
 
     def check_case(self, name, argv, data, words, kind):
         db, state = self.setup_db(kind)
-        env = {"QUEUECTL_BUSY_TIMEOUT": "abc"} if name == "bad_busy_timeout_variable" else None
+        env = self.env(QUEUECTL_BUSY_TIMEOUT="abc") if name == "bad_busy_timeout_variable" else None
         stdin = data
         if "{file}" in argv:
-            path = os.path.join(self.dir, "input")
+            path = os.path.join(self.tmp, "input")
             with open(path, "wb") as f:
                 f.write(data)
             argv = [path if a == "{file}" else a for a in argv]
             stdin = None
         before = state()
-        code, out, err = qc(db, *argv, stdin=stdin, env=env)
+        code, out, err = self.script(*argv, db=db, stdin=stdin, env=env)
         text = err.decode("utf-8", "replace")
         self.assertNotIn("Traceback", text)
         self.assertNotEqual(code, 0, "accepted: " + text)
@@ -4100,13 +4030,13 @@ for _n, _case in enumerate(BAD_INPUTS, 1):
 del _n, _case
 
 
-class NonUtf8ArgumentTest(ReliabilityTestCase):
+class NonUtf8ArgumentTest(QueueTestCase):
     """A command-line argument that is not UTF-8 (Python sees surrogates)."""
 
     def test_non_utf8_command_argument(self):
-        qc_ok(self, self.db, "enqueue", "--id", "x", "--", "true")
-        before = db_dump(self.db)
-        code, out, err = qc(self.db, "enqueue", "--", os.fsdecode(b"echo caf\xe9"))
+        self.script_text("enqueue", "--id", "x", "--", "true")
+        before = self.db_dump()
+        code, out, err = self.script("enqueue", "--", os.fsdecode(b"echo caf\xe9"))
         text = err.decode("utf-8", "replace")
         self.assertNotIn("Traceback", text)
         if code == 0:
@@ -4114,69 +4044,25 @@ class NonUtf8ArgumentTest(ReliabilityTestCase):
             self.assertEqual(len(out.split()), 1)
         else:
             self.assertEqual(len(text.splitlines()), 1, text)
-            self.assertEqual(db_dump(self.db), before)
+            self.assertEqual(self.db_dump(), before)
 
     def test_non_utf8_job_id_argument(self):
-        qc_ok(self, self.db, "enqueue", "--id", "x", "--", "true")
-        before = db_dump(self.db)
+        self.script_text("enqueue", "--id", "x", "--", "true")
+        before = self.db_dump()
         for args in (["show", os.fsdecode(b"\xff")], ["cancel", os.fsdecode(b"\xff")],
                      ["enqueue", "--id", os.fsdecode(b"\xff"), "--", "true"]):
-            code, out, err = qc(self.db, *args)
+            code, out, err = self.script(*args)
             text = err.decode("utf-8", "replace")
             with self.subTest(args=args):
                 self.assertNotIn("Traceback", text)
                 self.assertEqual(code, 1)
                 self.assertEqual(len(text.splitlines()), 1, text)
-        self.assertEqual(db_dump(self.db), before)
+        self.assertEqual(self.db_dump(), before)
 
 
 ###############################################################################
 # Schema migrations, old SQLite, growth and purge, security
 ###############################################################################
-
-#: Written by queuectl at schema 2 (commit c792427): done-1 completed, dead-1 dead, backoff-1
-#: failed with its retry due in 2100 (priority 10), retry-1 failed and due (priority 1), due-1
-#: pending and due, sched-1 pending for 2100 (priority 10).
-FIXTURE_V2 = os.path.join(HERE, "test_fixtures", "schema-v2.db")
-
-
-def _cli(db, *args, check=True, timeout=60, env=None):
-    """Run the real script; returns (code, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, QUEUECTL, "--db", db] + list(args), capture_output=True,
-                          text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError("queuectl %s failed (%d): %s" % (" ".join(args), proc.returncode, proc.stderr))
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def _wait_until(predicate, timeout, message):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("timed out after %gs waiting for %s" % (timeout, message))
-
-
-def _dump(db):
-    """Every row of every table, for 'nothing changed' checks."""
-    if not os.path.exists(db):
-        return None
-    conn = sqlite3.connect(db)
-    try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-        return {t: sorted(map(repr, conn.execute("SELECT * FROM %s" % t))) for t in tables}
-    finally:
-        conn.close()
-
-
-class LeadTestCase(unittest.TestCase):
-    def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.tmp = tmp.name
-        self.db = os.path.join(self.tmp, "queue.db")
-
 
 class TestSQLiteBuild(unittest.TestCase):
     def test_expected_sqlite_is_loaded(self):
@@ -4188,49 +4074,45 @@ class TestSQLiteBuild(unittest.TestCase):
         self.assertEqual(sqlite3.sqlite_version, want)
 
 
-class TestMigrations(LeadTestCase):
-    def copy_fixture(self, name="v1.db", fixture=FIXTURE_V1):
-        path = os.path.join(self.tmp, name)
+class TestMigrations(QueueTestCase):
+    def copy_fixture(self, name="v1", fixture=FIXTURE_V1):
+        path = self.new_db(name)
         copy_fixture(path, fixture)
         return path
 
     def user_version(self, db):
-        conn = sqlite3.connect(db)
-        try:
-            return conn.execute("PRAGMA user_version").fetchone()[0]
-        finally:
-            conn.close()
+        return self.query_one("PRAGMA user_version", db=db)
 
     def test_fixture_is_schema_v1(self):
         self.assertEqual(self.user_version(FIXTURE_V1), 1)
 
     def test_v1_database_is_migrated_in_place(self):
         db = self.copy_fixture()
-        _, out, _ = _cli(db, "list", "--json")
+        _, out, _ = self.script_text("list", "--json", db=db)
         jobs = {j["id"]: j for j in json.loads(out)}
         self.assertEqual(self.user_version(db), queuectl.SCHEMA_VERSION)
         self.assertEqual({i: j["state"] for i, j in jobs.items()}, {
             "done-1": "completed", "dead-1": "dead", "fail-1": "failed",
             "pending-1": "pending", "sched-1": "pending"})
         self.assertEqual(jobs["dead-1"]["attempts"], 2)
-        _, out, _ = _cli(db, "logs", "dead-1")
-        _, _, err = _cli(db, "logs", "dead-1")
+        _, out, _ = self.script_text("logs", "dead-1", db=db)
+        _, _, err = self.script_text("logs", "dead-1", db=db)
         self.assertEqual(err, "oops\n")
-        _, out, _ = _cli(db, "config", "get", "max-retries")
+        _, out, _ = self.script_text("config", "get", "max-retries", db=db)
         self.assertEqual(out, "5\n")
 
     def test_migrated_database_keeps_numbering_runs(self):
         db = self.copy_fixture()
-        _cli(db, "config", "set", "backoff-max", "0")
-        _cli(db, "dlq", "retry", "dead-1")
-        _cli(db, "worker", "start", "--once")
-        _, out, _ = _cli(db, "show", "dead-1", "--json")
+        self.script_text("config", "set", "backoff-max", "0", db=db)
+        self.script_text("dlq", "retry", "dead-1", db=db)
+        self.script_text("worker", "start", "--once", db=db)
+        _, out, _ = self.script_text("show", "dead-1", "--json", db=db)
         runs = json.loads(out)["runs"]
         self.assertEqual([r["run"] for r in runs], [1, 2, 3, 4])
         self.assertEqual([r["attempt"] for r in runs], [1, 2, 1, 2])
-        _, out, _ = _cli(db, "show", "fail-1", "--json")
+        _, out, _ = self.script_text("show", "fail-1", "--json", db=db)
         self.assertEqual([r["run"] for r in json.loads(out)["runs"]], [1, 2, 3])
-        _, out, _ = _cli(db, "show", "pending-1", "--json")
+        _, out, _ = self.script_text("show", "pending-1", "--json", db=db)
         self.assertEqual(json.loads(out)["state"], "completed")
 
     def test_fixture_v2_is_schema_v2(self):
@@ -4250,8 +4132,8 @@ class TestMigrations(LeadTestCase):
             conn.close()
 
     def test_v2_database_is_migrated_and_waiting_jobs_stay_waiting(self):
-        db = self.copy_fixture("v2.db", FIXTURE_V2)
-        _, out, _ = _cli(db, "list", "--json")
+        db = self.copy_fixture("v2", FIXTURE_V2)
+        _, out, _ = self.script_text("list", "--json", db=db)
         jobs = {j["id"]: j for j in json.loads(out)}
         self.assertEqual(self.user_version(db), queuectl.SCHEMA_VERSION)
         self.assert_staged(db)
@@ -4260,33 +4142,33 @@ class TestMigrations(LeadTestCase):
             "due-1": "pending", "sched-1": "pending"})
         self.assertEqual(jobs["sched-1"]["run_at"], "2100-01-01T00:00:00.000Z")
         self.assertEqual(jobs["backoff-1"]["run_at"], "2100-01-01T00:00:00.000Z")
-        _, out, _ = _cli(db, "status", "--json")
+        _, out, _ = self.script_text("status", "--json", db=db)
         self.assertEqual(json.loads(out)["counts"],
                          {"pending": 2, "processing": 0, "completed": 1, "failed": 2, "dead": 1})
         # The due jobs run, in priority order; the ones waiting for 2100 do not.
-        _, _, err = _cli(db, "worker", "start", "--once")
+        _, _, err = self.script_text("worker", "start", "--once", db=db)
         self.assertLess(err.index("retry-1 claimed"), err.index("due-1 claimed"), err)
-        _, out, _ = _cli(db, "list", "--json")
+        _, out, _ = self.script_text("list", "--json", db=db)
         states = {j["id"]: j["state"] for j in json.loads(out)}
         self.assertEqual(states, {"done-1": "completed", "dead-1": "dead", "backoff-1": "failed",
                                   "retry-1": "completed", "due-1": "completed", "sched-1": "pending"})
-        _, out, _ = _cli(db, "show", "retry-1", "--json")
+        _, out, _ = self.script_text("show", "retry-1", "--json", db=db)
         self.assertEqual([r["run"] for r in json.loads(out)["runs"]], [1, 2])
-        _cli(db, "dlq", "retry", "dead-1")
-        _cli(db, "worker", "start", "--once")
-        _, out, _ = _cli(db, "show", "dead-1", "--json")
+        self.script_text("dlq", "retry", "dead-1", db=db)
+        self.script_text("worker", "start", "--once", db=db)
+        _, out, _ = self.script_text("show", "dead-1", "--json", db=db)
         self.assertEqual(json.loads(out)["state"], "completed")
         self.assertEqual([r["run"] for r in json.loads(out)["runs"]], [1, 2])
         self.assert_staged(db)
 
     def test_v1_database_due_jobs_are_claimed_after_migration(self):
         db = self.copy_fixture()
-        _cli(db, "status")
+        self.script_text("status", db=db)
         self.assertEqual(self.user_version(db), queuectl.SCHEMA_VERSION)
         self.assert_staged(db)
         # Every waiting job of the fixture is long due: the first claim promotes
         # them all, and they run by priority (pending-1 is priority 5).
-        _, _, err = _cli(db, "worker", "start", "--once")
+        _, _, err = self.script_text("worker", "start", "--once", db=db)
         claimed = re.findall(r" (\S+) claimed", err)
         self.assertEqual(claimed[0], "pending-1", err)
         self.assertEqual(sorted(claimed), ["fail-1", "pending-1", "sched-1"], err)
@@ -4294,8 +4176,7 @@ class TestMigrations(LeadTestCase):
 
     def test_two_processes_migrating_at_once(self):
         db = self.copy_fixture()
-        procs = [subprocess.Popen([sys.executable, QUEUECTL, "--db", db, "status", "--json"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs = [self.spawn("status", "--json", db=db, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(4)]
         for p in procs:
             out, err = p.communicate(timeout=60)
@@ -4309,74 +4190,71 @@ class TestMigrations(LeadTestCase):
 
     def test_newer_schema_is_refused(self):
         db = self.copy_fixture()
-        _cli(db, "status")
+        self.script_text("status", db=db)
         conn = sqlite3.connect(db)
         conn.execute("PRAGMA user_version = 99")
         conn.close()
-        before = _dump(db)
-        code, out, err = _cli(db, "enqueue", "--", "true", check=False)
+        before = self.db_dump(db)
+        code, out, err = self.script_text("enqueue", "--", "true", check=False, db=db)
         self.assertEqual(code, 1)
         self.assertEqual(out, "")
         self.assertRegex(err, r"^queuectl: error: database .* was written by a newer queuectl "
                               r"\(schema 99, this is \d+\); upgrade queuectl\n$")
-        self.assertEqual(_dump(db), before)
+        self.assertEqual(self.db_dump(db), before)
 
     def test_foreign_sqlite_database_is_refused(self):
         conn = sqlite3.connect(self.db)
         conn.execute("CREATE TABLE dogs (name TEXT)")
         conn.commit()
         conn.close()
-        before = _dump(self.db)
-        code, out, err = _cli(self.db, "status", check=False)
+        before = self.db_dump()
+        code, out, err = self.script_text("status", check=False)
         self.assertEqual(code, 1)
         self.assertEqual(err, "queuectl: error: %s is not a queuectl database (it has other tables)\n" % self.db)
-        self.assertEqual(_dump(self.db), before)
+        self.assertEqual(self.db_dump(), before)
 
 
-class TestPurgeAndRetention(LeadTestCase):
+class TestPurgeAndRetention(QueueTestCase):
     def make_jobs(self):
-        _cli(self.db, "config", "set", "backoff-max", "0")
+        self.script_text("config", "set", "backoff-max", "0")
         for i in range(3):
-            _cli(self.db, "enqueue", "--id", "ok-%d" % i, "--", "echo ok")
-        _cli(self.db, "enqueue", "--id", "bad", "--max-retries", "0", "--", "exit 1")
-        _cli(self.db, "enqueue", "--id", "later", "--delay", "1h", "--", "true")
-        _cli(self.db, "worker", "start", "--once")
+            self.script_text("enqueue", "--id", "ok-%d" % i, "--", "echo ok")
+        self.script_text("enqueue", "--id", "bad", "--max-retries", "0", "--", "exit 1")
+        self.script_text("enqueue", "--id", "later", "--delay", "1h", "--", "true")
+        self.script_text("worker", "start", "--once")
 
     def states(self):
-        _, out, _ = _cli(self.db, "list", "--json")
+        _, out, _ = self.script_text("list", "--json")
         return {j["id"]: j["state"] for j in json.loads(out)}
 
     def test_purge_deletes_completed_only_by_default(self):
         self.make_jobs()
-        _, _, err = _cli(self.db, "purge")
+        _, _, err = self.script_text("purge")
         self.assertEqual(err, "queuectl: purged 3 completed jobs\n")
         self.assertEqual(self.states(), {"bad": "dead", "later": "pending"})
-        conn = sqlite3.connect(self.db)
-        self.assertEqual(conn.execute("SELECT COUNT(*) FROM runs WHERE job_id LIKE 'ok-%'").fetchone()[0], 0)
-        conn.close()
-        _, out, _ = _cli(self.db, "status", "--json")
+        self.assertEqual(self.query_one("SELECT COUNT(*) FROM runs WHERE job_id LIKE 'ok-%'"), 0)
+        _, out, _ = self.script_text("status", "--json")
         self.assertEqual(json.loads(out)["counts"], {"pending": 1, "processing": 0, "completed": 0,
                                                      "failed": 0, "dead": 1})
 
     def test_purge_older_than_keeps_recent_jobs(self):
         self.make_jobs()
-        _, _, err = _cli(self.db, "purge", "--older-than", "1h", "--state", "completed", "--state", "dead")
+        _, _, err = self.script_text("purge", "--older-than", "1h", "--state", "completed", "--state", "dead")
         self.assertEqual(err, "queuectl: purged 0 completed jobs, 0 dead jobs\n")
         self.assertEqual(len(self.states()), 5)
 
     def test_dlq_is_purged_only_when_named(self):
         self.make_jobs()
-        _cli(self.db, "purge", "--state", "dead")
+        self.script_text("purge", "--state", "dead")
         self.assertEqual(set(self.states()), {"ok-0", "ok-1", "ok-2", "later"})
 
     def test_purge_refuses_waiting_states(self):
-        code, out, err = _cli(self.db, "purge", "--state", "pending", check=False)
+        code, out, err = self.script_text("purge", "--state", "pending", check=False)
         self.assertEqual(code, 2)
         self.assertIn("invalid choice: 'pending'", err)
 
     def test_purge_in_batches(self):
-        store = queuectl.Store(self.db)
-        self.addCleanup(store.close)
+        store = self.open_store()
         store.enqueue([{"command": "true", "cwd": "/"} for _ in range(1200)], now=1000.0)
         wid = queuectl.this_host() + ":1:1"
         store.register_worker(wid)
@@ -4390,16 +4268,16 @@ class TestPurgeAndRetention(LeadTestCase):
 
     def test_retention_setting_is_applied_by_workers(self):
         self.make_jobs()
-        _cli(self.db, "config", "set", "retention", "1s")
-        _, out, _ = _cli(self.db, "config", "get", "retention")
+        self.script_text("config", "set", "retention", "1s")
+        _, out, _ = self.script_text("config", "get", "retention")
         self.assertEqual(out, "1\n")
         finished = time.time()
-        _wait_until(lambda: time.time() > finished + 1.2, 5, "the completed jobs to age")
-        _cli(self.db, "worker", "start", "--once")
+        self.wait_until(lambda: time.time() > finished + 1.2, 5, "the completed jobs to age")
+        self.script_text("worker", "start", "--once")
         self.assertEqual(self.states(), {"bad": "dead", "later": "pending"})
 
 
-class TestGrowth(LeadTestCase):
+class TestGrowth(QueueTestCase):
     def test_wal_stays_bounded_while_a_pool_runs(self):
         """Each job writes 20 KB of output into the database; with 600 of
         them (12 MB) the WAL must still be truncated back after checkpoints."""
@@ -4407,10 +4285,8 @@ class TestGrowth(LeadTestCase):
         with open(jobs, "w") as f:
             for _ in range(600):
                 f.write(json.dumps({"command": "head -c 20000 /dev/zero"}) + "\n")
-        _cli(self.db, "enqueue", "--file", jobs)
-        pool = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "worker", "start", "--count", "2"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(lambda: pool.poll() is None and pool.kill())
+        self.script_text("enqueue", "--file", jobs)
+        pool = self.start_pool(count=2)
         wal = self.db + "-wal"
         biggest = [0]
 
@@ -4423,7 +4299,7 @@ class TestGrowth(LeadTestCase):
             finally:
                 conn.close()
 
-        _wait_until(done, 120, "600 jobs to complete")
+        self.wait_until(done, 120, "600 jobs to complete")
         pool.terminate()
         pool.wait(timeout=30)
         self.assertGreater(os.path.getsize(self.db), 10 * 1024 * 1024)
@@ -4441,29 +4317,29 @@ class TestGrowth(LeadTestCase):
         with open(jobs, "w") as f:
             for _ in range(300):
                 f.write(json.dumps({"command": "head -c 20000 /dev/zero"}) + "\n")
-        _cli(self.db, "enqueue", "--file", jobs)
+        self.script_text("enqueue", "--file", jobs)
         reader = sqlite3.connect(self.db, isolation_level=None)
         self.addCleanup(reader.close)
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM jobs").fetchone()
         t0 = time.monotonic()
-        _cli(self.db, "worker", "start", "--once", "--count", "2", timeout=120)
+        self.script_text("worker", "start", "--once", "--count", "2", timeout=120)
         took = time.monotonic() - t0
         self.assertGreater(os.path.getsize(self.db + "-wal"), queuectl.WAL_SIZE_LIMIT)
         self.assertLess(took, 20, "the pool stalled behind the reader")
         reader.execute("COMMIT")
         # Once the reader is gone, the next job's checkpoint truncates it.
-        _cli(self.db, "enqueue", "--", "true")
-        _cli(self.db, "worker", "start", "--once")
+        self.script_text("enqueue", "--", "true")
+        self.script_text("worker", "start", "--once")
         self.assertLessEqual(os.path.getsize(self.db + "-wal"), queuectl.WAL_SIZE_LIMIT)
 
 
-class TestSecurity(LeadTestCase):
+class TestSecurity(QueueTestCase):
     def test_database_and_directory_are_private(self):
         db = os.path.join(self.tmp, "new", "dir", "q.db")
         old = os.umask(0o022)
         try:
-            _cli(db, "enqueue", "--", "true")
+            self.script_text("enqueue", "--", "true", db=db)
         finally:
             os.umask(old)
         self.assertEqual(stat.S_IMODE(os.stat(db).st_mode), 0o600)
@@ -4473,26 +4349,26 @@ class TestSecurity(LeadTestCase):
                 self.assertEqual(stat.S_IMODE(os.stat(db + suffix).st_mode) & 0o077, 0)
 
     def test_control_characters_are_escaped_in_tables(self):
-        _cli(self.db, "enqueue", "--id", "esc", "--", "printf '\x1b[2J\x1b]0;pwned\x07'")
+        self.script_text("enqueue", "--id", "esc", "--", "printf '\x1b[2J\x1b]0;pwned\x07'")
         for args in (["list"], ["show", "esc"], ["dlq", "list"], ["status"]):
-            _, out, _ = _cli(self.db, *args)
+            _, out, _ = self.script_text(*args)
             self.assertNotIn("\x1b", out, args)
             self.assertNotIn("\x07", out, args)
-        _, out, _ = _cli(self.db, "list")
+        _, out, _ = self.script_text("list")
         self.assertIn("\\x1b[2J", out)
-        _, out, _ = _cli(self.db, "list", "--json")
+        _, out, _ = self.script_text("list", "--json")
         self.assertEqual(json.loads(out)[0]["command"], "printf '\x1b[2J\x1b]0;pwned\x07'")
 
     def test_worker_log_lines_are_escaped(self):
-        _cli(self.db, "enqueue", "--", "true \x1b[31m")
-        _, _, err = _cli(self.db, "worker", "start", "--once")
+        self.script_text("enqueue", "--", "true \x1b[31m")
+        _, _, err = self.script_text("worker", "start", "--once")
         self.assertNotIn("\x1b", err)
         self.assertIn("\\x1b[31m", err)
 
     def test_sql_metacharacters_are_data(self):
         command = "echo \"'); DROP TABLE jobs; --\""
-        _, out, _ = _cli(self.db, "enqueue", "--", command)
-        _, shown, _ = _cli(self.db, "show", out.strip(), "--json")
+        _, out, _ = self.script_text("enqueue", "--", command)
+        _, shown, _ = self.script_text("show", out.strip(), "--json")
         self.assertEqual(json.loads(shown)["command"], command)
 
     def test_network_filesystem_is_refused(self):
@@ -4515,15 +4391,15 @@ class TestSecurity(LeadTestCase):
 
 
 
-class TestEnqueueFlagDefaults(LeadTestCase):
+class TestEnqueueFlagDefaults(QueueTestCase):
     def test_a_jobs_own_time_wins_over_a_flag(self):
         jobs = os.path.join(self.tmp, "jobs.jsonl")
         with open(jobs, "w") as f:
             f.write(json.dumps({"id": "own", "command": "true", "run_at": "2030-01-01T00:00:00Z"}) + "\n")
             f.write(json.dumps({"id": "flag", "command": "true"}) + "\n")
         before = time.time()
-        _cli(self.db, "enqueue", "--delay", "1h", "--priority", "3", "--file", jobs)
-        _, out, _ = _cli(self.db, "list", "--json")
+        self.script_text("enqueue", "--delay", "1h", "--priority", "3", "--file", jobs)
+        _, out, _ = self.script_text("list", "--json")
         got = {j["id"]: j for j in json.loads(out)}
         self.assertEqual(got["own"]["run_at"], "2030-01-01T00:00:00.000Z")
         self.assertEqual(got["own"]["priority"], 3)
@@ -4531,9 +4407,9 @@ class TestEnqueueFlagDefaults(LeadTestCase):
         self.assertAlmostEqual(flag_at, before + 3600, delta=60)
 
     def test_show_lists_when_each_run_ended(self):
-        _cli(self.db, "enqueue", "--id", "x", "--max-retries", "0", "--", "exit 3")
-        _cli(self.db, "worker", "start", "--once")
-        _, out, _ = _cli(self.db, "show", "x")
+        self.script_text("enqueue", "--id", "x", "--max-retries", "0", "--", "exit 3")
+        self.script_text("worker", "start", "--once")
+        _, out, _ = self.script_text("show", "x")
         header, row = out.splitlines()[-2:]
         self.assertIn("FINISHED", header)
         self.assertEqual(len(re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row)), 2, row)
@@ -4572,9 +4448,8 @@ class Dashboard:
     def __init__(self, test, db, *args, env=None):
         self.err_path = os.path.join(test.tmp, "dashboard%d.err" % random.randrange(10 ** 9))
         err = open(self.err_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, QUEUECTL, "--db", db, "dashboard", "--port", "0"]
-                                     + list(args), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                     env=env or test.env(), cwd=test.tmp, start_new_session=True)
+        self.proc = test.spawn("dashboard", "--port", "0", *args, db=db, env=env, stdout=subprocess.PIPE,
+                               stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
         err.close()
         test.addCleanup(self.stop)
         self.line = self._first_line(test)
@@ -5150,10 +5025,9 @@ class TestStoreLocks(QueueTestCase):
         """Opening a Store used to close a descriptor of the file, dropping every POSIX lock this
         process held on it: another process closing then deleted the WAL under the first Store."""
         self.init_db()
-        first = queuectl.Store(self.db)
-        self.addCleanup(first.close)
+        first = self.open_store()
         first.counts()
-        queuectl.Store(self.db).close()
+        self.open_store().close()
         code = subprocess.call([sys.executable, "-c", "import sqlite3, sys; "
                                 "sqlite3.connect(sys.argv[1]).execute('SELECT 1 FROM jobs').fetchall()", self.db])
         self.assertEqual(code, 0)
@@ -5349,7 +5223,7 @@ class TestDashboardBrowser(DashboardTestCase):
         rng = random.Random(8)
         now = time.time()
         self.init_db()
-        with queuectl.Store(self.db) as store:
+        with self.open_store() as store:
             wid = "%s:%d:1" % (queuectl.this_host(), os.getpid())
             for i, t in enumerate(sorted(now - 86400 * rng.random() ** 2.5 for _ in range(400))):
                 store.enqueue([{"command": "backup-db --shard %d" % (i % 12), "cwd": self.tmp,
