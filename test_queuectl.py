@@ -978,24 +978,21 @@ class TestEnqueue(QueueTestCase):
         path = os.path.join(self.tmp, "jobs.jsonl")
         lines = ['{"id": "f1", "command": "true"}', '{"id": "f2", "command": "true"}',
                  '{"id": "f3", "command": ""}', '{"id": "f4", "command": "true"}']
-        with open(path, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        self.expect_failure("enqueue", "--file", path,
-                            err="queuectl: error: line 3: field 'command' must not be empty")
-        with open(path, "w") as f:
-            f.write('{"id": "f1", "command": "true"}\n{"id": "f2", "command": "true"\n')
-        self.expect_failure("enqueue", "--file", path, err_prefix="queuectl: error: line 2: invalid JSON")
-        with open(path, "w") as f:
-            json.dump([{"id": "f1", "command": "true"}, {"id": "f2", "command": "true", "prio": 1}], f)
-        self.expect_failure("enqueue", "--file", path,
-                            err_prefix="queuectl: error: item 2: unknown field 'prio'")
-        with open(path, "w") as f:
-            f.write('{"id": "f1", "command": "true"}\n{"id": "existing", "command": "true"}\n')
-        self.expect_failure("enqueue", "--file", path, err="queuectl: error: job 'existing' already exists")
-        with open(path, "w") as f:
-            f.write('{"id": "f1", "command": "true"}\n{"id": "f1", "command": "true"}\n')
-        self.expect_failure("enqueue", "--file", path,
-                            err="queuectl: error: job 'f1' appears twice in the input")
+        cases = [
+            ("\n".join(lines) + "\n", {"err": "queuectl: error: line 3: field 'command' must not be empty"}),
+            ('{"id": "f1", "command": "true"}\n{"id": "f2", "command": "true"\n',
+             {"err_prefix": "queuectl: error: line 2: invalid JSON"}),
+            (json.dumps([{"id": "f1", "command": "true"}, {"id": "f2", "command": "true", "prio": 1}]),
+             {"err_prefix": "queuectl: error: item 2: unknown field 'prio'"}),
+            ('{"id": "f1", "command": "true"}\n{"id": "existing", "command": "true"}\n',
+             {"err": "queuectl: error: job 'existing' already exists"}),
+            ('{"id": "f1", "command": "true"}\n{"id": "f1", "command": "true"}\n',
+             {"err": "queuectl: error: job 'f1' appears twice in the input"}),
+        ]
+        for text, expected in cases:
+            with open(path, "w") as f:
+                f.write(text)
+            self.expect_failure("enqueue", "--file", path, **expected)
         self.assertEqual([j["id"] for j in self.jobs()], ["existing"])
 
     def test_file_errors(self):
@@ -1940,13 +1937,19 @@ class ShutdownTest(QueueTestCase):
         self.assertEqual((jobs[b]["state"], jobs[b]["attempts"]), ("pending", 0))
         self.assertIn("supervisor gone; stopping", self.pool_log(pool))
 
-    def test_graceful_stop_finishes_running_jobs(self):
-        a = self.add(self.ledger_job("sleep 1.5"))
-        b = self.add(self.ledger_job("sleep 1.5"))
+    def sigterm_a_pool_running_two_of_three(self, seconds):
+        """Two jobs of `seconds` running on a pool of two and a third waiting, when the pool gets
+        a SIGTERM; returns (a, b, c, pool)."""
+        a = self.add(self.ledger_job("sleep %s" % seconds))
+        b = self.add(self.ledger_job("sleep %s" % seconds))
         c = self.add(self.ledger_job("true"))
         pool = self.start_pool(count=2)
         self.wait_until(lambda: len(self.starts()) == 2, 15, "two jobs to start")
         os.kill(pool.pid, signal.SIGTERM)
+        return a, b, c, pool
+
+    def test_graceful_stop_finishes_running_jobs(self):
+        a, b, c, pool = self.sigterm_a_pool_running_two_of_three(1.5)
         self.assertEqual(pool.wait(timeout=20), 0)
         jobs = self.jobs_by_id()
         self.assertEqual((jobs[a]["state"], jobs[a]["attempts"]), ("completed", 1))
@@ -2136,12 +2139,7 @@ class ShutdownTest(QueueTestCase):
     def test_killmode_mixed_drains(self):
         # systemd, KillMode=mixed: SIGTERM to the main process only; when it
         # has exited (or TimeoutStopSec passed) SIGKILL to whatever is left.
-        a = self.add(self.ledger_job("sleep 1"))
-        b = self.add(self.ledger_job("sleep 1"))
-        c = self.add(self.ledger_job("true"))
-        pool = self.start_pool(count=2)
-        self.wait_until(lambda: len(self.starts()) == 2, 15, "two jobs to start")
-        os.kill(pool.pid, signal.SIGTERM)
+        a, b, c, pool = self.sigterm_a_pool_running_two_of_three(1)
         code = pool.wait(timeout=15)            # TimeoutStopSec
         left = pids_of_session(pool.pid) + pids_of_db(self.db)
         kill_all(left)
