@@ -31,11 +31,12 @@ The scaffold (use it for every new test):
 
 Backends. Every ``QueueTestCase`` class is a behaviour test that must hold on every backend
 (today SQLite; PostgreSQL next: ``new_db`` returning ``QUEUECTL_TEST_PG_DSN`` with a schema of
-its own per test through ``options=-csearch_path=...``), unless it is decorated ``@sqlite_only``:
-tests of the SQLite file itself (file permissions and locations, WAL, locks held by other
-SQLite processes, migrations of old files, SQLite builds). A behaviour test reaches the database
-only through the helpers above, never through ``sqlite3`` or a file path of its own; plain
-``unittest.TestCase`` classes touch no database at all.
+its own per test through ``options=-csearch_path=...``), unless the class or the test method is
+decorated ``@sqlite_only`` (``is_sqlite_only()`` tells): tests of the SQLite file itself (file
+permissions and locations, WAL, locks held by other SQLite processes, migrations of old files,
+SQLite builds). A behaviour test reaches the database only through the helpers above, never
+through ``sqlite3`` or a file path of its own; plain ``unittest.TestCase`` classes touch no
+database at all.
 """
 
 import argparse
@@ -283,11 +284,12 @@ def children(pid):
 # The base class ##############################################################
 ###############################################################################
 
-def sqlite_only(cls):
-    """Mark a test class as a test of the SQLite file itself (permissions, WAL, locks, old
-    files, SQLite builds): it runs on SQLite only, never against another backend."""
-    cls.SQLITE_ONLY = True
-    return cls
+def sqlite_only(test):
+    """Mark a test class, or one test method of a behaviour class, as a test of the SQLite file
+    itself (permissions, WAL, locks, old files, SQLite builds): it runs on SQLite only, never
+    against another backend (see QueueTestCase.is_sqlite_only)."""
+    test.SQLITE_ONLY = True
+    return test
 
 
 class QueueTestCase(unittest.TestCase):
@@ -317,6 +319,10 @@ class QueueTestCase(unittest.TestCase):
         os.environ["XDG_DATA_HOME"] = os.path.join(self.tmp, "xdg-default")
         # Registered last, so it runs first: no process of ours outlives the test.
         self.addCleanup(self.kill_leftovers)
+
+    def is_sqlite_only(self):
+        """Is this test (its class or its method) marked @sqlite_only?"""
+        return getattr(getattr(self, self._testMethodName), "SQLITE_ONLY", False) or self.SQLITE_ONLY
 
     # -- the database --------------------------------------------------------------
 
@@ -2663,6 +2669,7 @@ class TestCommands(QueueTestCase):
         self.assertRegex(rows["max_retries"], r"^max_retries +3 +retries")
         self.assertEqual(self.expect_success("config", "get", "retention"), "604800\n")
 
+    @sqlite_only
     def test_zero_stored_by_an_older_version_means_none(self):
         """`config set retention 0s` used to store 0, which deleted every
         completed job; `0` meant keep forever. Both now read as none."""
@@ -4907,6 +4914,7 @@ class TestDashboardServer(DashboardTestCase):
             if line.startswith(b"data: "):
                 return json.loads(line[6:])
 
+    @sqlite_only
     def test_no_read_transaction_is_held_between_requests(self):
         """With a page's event stream open and pages served, a checkpoint can still reset the WAL."""
         self.dead_jobs("exit 3")
@@ -4919,7 +4927,7 @@ class TestDashboardServer(DashboardTestCase):
             for i in range(20):
                 self.add("echo %d" % i)
             self.next_event(stream)
-            conn = sqlite3.connect(self.db, timeout=DEADLINE)
+            conn = self.connect(readonly=False)
             try:
                 busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             finally:
