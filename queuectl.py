@@ -184,32 +184,10 @@ STOP_ASKED, STOP_SELF = 1, 2
 #: Schema version, kept in PRAGMA user_version. MIGRATIONS[v] upgrades v -> v+1.
 SCHEMA_VERSION = 4
 
-SCHEMA = """
-CREATE TABLE jobs (
-    seq              INTEGER PRIMARY KEY,   -- enqueue order
-    id               TEXT NOT NULL UNIQUE,
-    command          TEXT NOT NULL,
-    cwd              TEXT NOT NULL,
-    state            TEXT NOT NULL,
-    priority         INTEGER NOT NULL DEFAULT 0,
-    attempts         INTEGER NOT NULL DEFAULT 0,  -- runs started (and counted)
-    max_retries      INTEGER NOT NULL,
-    timeout          REAL,                         -- seconds; NULL: none
-    run_at           REAL NOT NULL,                -- due time (retry time when failed)
-    created_at       REAL NOT NULL,
-    updated_at       REAL NOT NULL,
-    exit_code        INTEGER,                      -- last run's
-    outcome          TEXT,                         -- last run's, or 'cancelled'
-    run_count        INTEGER NOT NULL DEFAULT 0,   -- runs started, ever (numbers runs)
-    worker_id        TEXT,                         -- lease holder while processing
-    lease_until      REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    ready            INTEGER NOT NULL DEFAULT 0,   -- 1: pending/failed, due, not blocked
-    queue            TEXT NOT NULL DEFAULT 'default',
-    blocked          INTEGER NOT NULL DEFAULT 0,   -- dependencies not completed yet
-    unique_key       TEXT,                         -- at most one active job per key
-    env              TEXT                          -- JSON object: extra environment variables
-);
+# Parts of the version-4 schema that the 3 -> 4 migration creates too: one
+# text for both. Frozen with version 4 (a version 5 changes SCHEMA and adds a
+# migration; it never edits these, or the 3 -> 4 migration would change).
+_V4_JOB_INDEXES = """
 -- The claim reads the head of jobs_ready for each queue it may take from;
 -- it holds only jobs that are due and not blocked. Waiting jobs (not yet
 -- due) sit in jobs_waiting, ordered by due time, until a claim promotes them
@@ -222,8 +200,8 @@ CREATE INDEX jobs_running ON jobs (queue)
     WHERE state = 'processing';
 CREATE UNIQUE INDEX jobs_unique ON jobs (unique_key)
     WHERE unique_key IS NOT NULL AND state IN ('pending', 'failed', 'processing');
-CREATE INDEX jobs_state ON jobs (state, seq);
-
+"""
+_V4_TABLES = """
 -- Every queue that has (had) jobs or settings. max_running: the most jobs of
 -- the queue processing at once, across every pool and host (NULL: no limit).
 CREATE TABLE queues (
@@ -253,7 +231,48 @@ CREATE TABLE output (
     data   BLOB NOT NULL
 );
 CREATE INDEX output_run ON output (job_id, run, id);
+"""
+_V4_COUNT_TRIGGERS = """
+CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
+WHEN OLD.state <> NEW.state BEGIN
+    UPDATE counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
+    UPDATE counts SET n = n + 1 WHERE queue = NEW.queue AND state = NEW.state;
+END;
+CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN
+    UPDATE counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
+END;
+"""
 
+SCHEMA = """
+CREATE TABLE jobs (
+    seq              INTEGER PRIMARY KEY,   -- enqueue order
+    id               TEXT NOT NULL UNIQUE,
+    command          TEXT NOT NULL,
+    cwd              TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    priority         INTEGER NOT NULL DEFAULT 0,
+    attempts         INTEGER NOT NULL DEFAULT 0,  -- runs started (and counted)
+    max_retries      INTEGER NOT NULL,
+    timeout          REAL,                         -- seconds; NULL: none
+    run_at           REAL NOT NULL,                -- due time (retry time when failed)
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    exit_code        INTEGER,                      -- last run's
+    outcome          TEXT,                         -- last run's, or 'cancelled'
+    run_count        INTEGER NOT NULL DEFAULT 0,   -- runs started, ever (numbers runs)
+    worker_id        TEXT,                         -- lease holder while processing
+    lease_until      REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    ready            INTEGER NOT NULL DEFAULT 0,   -- 1: pending/failed, due, not blocked
+    queue            TEXT NOT NULL DEFAULT 'default',
+    blocked          INTEGER NOT NULL DEFAULT 0,   -- dependencies not completed yet
+    unique_key       TEXT,                         -- at most one active job per key
+    env              TEXT                          -- JSON object: extra environment variables
+);
+CREATE INDEX jobs_state ON jobs (state, seq);
+""" + _V4_JOB_INDEXES + """
+
+""" + _V4_TABLES + """
 CREATE TABLE runs (
     job_id       TEXT NOT NULL,
     run          INTEGER NOT NULL,      -- 1, 2, ... in the order runs started
@@ -299,15 +318,7 @@ CREATE TABLE counts (
 INSERT INTO counts (queue, state, n) VALUES ('default', 'pending', 0), ('default', 'processing', 0),
     ('default', 'completed', 0), ('default', 'failed', 0), ('default', 'dead', 0);
 
-CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
-WHEN OLD.state <> NEW.state BEGIN
-    UPDATE counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
-    UPDATE counts SET n = n + 1 WHERE queue = NEW.queue AND state = NEW.state;
-END;
-CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN
-    UPDATE counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
-END;
-"""
+""" + _V4_COUNT_TRIGGERS
 
 #: MIGRATIONS[v] is the script that upgrades a version-v database to v+1. Each
 #: runs inside the one transaction that opens the file; SQLite 3.22 has no
@@ -339,35 +350,7 @@ MIGRATIONS = {
         ALTER TABLE jobs ADD COLUMN env TEXT;
         DROP INDEX jobs_ready;
         DROP INDEX jobs_waiting;
-        CREATE INDEX jobs_ready ON jobs (queue, priority DESC, run_at, seq)
-            WHERE ready = 1;
-        CREATE INDEX jobs_waiting ON jobs (run_at)
-            WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed');
-        CREATE INDEX jobs_running ON jobs (queue)
-            WHERE state = 'processing';
-        CREATE UNIQUE INDEX jobs_unique ON jobs (unique_key)
-            WHERE unique_key IS NOT NULL AND state IN ('pending', 'failed', 'processing');
-        CREATE TABLE queues (
-            name        TEXT PRIMARY KEY,
-            max_running INTEGER,
-            paused      INTEGER NOT NULL DEFAULT 0
-        );
-        INSERT INTO queues (name) VALUES ('default');
-        CREATE TABLE deps (
-            job_id   TEXT NOT NULL,
-            after_id TEXT NOT NULL,
-            PRIMARY KEY (job_id, after_id)
-        );
-        CREATE INDEX deps_after ON deps (after_id);
-        CREATE TABLE output (
-            id     INTEGER PRIMARY KEY,
-            job_id TEXT NOT NULL,
-            run    INTEGER NOT NULL,
-            stream INTEGER NOT NULL,
-            pos    INTEGER NOT NULL,
-            data   BLOB NOT NULL
-        );
-        CREATE INDEX output_run ON output (job_id, run, id);
+    """ + _V4_JOB_INDEXES + _V4_TABLES + """
         DROP TRIGGER jobs_count_update;
         DROP TRIGGER jobs_count_delete;
         CREATE TABLE queue_counts (
@@ -379,14 +362,7 @@ MIGRATIONS = {
         INSERT INTO queue_counts (queue, state, n) SELECT 'default', state, n FROM counts;
         DROP TABLE counts;
         ALTER TABLE queue_counts RENAME TO counts;
-        CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
-        WHEN OLD.state <> NEW.state BEGIN
-            UPDATE counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
-            UPDATE counts SET n = n + 1 WHERE queue = NEW.queue AND state = NEW.state;
-        END;
-        CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN
-            UPDATE counts SET n = n - 1 WHERE queue = OLD.queue AND state = OLD.state;
-        END;
+    """ + _V4_COUNT_TRIGGERS + """
     """,
 }
 
