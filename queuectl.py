@@ -5970,6 +5970,11 @@ def cmd_logs(args):
     return EXIT_OK
 
 
+def _deleted_while_waiting(job_id):
+    return QueueError("job %r no longer exists: it was deleted while waiting "
+                      "(purge or the retention setting)" % job_id)
+
+
 def cmd_wait(args):
     ids = list(dict.fromkeys(args.ids))
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
@@ -5986,7 +5991,12 @@ def cmd_wait(args):
                 break
             for job_id in pending[:10]:
                 # Say why a job waits, once, and again when the reason changes.
-                reason = waiting_reason(store, store.get(job_id)) if states[job_id][0] != "processing" else None
+                reason = None
+                if states[job_id][0] != "processing":
+                    try:
+                        reason = waiting_reason(store, store.get(job_id))
+                    except JobNotFound:
+                        raise _deleted_while_waiting(job_id)
                 if reason and told.get(job_id) != reason:
                     _err("job %s: %s" % (job_id, reason))
                 told[job_id] = reason
@@ -6002,8 +6012,7 @@ def cmd_wait(args):
             now = store.states(pending)
             for job_id in pending:
                 if job_id not in now:
-                    raise QueueError("job %r no longer exists: it was deleted while waiting "
-                                     "(purge or the retention setting)" % job_id)
+                    raise _deleted_while_waiting(job_id)
             states.update(now)
     code = EXIT_OK
     for job_id in ids:
