@@ -662,6 +662,141 @@ class QueueTestCase(unittest.TestCase):
 
 
 ###############################################################################
+# Backends: the same behaviour tests on PostgreSQL #############################
+###############################################################################
+
+#: A PostgreSQL server for the PostgreSQL half of the suite (a URL, e.g.
+#: postgresql://postgres@127.0.0.1:5432/postgres). Unset: that half is skipped, loudly.
+PG_DSN = os.environ.get("QUEUECTL_TEST_PG_DSN")
+
+
+def pg_driver():
+    """psycopg (3) or psycopg2, or None: what queuectl itself would use."""
+    for name in ("psycopg", "psycopg2"):
+        try:
+            return __import__(name)
+        except ImportError:
+            pass
+    return None
+
+
+def pg_url(dsn, schema):
+    """`dsn` with search_path set to `schema`, as a user gives it (README: several queues in one
+    database)."""
+    parts = urllib.parse.urlsplit(dsn)
+    query = urllib.parse.parse_qsl(parts.query) + [("options", "-csearch_path=%s" % schema)]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+class PostgresBackend:
+    """Mixin: a QueueTestCase class run against PostgreSQL, each test in a schema of its own
+    (created empty, dropped at the end). load_tests makes one such class per behaviour class."""
+
+    BACKEND = "postgresql"
+
+    def setUp(self):
+        if PG_DSN is None or pg_driver() is None:
+            skip_or_fail(self, "PostgreSQL half: set QUEUECTL_TEST_PG_DSN and install psycopg")
+        if self.is_sqlite_only():
+            self.skipTest("a test of the SQLite file itself")
+        super().setUp()
+
+    def _admin(self, sql):
+        conn = pg_driver().connect(PG_DSN)
+        try:
+            conn.autocommit = True
+            conn.cursor().execute(sql)
+        finally:
+            conn.close()
+
+    def new_db(self, name):
+        schema = "qt_%s_%d_%d" % (name, os.getpid(), random.randrange(10 ** 9))
+        self._admin("CREATE SCHEMA %s" % schema)
+        # Runs after kill_leftovers (registered later, run first): no worker holds it then.
+        self.addCleanup(self._admin, "DROP SCHEMA %s CASCADE" % schema)
+        return pg_url(PG_DSN, schema)
+
+    def connect(self, db=None, readonly=True):
+        conn = pg_driver().connect(db or self.db)
+        if readonly:
+            conn.cursor().execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        conn.commit()
+        return _QmarkConnection(conn)
+
+    def db_dump(self, db=None):
+        """Every row of every table in the test's schema, sorted (None if it has no table yet)."""
+        conn = self.connect(db)
+        try:
+            tables = [r[0] for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+                "ORDER BY table_name").fetchall()]
+            if not tables:
+                return None
+            dump = {}
+            for table in tables:
+                dump[table] = sorted(conn.execute('SELECT * FROM "%s"' % table).fetchall(), key=repr)
+            return dump
+        finally:
+            conn.close()
+
+
+class _QmarkConnection:
+    """Enough of a sqlite3 connection over a PostgreSQL one for the test helpers: execute()
+    with ? placeholders returning a cursor, close()."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql, params=()):
+        cur = self.conn.cursor()
+        cur.execute(sql.replace("%", "%%").replace("?", "%s"), tuple(params))
+        return cur
+
+    def close(self):
+        self.conn.rollback()
+        self.conn.close()
+
+
+def behaviour_classes(module):
+    """The QueueTestCase classes that must hold on every backend."""
+    return [c for _, c in sorted(vars(module).items())
+            if isinstance(c, type) and issubclass(c, QueueTestCase) and c is not QueueTestCase
+            and c.__module__ == module.__name__ and not c.SQLITE_ONLY and not issubclass(c, PostgresBackend)
+            and any(n.startswith("test") for n in dir(c))]
+
+
+def load_tests(loader, tests, pattern):
+    """`python3 -m unittest test_queuectl`: the SQLite suite, then each behaviour class again on
+    PostgreSQL (PG_TestX) when QUEUECTL_TEST_PG_DSN is set, else one test that says it skipped
+    (and fails under CI). QUEUECTL_TEST_BACKEND=postgresql runs the PostgreSQL half alone."""
+    module = sys.modules[__name__]
+    suite = unittest.TestSuite()
+    if os.environ.get("QUEUECTL_TEST_BACKEND") != "postgresql":
+        suite.addTests(tests)
+    if PG_DSN is None:
+        suite.addTest(TestPostgresHalf("test_postgresql_half_runs"))
+        return suite
+    for cls in behaviour_classes(module):
+        variant = type("PG_" + cls.__name__, (PostgresBackend, cls),
+                       {"__doc__": (cls.__doc__ or "") + " (PostgreSQL)", "__module__": __name__})
+        setattr(module, variant.__name__, variant)
+        suite.addTests(loader.loadTestsFromTestCase(variant))
+    return suite
+
+
+class TestPostgresHalf(unittest.TestCase):
+    """Says loudly when the PostgreSQL half of the suite did not run (and fails under CI)."""
+
+    def test_postgresql_half_runs(self):
+        if PG_DSN is None:
+            skip_or_fail(self, "the PostgreSQL half of the suite did not run: set QUEUECTL_TEST_PG_DSN "
+                               "(e.g. postgresql://postgres@127.0.0.1:5432/postgres) and install psycopg")
+        if pg_driver() is None:
+            skip_or_fail(self, "the PostgreSQL half of the suite did not run: no psycopg or psycopg2 "
+                               "importable (pip install 'psycopg[binary]')")
+
+
+###############################################################################
 # Install: queuectl.py as a program ###########################################
 ###############################################################################
 
