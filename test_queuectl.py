@@ -3028,11 +3028,16 @@ class TestCommands(QueueTestCase):
             first_read.set()
             return found
 
+        problems = []
+
         def delete():
-            if first_read.wait(DEADLINE):
-                with self.open_store() as store:
-                    store.cancel([job_id])
-                    store.purge(["dead"], time.time() + 1)
+            try:
+                if first_read.wait(DEADLINE):
+                    with self.open_store() as store:
+                        store.cancel([job_id])
+                        problems.append("purged %d" % store.purge(["dead"], time.time() + 1))
+            except BaseException as e:          # shown by the assertion below
+                problems.append(repr(e))
 
         deleter = threading.Thread(target=delete)
         with mock.patch.object(queuectl.Store, "states", states):
@@ -3041,7 +3046,7 @@ class TestCommands(QueueTestCase):
             code, out, err = self.run_cli("wait", other, job_id, "--timeout", "10")
             deleter.join(DEADLINE)
         # Before the error, wait says why the jobs wait (scheduled in an hour).
-        self.assertEqual((code, out), (1, ""))
+        self.assertEqual((code, out, problems), (1, "", ["purged 1"]), err)
         self.assertTrue(err.endswith("queuectl: error: job %r no longer exists: it was deleted "
                                      "while waiting (purge or the retention setting)\n" % job_id), err)
         self.assertNotIn("Traceback", err)
