@@ -5467,6 +5467,14 @@ def _pg_driver():
             return None
 
 
+def read_file(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 class TestPostgres(unittest.TestCase):
     """The queue on a real PostgreSQL server, through the real CLI and real
     workers. Each test has a schema of its own (options=-csearch_path=...),
@@ -5654,7 +5662,7 @@ class TestPostgres(unittest.TestCase):
         delays = []
         for i in range(5):
             stamp = os.path.join(self.tmp, "t%d" % i)
-            job = self.enqueue({"command": "python3 -c 'import time; print(time.time())' > %s" % stamp})
+            job = self.enqueue({"command": "date +%%s.%%N > %s" % stamp})
             enqueued = time.time()
             self.ok("wait", job, timeout=DEADLINE)
             with open(stamp) as f:
@@ -5807,3 +5815,64 @@ class TestPostgres(unittest.TestCase):
         for code, out, err in outputs:
             self.assertNotIn(secret, out + err)
         self.assertIn(":***@", outputs[2][1] + outputs[4][2])
+
+    def test_worker_cut_off_kills_its_job_before_the_lease_ends(self):
+        """The server refuses the worker's role and drops its connection: the
+        worker, unable to renew its lease, kills its job well before the lease
+        (LEASE_SECONDS) could run out and another host take the job back."""
+        role = "qct_cut_%d" % random.randrange(10 ** 6)
+        self.sql("CREATE ROLE %s LOGIN SUPERUSER" % role)
+        self.addCleanup(self.sql, "DROP ROLE IF EXISTS %s" % role)
+        self.addCleanup(self.sql, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                        (role,))
+        self.addCleanup(self.sql, 'DROP SCHEMA IF EXISTS "%s" CASCADE' % self.schema)   # the role owns it
+        self.addCleanup(self.kill_pools)
+        parts = urllib.parse.urlsplit(self.dsn)
+        db = self.with_schema(self.schema, urllib.parse.urlunsplit(
+            parts._replace(netloc="%s@%s" % (role, parts.netloc.rsplit("@", 1)[-1]))))
+        pidfile = os.path.join(self.tmp, "pid")
+        job = self.ok("enqueue", "--", "echo $$ > %s; exec sleep 60" % pidfile, db=db).strip()
+        self.pool("--count", "1", db=db)
+        self.until(lambda: read_file(pidfile).strip(), "the job to start")
+        pid = int(read_file(pidfile))
+        self.sql("ALTER ROLE %s NOLOGIN" % role)
+        self.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        cut = time.monotonic()
+        self.until(lambda: not os.path.exists("/proc/%d" % pid) or proc_state(pid) == b"Z",
+                   "the worker to kill its job", timeout=queuectl.LEASE_SECONDS)
+        self.assertLess(time.monotonic() - cut, queuectl.LEASE_SECONDS - queuectl.KILL_GRACE_SECONDS)
+        self.assertIn("lease not renewed", self.pool_log())
+        self.sql("ALTER ROLE %s LOGIN" % role)
+        self.until(lambda: self.job(job)["state"] in ("failed", "pending"), "the run's result to be recorded")
+
+    def test_wrong_password(self):
+        """A throwaway cluster that checks passwords: a wrong one is one line, exit 1."""
+        import glob
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if os.geteuid() != 0 or not bins or not shutil.which("runuser"):
+            skip_or_fail(self, "a password-checking cluster needs root, runuser and Debian's postgresql")
+        pgbin = os.path.dirname(bins[-1])
+        base = tempfile.mkdtemp(prefix="qc-pgpw-")
+        self.addCleanup(shutil.rmtree, base, True)
+        shutil.chown(base, "postgres")
+        with open(os.path.join(base, "pw"), "w") as f:
+            f.write("right-password\n")
+        shutil.chown(os.path.join(base, "pw"), "postgres")
+
+        def as_postgres(*argv):
+            subprocess.run(["runuser", "-u", "postgres", "--"] + list(argv), check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+        as_postgres(os.path.join(pgbin, "initdb"), "-D", base + "/data", "-A", "scram-sha-256", "-U", "postgres",
+                    "--pwfile", base + "/pw")
+        port = random.randrange(20000, 30000)
+        as_postgres(os.path.join(pgbin, "pg_ctl"), "-D", base + "/data", "-l", base + "/log", "-w", "-o",
+                    "-c listen_addresses=127.0.0.1 -p %d -k %s" % (port, base), "start")
+        self.addCleanup(as_postgres, os.path.join(pgbin, "pg_ctl"), "-D", base + "/data", "-m", "immediate", "stop")
+        code, out, err = self.cli("enqueue", "--", "true",
+                                  db="postgresql://postgres:wrong-password@127.0.0.1:%d/postgres" % port)
+        self.assert_one_line_error(code, out, err, "password authentication failed")
+        self.assertNotIn("wrong-password", err)
+        good = "postgresql://postgres:right-password@127.0.0.1:%d/postgres" % port
+        self.assertEqual(self.cli("status", db=good)[0], 0)
+        self.assertEqual(self.cli("enqueue", "--", "true", db=good)[0], 0)
