@@ -2874,44 +2874,52 @@ class PostgresStore(Store):
             return None
         return Store._held(self, job_id, worker_id)
 
+    #: Due waiting jobs marked ready, skipping rows another claim is promoting.
+    _PROMOTE = """
+        UPDATE jobs SET ready = 1
+        WHERE seq IN (SELECT seq FROM jobs
+                      WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed') AND run_at <= ?
+                      ORDER BY run_at
+                      LIMIT 1000
+                      FOR UPDATE SKIP LOCKED)"""
+
     def _promote(self, now):
-        """Mark due waiting jobs ready, skipping rows another claim is promoting."""
-        self._execute("""
-            UPDATE jobs SET ready = 1
-            WHERE seq IN (SELECT seq FROM jobs
-                          WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed') AND run_at <= ?
-                          ORDER BY run_at
-                          LIMIT 1000
-                          FOR UPDATE SKIP LOCKED)""", (now,))
+        self._execute(self._PROMOTE, (now,))
 
     def _claim(self, worker_id, now, lease, queues=None):
-        """The body of claim(): the queues it may take from (not paused; a
-        limited one's row locked, in name order, and its running jobs counted
-        after the lock, so that the limit holds across hosts), then the head
-        of each queue that no other claim holds (SKIP LOCKED), the best of
-        them taken with UPDATE ... RETURNING."""
-        if self.stop_requested(worker_id):
-            return None
-        self._promote(now)
+        """The body of claim(), in two statements where no queue has a limit
+        (a round trip is most of a claim's cost): (1) promote due waiting
+        jobs, read whether we are asked to stop and which queues we may take
+        from (not paused, with ready jobs); (2) take the head of each of those
+        queues that no other claim holds (SKIP LOCKED), the best of them, with
+        UPDATE ... RETURNING, and open its run. A queue with a limit: its row
+        is locked (in name order) and its running jobs counted after the lock,
+        so that the limit holds across hosts."""
         served, params = self._served(queues)
-        names = [r[0] for r in self._all("""
-            SELECT q.name FROM queues q
-            WHERE q.paused = 0 %s
-              AND EXISTS (SELECT 1 FROM jobs WHERE ready = 1 AND queue = q.name)""" % served, params)]
-        if not names:
+        stop, names, limited = self._one("""
+            WITH promoted AS (%s RETURNING queue)
+            SELECT (SELECT stop_requested FROM workers WHERE id = ?),
+                   ARRAY(SELECT q.name FROM queues q
+                         WHERE q.paused = 0 %s
+                           AND (EXISTS (SELECT 1 FROM jobs WHERE ready = 1 AND queue = q.name)
+                                OR q.name IN (SELECT queue FROM promoted))
+                         ORDER BY q.name),
+                   ARRAY(SELECT q.name FROM queues q WHERE q.max_running IS NOT NULL)""" % (self._PROMOTE, served),
+                                            (now, worker_id) + params)
+        if (stop or 0) & STOP_ASKED or not names:
             return None
-        limited = self._all("""
-            SELECT name, max_running FROM queues
-            WHERE name = ANY(?) AND max_running IS NOT NULL
-            ORDER BY name
-            FOR UPDATE""", (names,))
+        limited = [n for n in names if n in set(limited)]
         if limited:
+            limits = dict(self._all("""
+                SELECT name, max_running FROM queues
+                WHERE name = ANY(?) AND max_running IS NOT NULL
+                ORDER BY name
+                FOR UPDATE""", (limited,)))
             running = dict(self._all("""
                 SELECT queue, COUNT(*) FROM jobs
                 WHERE state = 'processing' AND queue = ANY(?)
-                GROUP BY queue""", ([r[0] for r in limited],)))
-            full = {r[0] for r in limited if running.get(r[0], 0) >= r[1]}
-            names = [n for n in names if n not in full]
+                GROUP BY queue""", (list(limits),)))
+            names = [n for n in names if n not in limits or running.get(n, 0) < limits[n]]
             if not names:
                 return None
         job = self._one("""
@@ -2923,20 +2931,22 @@ class PostgresStore(Store):
                                     LIMIT 1
                                     FOR UPDATE SKIP LOCKED) AS h
                 ORDER BY h.priority DESC, h.run_at, h.seq
-                LIMIT 1)
-            UPDATE jobs
-            SET state = 'processing', ready = 0, attempts = attempts + 1, run_count = run_count + 1,
-                worker_id = ?, lease_until = ?, updated_at = ?
-            FROM head
-            WHERE jobs.seq = head.seq
-            RETURNING jobs.*""", (names, worker_id, now + lease, now))
+                LIMIT 1),
+            claimed AS (
+                UPDATE jobs
+                SET state = 'processing', ready = 0, attempts = attempts + 1, run_count = run_count + 1,
+                    worker_id = ?, lease_until = ?, updated_at = ?
+                FROM head
+                WHERE jobs.seq = head.seq
+                RETURNING jobs.*),
+            opened AS (
+                INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
+                SELECT id, run_count, attempts, worker_id, updated_at FROM claimed)
+            SELECT * FROM claimed""", (names, worker_id, now + lease, now))
         if job is None:
             return None
         job = dict(job)
         job["run"] = job["run_count"]
-        self._execute("""
-            INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
-            VALUES (?, ?, ?, ?, ?)""", (job["id"], job["run"], job["attempts"], worker_id, now))
         return job
 
     def oldest_due(self, now):
