@@ -2357,6 +2357,8 @@ PG_MIGRATIONS = {}
 PG_LISTEN_ENV = "QUEUECTL_PG_LISTEN"
 #: How often a polling worker (QUEUECTL_PG_LISTEN=0) looks for due jobs.
 PG_POLL_SECONDS = 0.1
+#: The longest an idle, listening worker sleeps between looks at its stop flags.
+PG_LISTEN_NAP_SECONDS = 0.1
 #: Count deltas a `status` finds before it folds them itself.
 PG_FOLD_AT = 10000
 #: How often a busy worker folds the count deltas into count_base.
@@ -2799,15 +2801,16 @@ class PostgresStore(Store):
 
     def wait_change(self, mark, timeout):
         """Wait on the connection's socket for a notification (LISTEN), at
-        most `timeout` seconds; polling, only sleep (the mark moves every
-        PG_POLL_SECONDS)."""
+        most `timeout` seconds, or PG_LISTEN_NAP_SECONDS if longer (the socket
+        wakes us: shorter naps would only cost CPU); polling, only sleep (the
+        mark moves every PG_POLL_SECONDS)."""
         if not self._listen:
             time.sleep(timeout)
             return self.change_mark()
         import select
         if self._notified == mark:
             try:
-                select.select([self.conn.fileno()], [], [], timeout)
+                select.select([self.conn.fileno()], [], [], max(timeout, PG_LISTEN_NAP_SECONDS))
             except (OSError, ValueError, self._pg.Error):
                 time.sleep(timeout)
         try:
