@@ -161,13 +161,17 @@ WAL_SIZE_LIMIT = 4 * 1024 * 1024
 #: File systems on which SQLite's WAL locking does not work across hosts.
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
                        "lustre", "gpfs", "fuse.sshfs", "fuse.glusterfs", "fuse.s3fs", "davfs")
-#: How often an idle worker looks for new work (a cheap read of a counter):
-#: every 2 ms at first, backing off to every 25 ms (under 1% of a core;
-#: a wake-up costs more than the read).
+#: An idle worker sleeps until a commit nudges it (see WakeFifo). Where it
+#: cannot be nudged (no FIFO could be made beside the database), it polls a
+#: cheap counter instead: every 2 ms at first, backing off to every 25 ms.
 IDLE_POLL_SECONDS = (0.002, 0.025)
-#: An idle worker re-runs the full claim query at least this often (for jobs
-#: whose run_at passes without any write to the database).
+#: An idle worker re-runs the full claim query at least this often: for jobs
+#: whose run_at passes without any write to the database, and as the safety
+#: net for a nudge that was lost (a writer killed between commit and nudge,
+#: an older queuectl that does not nudge).
 IDLE_CLAIM_SECONDS = 0.5
+#: Suffix of the FIFO beside the database through which commits wake idle workers.
+WAKE_SUFFIX = "-wake"
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -961,6 +965,90 @@ def _encodable(text):
         return False
 
 
+def _drain(fd, size=4096):
+    """Read a non-blocking pipe empty (or `size` bytes, if size is 1)."""
+    try:
+        while os.read(fd, size) and size > 1:
+            pass
+    except BlockingIOError:
+        pass
+
+
+class WakeFifo:
+    """How a commit wakes idle workers at once instead of their polling:
+    a FIFO beside the database (`<db>-wake`), made 0600 by the first worker
+    that waits on it.
+
+    An idle worker opens it (read-write, so that it never reads EOF), then
+    looks for work, then waits for the FIFO to become readable: a commit
+    after the look nudges it, one before it was seen by it. A commit that
+    made work claimable writes a byte per job (up to ALL) into it. A worker
+    holds it open only while idle: with none idle, the writer's open fails at
+    once (ENXIO) and costs about as much as a stat(); bytes nobody read are
+    dropped by the kernel when the last worker closes it. Nothing depends on
+    it: a lost nudge (a writer killed between commit and write, an older
+    queuectl, a full pipe) is caught by the worker's slow safety poll, a
+    SIGKILLed worker leaves only the FIFO itself, which the next one reuses,
+    and where no FIFO can be made the worker polls as before.
+    """
+
+    ALL = 64            # bytes for "every idle worker should look" (stop, resume)
+
+    def __init__(self, path):
+        self.fd = None
+        if path is None:
+            return
+        import stat
+        flags = os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(path, flags)
+            except FileNotFoundError:
+                try:
+                    os.mkfifo(path, 0o600)
+                except FileExistsError:
+                    pass        # another worker made it first
+                fd = os.open(path, flags)
+        except OSError:
+            return              # read-only directory, a symlink: poll instead
+        st = os.fstat(fd)
+        if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            os.close(fd)        # not ours to trust: poll instead
+            return
+        self.fd = fd
+
+    def fileno(self):
+        return self.fd
+
+    def drain(self, size=4096):
+        """Read what is there (all of it, or one nudge: size=1, so that the
+        other bytes wake other workers)."""
+        _drain(self.fd, size)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @staticmethod
+    def nudge(path, n):
+        """Wake up to `n` idle workers waiting on the FIFO at `path`; never fails."""
+        if path is None:
+            return
+        import stat
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return      # ENOENT: no worker ever waited here; ENXIO: none waits now
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):    # never write into a regular file
+                os.write(fd, b"." * min(n, WakeFifo.ALL))
+        except OSError:
+            pass        # EAGAIN: the FIFO is full of nudges not yet read
+        finally:
+            os.close(fd)
+
+
 class Store:
     """All access to the SQLite file. Every state change is one transaction.
 
@@ -986,6 +1074,10 @@ class Store:
         self.missing = None
         # SQLite puts the WAL beside the database file a symlink points to.
         self._wal_path = None if path == ":memory:" else os.path.realpath(path) + "-wal"
+        #: The FIFO that idle workers wait on, and how many of them the
+        #: current transaction's commit should wake (see WakeFifo).
+        self._wake_path = None if path == ":memory:" else os.path.realpath(path) + WAKE_SUFFIX
+        self._wake = 0
         self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
         self._open(durable, self.busy_timeout, create)
 
@@ -1159,6 +1251,7 @@ class Store:
         seconds) at BEGIN.
         """
         self._begin(wait)
+        self._wake = 0
         try:
             yield
             self._execute("COMMIT")
@@ -1169,6 +1262,9 @@ class Store:
                 except sqlite3.Error:
                     pass
             raise
+        if self._wake:
+            # After the commit: a worker nudged before it would find nothing.
+            WakeFifo.nudge(self._wake_path, self._wake)
 
     def _begin(self, wait=None):
         """BEGIN IMMEDIATE, waiting for the lock in short naps at first.
@@ -1214,23 +1310,14 @@ class Store:
             if self.conn.in_transaction:
                 self._execute("COMMIT")
 
+    def waker(self):
+        """What an idle worker waits on to be woken by a commit (a WakeFifo;
+        its fileno() is None where none could be made: then poll)."""
+        return WakeFifo(self._wake_path)
+
     def data_version(self):
         """A number that changes whenever another connection commits."""
         return self._one("PRAGMA data_version")[0]
-
-    def _wake_up(self):
-        """This transaction makes work due or asks workers to stop: wake idle
-        workers when it commits. (Nothing to do here: they watch data_version.)"""
-
-    def change_mark(self):
-        """A mark that moves when something an idle worker waits for may have changed."""
-        return self.data_version()
-
-    def wait_change(self, mark, timeout):
-        """Wait up to `timeout` seconds for change_mark() to move from `mark`;
-        returns the mark then. (Here: a nap, then one cheap read.)"""
-        time.sleep(timeout)
-        return self.data_version()
 
     def wal_size(self):
         """The size of the WAL file in bytes (0 if there is none): one stat()."""
@@ -1383,8 +1470,7 @@ class Store:
                     INSERT INTO deps (job_id, after_id) VALUES (?, ?)
                     ON CONFLICT DO NOTHING""", deps)
             self._count_added(added)
-            if any(row[10] for row in rows):
-                self._wake_up()
+            self._wake += sum(row[10] for row in rows)      # the jobs claimable now
         return result
 
     def _count_added(self, added):
@@ -1639,14 +1725,14 @@ class Store:
                       (now, exit_code, outcome, state, stdout, stderr, job["id"], run))
         if live:        # the run stored live output (or may have: a reclaim)
             self._execute("DELETE FROM output WHERE job_id = ? AND run = ?", (job["id"], run))
+        # A finished run may free a slot in a limited queue (or be due again at
+        # once): an idle worker that serves that queue looks again.
+        self._wake += 1
         if state in ("completed", "dead") and dependents:
             if state == "completed":
                 self._unblock(job["id"])
-                self._wake_up()
             else:
                 self._bury_dependents(job["id"], now)
-        if ready:
-            self._wake_up()
         return state, run_at
 
     def _dependents(self, job_id, states):
@@ -1664,6 +1750,7 @@ class Store:
         left with none enter jobs_waiting, and the next claim promotes them)."""
         for dependent in self._dependents(job_id, DUE_STATES):
             self._execute("UPDATE jobs SET blocked = blocked - 1 WHERE id = ? AND blocked > 0", (dependent,))
+            self._wake += 1
 
     def _bury_dependents(self, job_id, now):
         """A job went dead: every job waiting for it goes dead too, unrun, with
@@ -1762,7 +1849,7 @@ class Store:
         """Ask every registered worker to finish its job and exit. Returns their rows."""
         with self.transaction():
             self._execute("UPDATE workers SET stop_requested = stop_requested | ?", (STOP_ASKED,))
-            self._wake_up()
+            self._wake = WakeFifo.ALL
             return self.workers()
 
     def forget_workers(self, worker_ids):
@@ -1948,7 +2035,6 @@ class Store:
                     retried.add(dependent)
                     parents.append(dependent)
                     followed.append(dependent)
-            self._wake_up()
         return list(job_ids) + followed
 
     def _dependency_state(self, job_id, reviving=()):
@@ -1981,6 +2067,7 @@ class Store:
             SET state = 'pending', ready = ?, blocked = ?, attempts = 0, run_at = ?, exit_code = NULL,
                 outcome = NULL, cancel_requested = 0, updated_at = ?, max_retries = COALESCE(?, max_retries)
             WHERE id = ?""", (0 if waits else 1, waits, now, now, max_retries, job_id))
+        self._wake += 0 if waits else 1
 
     def retry_failed(self, job_ids, now=None):
         """Make failed jobs due now instead of at their backoff time. All or nothing."""
@@ -1998,7 +2085,7 @@ class Store:
                 self._execute("""
                     UPDATE jobs SET run_at = ?, ready = 1, updated_at = ?
                     WHERE id = ?""", (now, now, job_id))
-            self._wake_up()
+                self._wake += 1
         return job_ids
 
     def purge(self, states, before, batch=PURGE_BATCH):
@@ -2036,7 +2123,7 @@ class Store:
             for column in ("max_running", "paused"):
                 if column in settings:
                     self._execute("UPDATE queues SET %s = ? WHERE name = ?" % column, (settings[column], name))
-            self._wake_up()     # resumed, or room under a higher limit
+            self._wake = WakeFifo.ALL      # resumed, or a limit raised: its jobs may run now
         return existed
 
     def cancel(self, job_ids, now=None):
@@ -2067,12 +2154,13 @@ class Store:
     # -- dashboard reads: each bounded by a LIMIT (or a seq window) and an index --
 
     @staticmethod
-    def _job_filter(low=None, high=None, state=None, text=None, outcome=None):
+    def _job_filter(low=None, high=None, state=None, text=None, outcome=None, queue=None):
         """WHERE clause and parameters for find_jobs and count_matching:
-        low <= seq < high, the state, the text, the (outcome, exit_code) group."""
+        low <= seq < high, the state, the queue, the text, the (outcome, exit_code) group."""
         where, params = ["1 = 1"], []
         for clause, value, given in (("seq >= ?", low, low is not None), ("seq < ?", high, high is not None),
-                                     ("state = ?", state, state is not None)):
+                                     ("state = ?", state, state is not None),
+                                     ("queue = ?", queue, queue is not None)):
             if given:
                 where.append(clause)
                 params.append(value)
@@ -2085,20 +2173,20 @@ class Store:
         return " AND ".join(where), params
 
     def find_jobs(self, state=None, text=None, outcome=None, before=None, upto=None,
-                  limit=50, scan=None):
-        """Jobs newest first (keyset pagination on seq): in `state`; whose command
-        contains `text` or whose id starts with it; dead with this (outcome,
-        exit_code) group. `before`: only seq < before; `upto`: only seq <= upto.
+                  limit=50, scan=None, queue=None):
+        """Jobs newest first (keyset pagination on seq): in `state`; in `queue`;
+        whose command contains `text` or whose id starts with it; dead with this
+        (outcome, exit_code) group. `before`: only seq < before; `upto`: only seq <= upto.
 
-        Filters that no index serves (text, outcome) look at most `scan` jobs
+        Filters that no index serves (text, outcome, queue) look at most `scan` jobs
         back from `before`, so a rare match costs a bounded walk, not a table
         scan. Returns (jobs, low): low is the lowest seq looked at (None if
         the walk was not cut short)."""
         top = (self._one("SELECT MAX(seq) FROM jobs")[0] or 0) + 1 if before is None else before
         if upto is not None:
             top = min(top, upto + 1)
-        low = top - scan if scan is not None and (text or outcome is not None) else None
-        where, params = self._job_filter(low, top, state, text, outcome)
+        low = top - scan if scan is not None and (text or outcome is not None or queue is not None) else None
+        where, params = self._job_filter(low, top, state, text, outcome, queue)
         rows = self._all("""
             SELECT * FROM jobs
             WHERE %s
@@ -2355,10 +2443,6 @@ PG_MIGRATIONS = {}
 #: Environment variable: 0 makes workers poll instead of LISTEN (needed behind
 #: PgBouncer in transaction mode, where LISTEN does not work).
 PG_LISTEN_ENV = "QUEUECTL_PG_LISTEN"
-#: How often a polling worker (QUEUECTL_PG_LISTEN=0) looks for due jobs.
-PG_POLL_SECONDS = 0.1
-#: The longest an idle, listening worker sleeps between looks at its stop flags.
-PG_LISTEN_NAP_SECONDS = 0.1
 #: Count deltas a `status` finds before it folds them itself.
 PG_FOLD_AT = 10000
 #: How often a busy worker folds the count deltas into count_base.
@@ -2474,24 +2558,43 @@ class _PgDriver:
         return conn is None or (conn.closed if self.v3 else conn.closed != 0) or (
             self.v3 and conn.info.status != self.module.pq.ConnStatus.OK)
 
-    def on_notify(self, conn, callback):
-        """Call `callback()` for each notification read along with query results."""
-        if self.v3:
-            conn.add_notify_handler(lambda n: callback())
-
     def read_notifies(self, conn):
-        """Read what the server sent meanwhile; the number of notifications."""
+        """Read what the server sent meanwhile and drop its notifications
+        (they only wake; what changed is read by the due check)."""
         if self.v3:
             pgconn = conn.pgconn
             pgconn.consume_input()
-            n = 0
             while pgconn.notifies() is not None:
-                n += 1
-            return n
-        conn.poll()
-        n = len(conn.notifies)
-        del conn.notifies[:]
-        return n
+                pass
+        else:
+            conn.poll()
+            del conn.notifies[:]
+
+
+class _PgWaker:
+    """PostgresStore.waker(): the interface of WakeFifo over LISTEN/NOTIFY."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def fileno(self):
+        store = self.store
+        if store._listen and store.conn is not None and not store._pg.broken(store.conn):
+            return store.conn.fileno()
+        if store._idle_pipe is None:
+            store._idle_pipe = os.pipe()
+        return store._idle_pipe[0]
+
+    def drain(self, size=None):
+        store = self.store
+        if store._listen and store.conn is not None:
+            try:
+                store._pg.read_notifies(store.conn)
+            except store._pg.Error:
+                pass        # a lost connection: the next query reconnects
+
+    def close(self):
+        pass        # the connection stays; the pipe goes with the store
 
 
 def _retried(method):
@@ -2536,8 +2639,9 @@ class PostgresStore(Store):
         self._durable = durable
         self._listen = listen and os.environ.get(PG_LISTEN_ENV, "1") != "0"
         self._channel = None
-        self._notified = 0          # notifications received (or reconnects: anything may have changed)
-        self._wake = False          # this transaction NOTIFYs at commit
+        self._wake = 0              # this transaction NOTIFYs at commit if not 0
+        self._limited = None        # queues with a limit, as the last claim saw them
+        self._idle_pipe = None      # see _PgWaker
         self._in_transaction = False
         self._sql_cache = {}
         self._folded_at = 0.0
@@ -2573,7 +2677,6 @@ class PostgresStore(Store):
         except self._pg.Error as e:
             raise StoreError("cannot connect to %s: %s" % (self.path, self._text(e)))
         try:
-            self._pg.on_notify(self.conn, self._count_notify)
             # A session that vanishes mid-transaction (a host cut off) must
             # not hold its locks for long; workers need not wait for fsync.
             self._execute("SET lock_timeout = %d; SET idle_in_transaction_session_timeout = 60000%s" % (
@@ -2651,14 +2754,16 @@ class PostgresStore(Store):
             except self._pg.Error:
                 pass
             self.conn = None
+        if self._idle_pipe is not None:
+            for fd in self._idle_pipe:
+                os.close(fd)
+            self._idle_pipe = None
 
     def _reconnect(self):
-        """After a lost connection (workers only ride it out: a CLI call has
-        already failed): connect again, LISTEN again, and count it as a
-        notification, since any change may have been missed."""
+        """After a lost connection (workers ride it out; a CLI call has
+        already failed): connect again, and LISTEN again."""
         self.close()
         self._connect()
-        self._notified += 1
 
     # -- statements -------------------------------------------------------------
 
@@ -2733,8 +2838,9 @@ class PostgresStore(Store):
     def transaction(self, wait=None):
         """BEGIN ... COMMIT (READ COMMITTED); ROLLBACK on any exception. With
         `wait`, a row lock is waited for at most that long. NOTIFY once,
-        just before COMMIT, if the transaction made work due (_wake_up)."""
-        self._wake = False
+        just before COMMIT, if the transaction made work claimable or asked a
+        stop (self._wake: see WakeFifo, which SQLite uses instead)."""
+        self._wake = 0
         self._execute("BEGIN" if wait is None else "BEGIN; SET LOCAL lock_timeout = %d" % int(wait * 1000))
         self._in_transaction = True
         try:
@@ -2785,38 +2891,11 @@ class PostgresStore(Store):
         after = time.time()
         self.clock_offset = server - (before + after) / 2
 
-    def _count_notify(self):
-        self._notified += 1
-
-    def _wake_up(self):
-        self._wake = True
-
-    def change_mark(self):
-        if not self._listen:
-            return int(time.monotonic() / PG_POLL_SECONDS)
-        if self.conn is None or self._pg.broken(self.conn):
-            self._reconnect()
-        self._notified += self._pg.read_notifies(self.conn)
-        return self._notified
-
-    def wait_change(self, mark, timeout):
-        """Wait on the connection's socket for a notification (LISTEN), at
-        most `timeout` seconds, or PG_LISTEN_NAP_SECONDS if longer (the socket
-        wakes us: shorter naps would only cost CPU); polling, only sleep (the
-        mark moves every PG_POLL_SECONDS)."""
-        if not self._listen:
-            time.sleep(timeout)
-            return self.change_mark()
-        import select
-        if self._notified == mark:
-            try:
-                select.select([self.conn.fileno()], [], [], max(timeout, PG_LISTEN_NAP_SECONDS))
-            except (OSError, ValueError, self._pg.Error):
-                time.sleep(timeout)
-        try:
-            return self.change_mark()
-        except self._pg.Error as e:
-            raise self._error(e)
+    def waker(self):
+        """What an idle worker waits on: this connection's socket, readable
+        when a NOTIFY arrives (LISTEN), else a pipe nothing writes to, so that
+        the worker polls every IDLE_CLAIM_SECONDS (QUEUECTL_PG_LISTEN=0)."""
+        return _PgWaker(self)
 
     # -- what PostgreSQL does its own way -----------------------------------------
 
@@ -2831,6 +2910,17 @@ class PostgresStore(Store):
 
     def _add_queue(self, name):
         self._execute("INSERT INTO queues (name) VALUES (?) ON CONFLICT DO NOTHING", (name,))
+
+    def _settle(self, job, run, outcome, exit_code, ok, now, *args, **kwargs):
+        # Store._settle wakes idle workers for every finished run, in case it
+        # freed a slot of a limited queue. A NOTIFY takes a lock at commit and
+        # wakes every listener: here only where a slot or a due job matters.
+        wake = self._wake
+        state, run_at = Store._settle(self, job, run, outcome, exit_code, ok, now, *args, **kwargs)
+        if self._wake == wake + 1 and self._limited is not None and job["queue"] not in self._limited \
+                and not (state in DUE_STATES and run_at <= now):
+            self._wake = wake
+        return state, run_at
 
     def _count_added(self, added):
         self._executemany("INSERT INTO count_deltas (queue, state, n) VALUES (?, ?, ?)",
@@ -2909,9 +2999,10 @@ class PostgresStore(Store):
                          ORDER BY q.name),
                    ARRAY(SELECT q.name FROM queues q WHERE q.max_running IS NOT NULL)""" % (self._PROMOTE, served),
                                             (now, worker_id) + params)
+        self._limited = set(limited)
         if (stop or 0) & STOP_ASKED or not names:
             return None
-        limited = [n for n in names if n in set(limited)]
+        limited = [n for n in names if n in self._limited]
         if limited:
             limits = dict(self._all("""
                 SELECT name, max_running FROM queues
@@ -3452,10 +3543,12 @@ class Worker:
         self._live = None               # output not yet stored for `logs --follow`
         self._live_written = False      # whether any of this run's was
         self._parent = os.getppid()
+        self._signals = None            # the signal wake-up pipe (see _listen_for_signals)
 
     def run(self):
         """Work until asked to stop (or, with once, until nothing is due). Returns an exit code."""
         self.store = open_store(self.db_path, durable=False, listen=True)
+        old_wakeup = self._listen_for_signals()
         try:
             self.store.register_worker(self.id)
             self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
@@ -3508,6 +3601,34 @@ class Worker:
                     self.stop_asked = True
             finally:
                 self.store.close()
+                self._stop_listening_for_signals(old_wakeup)
+
+    def _listen_for_signals(self):
+        """Make a signal end idle()'s wait at once: a handler only sets a flag,
+        and select() would go on waiting after it ran (PEP 475). Python writes
+        to the wake-up pipe for each signal it handles. Only the main thread
+        may do this (a worker run in another thread, by tests, polls). Returns
+        the wake-up fd it replaced."""
+        import signal
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        try:
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(r)
+            os.close(w)
+            return None
+        self._signals, self._signal_fds = r, (r, w)
+        return old
+
+    def _stop_listening_for_signals(self, old):
+        if self._signals is not None:
+            import signal
+            signal.set_wakeup_fd(old)
+            for fd in self._signal_fds:
+                os.close(fd)
+            self._signals = None
 
     def housekeeping(self, job_id=None):
         """Heartbeat (and every few beats, reclaim lost jobs) when due. Returns
@@ -3564,11 +3685,51 @@ class Worker:
         return self.stop_level > 0
 
     def idle(self):
-        """Wait until a job is due or we are asked to stop. Only reads: the
-        data_version counter every IDLE_POLL_SECONDS (it changes when another
-        connection commits) and the due check when it changed, or every
-        IDLE_CLAIM_SECONDS (for jobs whose run_at simply passes)."""
-        version = self.store.change_mark()
+        """Wait until a job is due or we are asked to stop, reading nothing
+        while we wait: a commit that makes work claimable (or asks a stop)
+        nudges us through the store's waker (a FIFO beside the database); a
+        signal ends the wait through the wake-up pipe. The claim query re-runs
+        at least every IDLE_CLAIM_SECONDS anyway, for jobs whose run_at simply
+        passes and for a nudge that was lost."""
+        import select
+        waker = self.store.waker()
+        try:
+            if waker.fileno() is None:
+                return self._poll_idle()
+            # Open before we look: a commit after the look nudges us, one
+            # before it is seen by it. Old nudges are stale after the look.
+            waker.drain()
+            if self._work_or_stop():
+                return
+            waits = [waker] if self._signals is None else [waker, self._signals]
+            recheck = time.monotonic() + IDLE_CLAIM_SECONDS
+            while self.stop_level == 0:
+                timeout = min(recheck, self._next_heartbeat) - time.monotonic()
+                ready = select.select(waits, [], [], max(timeout, 0.0))[0]
+                nudged = waker in ready
+                if nudged:
+                    waker.drain(1)      # one byte: the others wake other workers
+                if self._signals in ready:
+                    _drain(self._signals)
+                self.maybe_pause()
+                now = time.monotonic()
+                if nudged or now >= recheck:
+                    if self._work_or_stop():
+                        return
+                    recheck = now + IDLE_CLAIM_SECONDS
+                self.housekeeping()
+        finally:
+            waker.close()
+
+    def _work_or_stop(self):
+        """Asked to stop, or could a claim take a job now? (Reads, no lock.)"""
+        return self._stop_requested() or self.store.has_due(self.store.now(), self.queues)
+
+    def _poll_idle(self):
+        """idle() where the store cannot wake us: read the data_version counter
+        every IDLE_POLL_SECONDS (it changes when another connection commits)
+        and run the due check when it changed, or every IDLE_CLAIM_SECONDS."""
+        version = self.store.data_version()
         # A job enqueued after our last claim but before the counter was read
         # changes nothing we would see: look once now.
         if self.store.has_due(self.store.now(), self.queues):
@@ -3576,15 +3737,14 @@ class Worker:
         recheck = time.monotonic() + IDLE_CLAIM_SECONDS
         nap, longest = IDLE_POLL_SECONDS
         while self.stop_level == 0:
-            current = self.store.wait_change(version, nap)
+            time.sleep(nap)
             self.maybe_pause()
             nap = min(nap * 1.25, longest)
             now = time.monotonic()
+            current = self.store.data_version()
             changed, version = current != version, current    # read once: no commit slips between
             if changed or now >= recheck:
-                if self._stop_requested():
-                    return
-                if self.store.has_due(self.store.now(), self.queues):
+                if self._work_or_stop():
                     return
                 recheck = now + IDLE_CLAIM_SECONDS
             self.housekeeping()
@@ -4177,6 +4337,8 @@ _DONE = {
     "retried": "%d job(s) moved back to pending",
     "purged": "%d job(s) purged",
     "stopping": "asked %d worker(s) to stop after their current job",
+    "paused": "%d queue paused: its running jobs finish, no new ones start",
+    "resumed": "%d queue resumed",
 }
 
 
@@ -4498,6 +4660,8 @@ class _Watcher:
                  "runs": repr(max_finished),
                  "dlq": "%d.%s" % (counts["dead"], max_dead),
                  "workers": "%x" % (hash(states) & 0xffffffffffff),
+                 "queues": "%x" % (hash(tuple((q["name"], q["max_running"], q["paused"], tuple(q["counts"].values()))
+                                              for q in self.store.queues())) & 0xffffffffffff),
                  "depth": self.marks.get("depth", "0"),
                  "stats": self.marks.get("stats", "0")}
         if now >= self.next_sample:
@@ -4642,10 +4806,18 @@ class Dashboard:
         with self.pool.store() as store:
             self.counters.update(store, force=True)
             counts = store.counts()
+            queues = store.queues()
             workers = store.workers()
             latency = self.latency(store, now)
         out = ["# HELP queuectl_jobs Jobs stored, by state.", "# TYPE queuectl_jobs gauge"]
         out += ['queuectl_jobs{state="%s"} %d' % (s, counts[s]) for s in STATES]
+        # Queue names are letters, digits and ._- only: nothing to escape in a label value.
+        out += ["# HELP queuectl_queue_jobs Jobs stored, by queue and state.", "# TYPE queuectl_queue_jobs gauge"]
+        out += ['queuectl_queue_jobs{queue="%s",state="%s"} %d' % (x["name"], s, x["counts"][s])
+                for x in queues for s in STATES]
+        out += ["# HELP queuectl_queue_paused 1 if the queue is paused (no new jobs start).",
+                "# TYPE queuectl_queue_paused gauge"]
+        out += ['queuectl_queue_paused{queue="%s"} %d' % (x["name"], 1 if x["paused"] else 0) for x in queues]
         totals = self.counters.snapshot()
         out += ["# HELP queuectl_runs_total Finished runs by outcome (from the runs stored when the "
                 "dashboard started, then every run it saw finish; purging never lowers it).",
@@ -4779,6 +4951,30 @@ class Dashboard:
                            ("dashboard start" if depth and depth[0][0] > now - 3590 else "-60m", "now"),
                            "queue depth", fmt=lambda v: "%d" % v))
 
+        def queues_html():
+            rows = []
+            for queue in store.queues():
+                c, name = queue["counts"], queue["name"]
+                running = "%d / %d" % (c["processing"], queue["max_running"]) \
+                    if queue["max_running"] is not None else "%d" % c["processing"]
+                if self.read_only:
+                    act = ""
+                elif queue["paused"]:
+                    act = self.action("/actions/queue-resume", "resume", "/", "small", queue=name)
+                else:
+                    act = self.action("/actions/queue-pause", "pause", "/", "small", queue=name)
+                rows.append("<tr><td><a href=\"%s\">%s</a></td><td>%s</td>%s<td class=\"num\">%s</td>"
+                            "%s<td>%s</td></tr>" % (
+                                _url("/jobs", queue=name), _h(name),
+                                _badge("paused") if queue["paused"] else _badge("active"),
+                                "<td class=\"num\">%d</td>" % c["pending"], running,
+                                "".join("<td class=\"num\">%d</td>" % c[s] for s in ("failed", "dead", "completed")),
+                                act))
+            return ("<h2>Queues</h2><table class=\"queues\"><thead><tr><th>Queue</th><th>State</th>"
+                    "<th class=\"num\">Pending</th><th class=\"num\">Running / limit</th>"
+                    "<th class=\"num\">Failed</th><th class=\"num\">Dead</th><th class=\"num\">Completed</th>"
+                    "<th></th></tr></thead><tbody>%s</tbody></table>") % "".join(rows)
+
         def dead_html():
             jobs, _ = store.find_jobs("dead", limit=8)
             if not jobs:
@@ -4791,7 +4987,8 @@ class Dashboard:
                     "<thead><tr><th>ID</th><th>Last outcome</th><th>Died</th><th>Command</th></tr></thead>"
                     "<tbody>%s</tbody></table>") % rows
 
-        return "Overview", "Overview", [("counts", "jobs", counts_html), ("workers", "workers jobs", workers_html),
+        return "Overview", "Overview", [("counts", "jobs", counts_html), ("queues", "queues", queues_html),
+                                        ("workers", "workers jobs", workers_html),
                                         ("stats", "stats depth", stats_html), ("dead", "dlq", dead_html)]
 
     def _limit(self, q):
@@ -4812,22 +5009,30 @@ class Dashboard:
     def page_jobs(self, store, q, now, marks):
         state = q.get("state") or None
         _check_state(state)
+        queue = q.get("queue") or None
+        if queue is not None and not valid_queue_name(queue):
+            raise QueueError("invalid queue name %r" % queue)
         text = q.get("q") or None
         limit = self._limit(q)
         before = self._seq(q, "before")
         here = "/jobs" + ("?" + q["_query"] if q.get("_query") else "")
 
         def list_html():
-            jobs, low = store.find_jobs(state, text, before=before, limit=limit, scan=DASHBOARD_SCAN)
-            counts = store.counts()
+            jobs, low = store.find_jobs(state, text, before=before, limit=limit, scan=DASHBOARD_SCAN, queue=queue)
+            queues = store.queues()
+            counts = {s: sum(x["counts"][s] for x in queues if queue in (None, x["name"])) for s in STATES}
             options = "".join('<option value="%s"%s>%s (%d)</option>' % (
                 s, " selected" if s == state else "", s, counts[s]) for s in STATES)
+            queue_options = "".join('<option value="%s"%s>%s%s</option>' % (
+                _h(x["name"]), " selected" if x["name"] == queue else "", _h(x["name"]),
+                " (paused)" if x["paused"] else "") for x in queues)
             form = ('<form class="filters" method="get" action="/jobs"><select name="state" aria-label="state">'
                     '<option value="">all states (%d)</option>%s</select>'
+                    '<select name="queue" aria-label="queue"><option value="">all queues</option>%s</select>'
                     '<input type="search" name="q" value="%s" placeholder="id prefix or command text" '
                     'aria-label="search">'
                     '<select name="limit" aria-label="page size">%s</select><button>Filter</button></form>') % (
-                sum(counts.values()), options, _h(text or ""),
+                sum(counts.values()), options, queue_options, _h(text or ""),
                 "".join('<option value="%d"%s>%d a page</option>' % (n, " selected" if n == limit else "", n)
                         for n in sorted({50, 100, 200, DASHBOARD_PAGE[1], limit})))
             exact = ""
@@ -4842,29 +5047,30 @@ class Dashboard:
                     act = self.action("/actions/cancel", "cancel", here, "small", one=j["id"])
                 elif j["state"] == "dead":
                     act = self.action("/actions/retry", "retry", here, "small", one=j["id"])
-                rows.append("<tr><td><a class=\"id\" href=\"/jobs/%s\">%s</a></td><td>%s</td>"
+                rows.append("<tr><td><a class=\"id\" href=\"/jobs/%s\">%s</a></td><td>%s</td><td>%s</td>"
                             "<td class=\"num\">%s</td><td class=\"num\">%d</td><td>%s</td><td class=\"num\">%s</td>"
                             "<td class=\"cmd\" title=\"%s\"><code>%s</code></td><td>%s</td></tr>" % (
-                                _q(j["id"]), _h(j["id"]), _badge(j["state"]), _attempts(j), j["priority"],
-                                _ago(when, now), _h(j["exit_code"]), _h(_short(j["command"], 2000)),
+                                _q(j["id"]), _h(j["id"]), _badge(j["state"]), _h(j["queue"]), _attempts(j),
+                                j["priority"], _ago(when, now), _h(j["exit_code"]), _h(_short(j["command"], 2000)),
                                 _h(_short(j["command"])), act))
-            table = ("<table class=\"jobs\"><thead><tr><th>ID</th><th>State</th><th class=\"num\">Attempts</th>"
-                     "<th class=\"num\">Pri</th><th>Due / updated</th><th class=\"num\">Exit</th><th>Command</th>"
-                     "<th></th></tr></thead><tbody>%s</tbody></table>") % "".join(rows)
+            table = ("<table class=\"jobs\"><thead><tr><th>ID</th><th>State</th><th>Queue</th>"
+                     "<th class=\"num\">Attempts</th><th class=\"num\">Pri</th><th>Due / updated</th>"
+                     "<th class=\"num\">Exit</th><th>Command</th><th></th></tr></thead><tbody>%s</tbody></table>") % (
+                "".join(rows))
             if not rows:
-                table = "<p class=\"empty\">No jobs%s.</p>" % (" match" if text or state else "")
+                table = "<p class=\"empty\">No jobs%s.</p>" % (" match" if text or state or queue else "")
             pager = []
+            keep = dict(state=state, queue=queue, q=text, limit=limit)
             if before is not None:
-                pager.append('<a href="%s">\u2190 newest</a>' % _url("/jobs", state=state, q=text, limit=limit))
+                pager.append('<a href="%s">\u2190 newest</a>' % _url("/jobs", **keep))
             if len(jobs) == limit:
-                pager.append('<a href="%s">older \u2192</a>' % _url("/jobs", state=state, q=text, limit=limit,
-                                                                   before=jobs[-1]["seq"]))
+                pager.append('<a href="%s">older \u2192</a>' % _url("/jobs", before=jobs[-1]["seq"], **keep))
             elif low is not None:
                 pager.append('<span class="note">searched %d jobs back</span> <a href="%s">search older \u2192</a>' % (
-                    DASHBOARD_SCAN, _url("/jobs", state=state, q=text, limit=limit, before=low)))
+                    DASHBOARD_SCAN, _url("/jobs", before=low, **keep)))
             return "%s%s%s<nav class=\"pager\">%s</nav>" % (form, exact, table, " ".join(pager))
 
-        title = "Jobs" + (" \u00b7 " + state if state else "")
+        title = "Jobs" + "".join(" \u00b7 " + x for x in (queue, state) if x)
         return title, "Jobs", [("list", "jobs", list_html)]
 
     def page_job(self, store, q, now, marks, job_id):
@@ -5138,6 +5344,12 @@ class Dashboard:
                 except ValueError as e:
                     raise QueueError(str(e))
                 return "purged", store.purge(states, time.time() - older)
+            if name in ("queue-pause", "queue-resume"):
+                queue = (form.get("queue") or [""])[0]
+                if queue not in {row["name"] for row in store.queues()}:
+                    raise QueueError("no queue %r" % queue)
+                store.set_queue(queue, paused=1 if name == "queue-pause" else 0)
+                return ("paused" if name == "queue-pause" else "resumed"), 1
             if name == "worker-stop":
                 targets = store.request_stop()
                 gone = [w["id"] for w in targets
@@ -5429,10 +5641,12 @@ def _dashboard_handler(app):
                     return self._json({"last_hour": stats["last_hour"], "last_day": stats["last_day"],
                                        "counts": store.counts()})
                 if path == "/api/jobs":
-                    state = q.get("state") or None
+                    state, queue = q.get("state") or None, q.get("queue") or None
                     _check_state(state)
+                    if queue is not None and not valid_queue_name(queue):
+                        raise QueueError("invalid queue name %r" % queue)
                     jobs, low = store.find_jobs(state, q.get("q") or None, before=app._seq(q, "before"),
-                                                limit=app._limit(q), scan=DASHBOARD_SCAN)
+                                                limit=app._limit(q), scan=DASHBOARD_SCAN, queue=queue)
                     nxt = jobs[-1]["seq"] if len(jobs) == app._limit(q) else low
                     return self._json({"jobs": [job_to_json(j) for j in jobs], "next_before": nxt})
                 if path == "/api/dlq":
@@ -5649,8 +5863,8 @@ table.stats th { text-transform: none; font-size: 12px; color: var(--fg); backgr
 .badge { display: inline-block; padding: 0 7px; border-radius: 9px; font-size: 11px; font-weight: 600;
   background: #e4e7eb; color: var(--pending); }
 .badge.s-processing { background: #dce8fb; color: var(--processing); }
-.badge.s-completed, .badge.s-alive { background: #ddf3e4; color: var(--ok); }
-.badge.s-failed, .badge.s-stopping { background: #fcefd9; color: #a8680a; }
+.badge.s-completed, .badge.s-alive, .badge.s-active { background: #ddf3e4; color: var(--ok); }
+.badge.s-failed, .badge.s-stopping, .badge.s-paused { background: #fcefd9; color: #a8680a; }
 .badge.s-dead, .badge.s-lost { background: #fbe1e1; color: var(--dead); }
 .cols { display: grid; grid-template-columns: minmax(260px, 1fr) 3fr; gap: 20px; }
 .charts { display: grid; grid-template-columns: 1fr 1fr; gap: 10px 16px; margin-top: 20px; }
@@ -6291,8 +6505,12 @@ def cmd_enqueue(args):
             jobs.append(validate_job(obj, cwd, now))
         except ValueError as e:
             raise QueueError("%s%s" % (where, e))
-    if len(jobs) > 1 and "id" in flags:
-        raise UsageError("--id cannot be used with several jobs")
+    if len(jobs) > 1:
+        for name in ("id", "unique"):
+            if name in flags:
+                # One id or key for every job would add the first and drop the rest.
+                raise UsageError("--%s cannot be used with several jobs (give each its own \"%s\" in the "
+                                 "JSON)" % (name, name))
     with _open_store(args, create=True) as store:
         added = store.submit(jobs, now=now)
     if args.json:

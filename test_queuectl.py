@@ -2630,6 +2630,21 @@ class TestUniqueJobs(QueueTestCase):
                             err="queuectl: error: field 'unique' must be a non-empty string of at most 256 "
                                 "characters, not ''")
 
+    def test_a_flag_key_or_id_for_several_jobs_is_refused(self):
+        # One key for a whole file would add its first job and silently drop the rest.
+        lines = b'{"command": "echo a"}\n{"command": "echo b"}\n'
+        self.init_db()
+        before = self.db_dump()
+        for flag in ("--unique", "--id"):
+            self.expect_failure("enqueue", flag, "k1", "--file", "-", stdin=lines, code=2,
+                                err='queuectl: error: %s cannot be used with several jobs (give each its own '
+                                    '"%s" in the JSON)' % (flag, flag[2:]))
+        self.assertEqual(self.db_dump(), before)
+        # Keys of their own, in the JSON: fine.
+        self.expect_success("enqueue", "--file", "-",
+                            stdin=b'{"command": "echo a", "unique": "a"}\n{"command": "echo b", "unique": "b"}\n')
+        self.assertEqual(sorted(j["unique"] for j in self.jobs()), ["a", "b"])
+
     def test_sixteen_concurrent_enqueuers_create_one_job(self):
         self.init_db()
         procs = [subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "enqueue", "--unique", "k", "--",
@@ -4781,8 +4796,8 @@ class TestDashboardServer(DashboardTestCase):
         ]
         for kw, code in attempts:
             for path in ("/actions/retry", "/actions/retry-matching", "/actions/purge", "/actions/cancel",
-                         "/actions/worker-stop"):
-                status, _, _ = dash.post(path, dict(form, state="dead", upto="999"), **kw)
+                         "/actions/worker-stop", "/actions/queue-pause", "/actions/queue-resume"):
+                status, _, _ = dash.post(path, dict(form, state="dead", upto="999", queue="default"), **kw)
                 self.assertEqual(status, code, (path, kw))
         self.assertEqual(self.db_dump(), before)
         status, headers, _ = dash.post("/actions/retry", form, headers={"Sec-Fetch-Site": "same-origin"})
@@ -4801,10 +4816,10 @@ class TestDashboardServer(DashboardTestCase):
         self.add("echo pending")
         dash = self.dashboard()
         before = self.db_dump()
-        query = "?one=%s&sel=%s&state=dead&state=completed&older_than=0&g=1&outcome=exit+3&exit=3&upto=999" % (
-            ids[0], ids[1])
+        query = "?one=%s&sel=%s&state=dead&state=completed&older_than=0&g=1&outcome=exit+3&exit=3&upto=999" \
+            "&queue=default" % (ids[0], ids[1])
         for path in ("/actions/retry", "/actions/retry-matching", "/actions/purge", "/actions/cancel",
-                     "/actions/worker-stop"):
+                     "/actions/worker-stop", "/actions/queue-pause", "/actions/queue-resume"):
             status, headers, _ = dash.request(path + query)
             self.assertEqual(status, 405, path)
             self.assertEqual(headers["Allow"], "POST")
@@ -5016,6 +5031,53 @@ class TestDashboardServer(DashboardTestCase):
         status, headers, _ = dash.post("/actions/worker-stop", {"back": "/"})
         self.assertEqual(headers["Location"], "/?done=stopping&n=0")
         self.assertIn("dashboard: 2 job(s) purged", dash.stderr())
+
+    def test_queues_are_shown_filtered_and_paused_like_the_cli(self):
+        """Overview lists each queue (counts, running / limit, paused) with pause/resume; /jobs filters by
+        queue and shows it; /metrics and /api/jobs have it; a pause from the page is the CLI's pause."""
+        self.expect_success("queue", "set", "backups", "--limit", "1", err=None)
+        nightly = self.add("echo nightly", queue="backups")
+        thumb = self.add("echo thumb", queue="thumbs")
+        self.add("echo plain")
+        dash = self.dashboard()
+        html = dash.get("/")
+        section = html[html.index("<h2>Queues</h2>"):]
+        section = section[:section.index("</table>")]
+        for name in ("backups", "default", "thumbs"):
+            self.assertIn('href="/jobs?queue=%s"' % name, section)
+        self.assertRegex(section, r'backups</a></td><td><span class="badge s-active">active</span></td>'
+                                  r'<td class="num">1</td><td class="num">0 / 1</td>')
+        # Pause from the page: the CLI sees it; the button turns into resume.
+        status, headers, _ = dash.post("/actions/queue-pause", {"queue": "thumbs", "back": "/"})
+        self.assertEqual((status, headers["Location"]), (303, "/?done=paused&n=1"))
+        queues = {q["name"]: q for q in json.loads(self.expect_success("queue", "list", "--json"))}
+        self.assertTrue(queues["thumbs"]["paused"])
+        self.assertFalse(queues["backups"]["paused"])
+        html = dash.get("/?done=paused&n=1")
+        self.assertIn("1 queue paused", html)
+        self.assertRegex(html, r'thumbs</a></td><td><span class="badge s-paused">paused</span>')
+        self.assertIn('action="/actions/queue-resume"', html)
+        self.assertEqual(dash.post("/actions/queue-resume", {"queue": "thumbs", "back": "/"})[0], 303)
+        self.assertFalse({q["name"]: q for q in json.loads(self.expect_success("queue", "list", "--json"))}
+                         ["thumbs"]["paused"])
+        # An unknown queue changes nothing.
+        before = self.db_dump()
+        status, _, body = dash.post("/actions/queue-pause", {"queue": "nosuch", "back": "/"})
+        self.assertEqual(status, 409)
+        self.assertIn(b"no queue", body)
+        self.assertEqual(self.db_dump(), before)
+        # The jobs list: a queue column, and a filter.
+        html = dash.get("/jobs?queue=backups")
+        self.assertIn(nightly, html)
+        self.assertNotIn(thumb, html)
+        self.assertIn('<option value="backups" selected>backups</option>', html)
+        self.assertIn("<th>Queue</th>", dash.get("/jobs"))
+        self.assertEqual(dash.request("/jobs?queue=no%20way")[0], 400)
+        api = dash.get_json("/api/jobs?queue=thumbs")
+        self.assertEqual([j["id"] for j in api["jobs"]], [thumb])
+        metrics = parse_prometheus(dash.get("/metrics"))
+        self.assertEqual(metrics[("queuectl_queue_jobs", frozenset({("queue", "backups"), ("state", "pending")}))], 1)
+        self.assertEqual(metrics[("queuectl_queue_paused", frozenset({("queue", "thumbs")}))], 0)
 
     def test_read_only_offers_and_accepts_no_action(self):
         """--read-only: no forms or action links on any page; every POST is 403 and changes nothing."""
@@ -5441,8 +5503,129 @@ class TestDashboardBrowser(DashboardTestCase):
             self.assert_page_behaved(dash)
 
 
-if __name__ == "__main__":
-    unittest.main()
+class TestWakeUp(QueueTestCase):
+    """Idle workers are woken by commits through the FIFO beside the database, and work without it."""
+
+    def idle_workers(self, proc, count):
+        """Wait until `count` workers of the pool hold the wake FIFO open (they are idle, waiting)."""
+        fifo = os.path.realpath(self.db) + queuectl.WAKE_SUFFIX
+
+        def waiting():
+            return len([pid for pid in pids_of_session(proc.pid) if self.has_open(pid, fifo)]) == count
+        self.wait_until(waiting, message="%d idle workers waiting on the FIFO" % count)
+        return fifo
+
+    def test_a_commit_that_makes_work_claimable_nudges_a_waiting_worker(self):
+        import select
+        self.init_db()
+        with queuectl.Store(self.db) as store:
+            waker = store.waker()
+            self.addCleanup(waker.close)
+            self.assertIsNotNone(waker.fileno())
+            self.assertTrue(stat.S_ISFIFO(os.lstat(self.db + queuectl.WAKE_SUFFIX).st_mode))
+            self.assertEqual(stat.S_IMODE(os.lstat(self.db + queuectl.WAKE_SUFFIX).st_mode), 0o600)
+
+            def nudged():
+                ready = select.select([waker], [], [], 0)[0]
+                waker.drain()
+                return bool(ready)
+            # Each of these makes work claimable (or asks a stop): a nudge.
+            self.add("true")
+            self.assertTrue(nudged(), "enqueue")
+            self.expect_success("queue", "pause", "q2", err=None)
+            nudged()
+            self.expect_success("queue", "resume", "q2", err=None)
+            self.assertTrue(nudged(), "queue resume")
+            self.expect_success("worker", "stop", err=None)
+            self.assertTrue(nudged(), "worker stop")
+            # ... and these do not: a job for later, a read.
+            self.add("true", delay="1h")
+            self.assertFalse(nudged(), "a delayed job")
+            self.expect_success("status")
+            self.assertFalse(nudged(), "status")
+            # A worker that finishes a run nudges too (it may free a slot of a limited queue).
+            job = store.claim("w", queues=None)
+            self.assertIsNotNone(job)
+            nudged()
+            store.finish(job["id"], job["run"], "w", queuectl.RunResult(0, "exit 0"))
+            self.assertTrue(nudged(), "finish")
+
+    def test_enqueue_with_no_worker_waiting_neither_blocks_nor_leaves_a_file(self):
+        self.add("true")
+        self.assertFalse(os.path.lexists(self.db + queuectl.WAKE_SUFFIX))
+        # A FIFO that no worker holds open (its worker was SIGKILLed): the
+        # writer's open fails at once (ENXIO) instead of blocking.
+        os.mkfifo(self.db + queuectl.WAKE_SUFFIX, 0o600)
+        code, _, err = self.script("enqueue", "--", "true", timeout=10)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.expect_success("status", "--json").count('"pending": 2'), 1)
+
+    def test_a_lost_nudge_is_caught_by_the_safety_poll(self):
+        self.init_db()
+        pool = self.start_pool("--count", "2")
+        fifo = self.idle_workers(pool, 2)
+        # The FIFO goes away under the idle workers: no nudge can reach them.
+        os.unlink(fifo)
+        job_id = self.add("true")
+        self.wait_state(job_id, "completed")
+        self.assertNotIn("Traceback", self.pool_log(pool))
+
+    def test_a_worker_that_cannot_be_nudged_polls(self):
+        # Something that is not a FIFO where the FIFO goes: the worker polls
+        # instead, and no commit writes into it.
+        self.init_db()
+        path = self.db + queuectl.WAKE_SUFFIX
+        with open(path, "wb") as f:
+            f.write(b"keep")
+        os.chmod(path, 0o600)
+        pool = self.start_pool()
+        self.wait_until(lambda: len(json.loads(self.expect_success("status", "--json"))["workers"]) == 1,
+                        message="the worker registered")
+        ids = [self.add("true") for _ in range(3)]
+        for job_id in ids:
+            self.wait_state(job_id, "completed")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"keep")
+        self.expect_success("worker", "stop", err=None)
+        self.assertEqual(self.wait_pool(pool), 0)
+
+    def test_the_fifo_left_by_a_killed_pool_serves_the_next_one(self):
+        self.init_db()
+        pool = self.start_pool()
+        fifo = self.idle_workers(pool, 1)
+        kill_session(pool.pid)
+        pool.wait(10)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+        self.add("true")        # no reader now: must not block
+        pool = self.start_pool()
+        self.idle_workers(pool, 1)      # the first job done, waiting again on the old FIFO
+        job_id = self.add("true")
+        self.wait_state(job_id, "completed")
+
+    def test_sixteen_enqueuers_and_four_idle_workers_lose_no_job(self):
+        self.init_db()
+        pool = self.start_pool("--count", "4")
+        self.idle_workers(pool, 4)
+        procs = [subprocess.Popen([sys.executable, QUEUECTL, "--db", self.db, "enqueue", "--file", "-"],
+                                  env=self.env(), cwd=self.tmp, stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for _ in range(16)]
+        for proc in procs:
+            _, err = proc.communicate(b'{"command": "true"}\n' * 5, timeout=DEADLINE)
+            self.assertEqual(proc.returncode, 0, err)
+        self.wait_until(lambda: json.loads(self.expect_success("status", "--json"))["counts"]["completed"] == 80,
+                        message="80 jobs completed")
+        self.expect_success("worker", "stop", err=None)
+        self.assertEqual(self.wait_pool(pool), 0)
+
+    def test_a_signal_ends_the_idle_wait(self):
+        # SIGTERM to the supervisor: its idle workers stop at once, not at
+        # their next safety poll (nothing reads the database while they wait).
+        self.init_db()
+        pool = self.start_pool("--count", "2")
+        self.idle_workers(pool, 2)
+        pool.send_signal(signal.SIGTERM)
+        self.assertEqual(self.wait_pool(pool, timeout=10), 0)
 
 
 ###############################################################################
@@ -5876,3 +6059,7 @@ class TestPostgres(unittest.TestCase):
         good = "postgresql://postgres:right-password@127.0.0.1:%d/postgres" % port
         self.assertEqual(self.cli("status", db=good)[0], 0)
         self.assertEqual(self.cli("enqueue", "--", "true", db=good)[0], 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
