@@ -1299,6 +1299,11 @@ class Store:
                 if wait is not None:
                     conn.execute("PRAGMA busy_timeout = %d" % full_ms)
 
+    def abandon(self):
+        """Roll back a transaction left open (a request that failed half-way)."""
+        if self.conn is not None and self.conn.in_transaction:
+            self.conn.rollback()
+
     @contextlib.contextmanager
     def snapshot(self):
         """BEGIN (deferred) ... COMMIT: reads inside see one state of the file
@@ -2551,6 +2556,10 @@ class _PgDriver:
             with conn.cursor() as cursor:
                 self.module.extras.execute_batch(cursor, sql, rows, page_size=500)
 
+    def in_transaction(self, conn):
+        status = conn.info.transaction_status if self.v3 else conn.get_transaction_status()
+        return status != 0      # IDLE in both
+
     def sqlstate(self, error):
         return getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
 
@@ -2869,6 +2878,13 @@ class PostgresStore(Store):
             self._in_transaction = False
             if self.conn is not None:
                 self._execute("COMMIT")
+
+    def abandon(self):
+        if self.conn is not None and not self._pg.broken(self.conn) and self._pg.in_transaction(self.conn):
+            try:
+                self._pg.execute(self.conn, "ROLLBACK", None)
+            except self._pg.Error:
+                self.close()
 
     def data_version(self):
         """A number that moves when any transaction that wrote has started since."""
@@ -4512,8 +4528,7 @@ class _StorePool:
         try:
             yield store
         finally:
-            if store.conn is not None and store.conn.in_transaction:
-                store.conn.rollback()
+            store.abandon()
             with self.lock:
                 if len(self.free) < self.size:
                     self.free.append(store)
@@ -4861,7 +4876,7 @@ class Dashboard:
                 "<span class=\"db\" title=\"database\">%s</span>%s"
                 "<span id=\"live\" class=\"live off\" title=\"live updates\">static</span></header>"
                 "<main>%s%s</main></body></html>\n") % (
-            _h(title), __version__, __version__, _h(json.dumps(marks)), now, links, _h(self.db_path),
+            _h(title), __version__, __version__, _h(json.dumps(marks)), now, links, _h(db_display(self.db_path)),
             '<span class="ro">read-only</span>' if self.read_only else "", flash, "".join(parts))
 
     @staticmethod
@@ -5800,7 +5815,7 @@ def run_dashboard(db_path, host="127.0.0.1", port=DASHBOARD_PORT, read_only=Fals
                  % (host, port))
         sys.stdout.write("http://%s:%d/?token=%s\n" % (shown, port, token))
         sys.stdout.flush()
-        _err("dashboard for %s on port %d%s; Ctrl-C stops it" % (db_path, port, " (read-only)" if read_only else ""))
+        _err("dashboard for %s on port %d%s; Ctrl-C stops it" % (db_display(db_path), port, " (read-only)" if read_only else ""))
         signal.sigwait(stops)
     finally:
         app.watcher.stop()

@@ -6061,5 +6061,74 @@ class TestPostgres(unittest.TestCase):
         self.assertEqual(self.cli("enqueue", "--", "true", db=good)[0], 0)
 
 
+    def test_dashboard_reads_postgresql(self):
+        """The dashboard on a PostgreSQL URL: its pages and API answer, and the password is nowhere."""
+        secret = "s3cr3t-%d" % random.randrange(10 ** 6)
+        parts = urllib.parse.urlsplit(self.dsn)
+        db = self.with_schema(self.schema, urllib.parse.urlunsplit(parts._replace(
+            netloc="%s:%s@%s" % (parts.username or "postgres", secret, parts.netloc.rsplit("@", 1)[-1]))))
+        job = self.ok("enqueue", "--", "true", db=db).strip()
+        token = os.path.join(self.tmp, "token")
+        port = random.randrange(20000, 30000)
+        log = open(os.path.join(self.tmp, "dash.log"), "wb")
+        self.addCleanup(log.close)
+        proc = subprocess.Popen([sys.executable, QUEUECTL, "dashboard", "--port", str(port), "--token-file", token],
+                                stdout=log, stderr=subprocess.STDOUT, env=self.env(db), cwd=self.tmp,
+                                start_new_session=True)
+        self.pools.append(proc)
+
+        def get(path):
+            request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path),
+                                             headers={"Authorization": "Bearer " + read_file(token).strip()})
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.read().decode()
+
+        def up():
+            try:
+                return get("/api/status")
+            except (OSError, urllib.error.URLError):
+                return None
+        status = json.loads(self.until(up, "the dashboard to answer"))
+        self.assertEqual(status["counts"]["pending"], 1)
+        import http.cookiejar
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        browser.open("http://127.0.0.1:%d/?token=%s" % (port, read_file(token).strip()), timeout=10).read()
+        pages = [browser.open("http://127.0.0.1:%d%s" % (port, path), timeout=10).read().decode()
+                 for path in ("/", "/jobs", "/jobs/" + job, "/dlq")]
+        pages += [get(path) for path in ("/api/jobs", "/metrics")]
+        self.assertIn(job, pages[1])
+        self.assertIn(job, pages[4])
+        for text in pages + [read_file(os.path.join(self.tmp, "dash.log"))]:
+            self.assertNotIn(secret, text)
+
+    def test_deadlock_is_retried(self):
+        """A transaction PostgreSQL picks as a deadlock victim is run again, whole."""
+        store = queuectl.open_store(self.url)
+        self.addCleanup(store.close)
+        a, b = store.enqueue([{"command": "true", "cwd": self.tmp}, {"command": "true", "cwd": self.tmp}])
+        before = self.sql("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")[0][0]
+        other = self.connect(self.dsn)
+        self.addCleanup(other.close)
+        other.autocommit = False
+        self.sql('SET search_path = "%s"' % self.schema, conn=other)
+        self.sql("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (b,), conn=other)
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(store.cancel([a, b])))
+        thread.start()      # locks a, then waits for b ...
+        self.until(lambda: self.sql("SELECT COUNT(*) FROM pg_locks WHERE NOT granted")[0][0] >= 1,
+                   "the cancel to wait for the row lock")
+        time.sleep(0.2)
+        try:                # ... while `other` wants a: one of the two is a deadlock victim
+            self.sql("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (a,), conn=other)
+            other.commit()
+        except self.driver.Error:
+            other.rollback()
+        thread.join(DEADLINE)
+        self.assertEqual(result, {a: "dead", b: "dead"})
+        self.assertEqual(self.q("SELECT state FROM jobs ORDER BY seq"), [("dead",), ("dead",)])
+        after = self.sql("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")[0][0]
+        self.assertGreater(after, before)
+
+
 if __name__ == "__main__":
     unittest.main()
