@@ -574,8 +574,9 @@ def db_display(path):
 
 def db_mark(path):
     """The database as a job's QUEUECTL_DB names it (and its leftover
-    processes are found by): the file's real path, or the URL itself."""
-    return path if is_postgres_url(path) else os.path.realpath(path)
+    processes are found by): the file's real path, or the URL without its
+    password (a job that enqueues more finds it in ~/.pgpass or $PGPASSWORD)."""
+    return redact_url(path) if is_postgres_url(path) else os.path.realpath(path)
 
 
 def busy_timeout_setting(environ=None):
@@ -2544,6 +2545,8 @@ class _PgDriver:
     def execute(self, conn, sql, params):
         if self.v3:
             return _PgCursor(conn.execute(sql, params))
+        if len(conn.notifies) > 1:
+            del conn.notifies[1:]       # one says "notified"; a busy worker must not pile them up
         cursor = conn.cursor()
         cursor.execute(sql, params)
         return _PgCursor(cursor)
@@ -2567,6 +2570,15 @@ class _PgDriver:
         return conn is None or (conn.closed if self.v3 else conn.closed != 0) or (
             self.v3 and conn.info.status != self.module.pq.ConnStatus.OK)
 
+    def listen(self, conn, store):
+        """Note notifications that arrive along with query results (the socket
+        is then no longer readable: waker() must not wait for it)."""
+        if self.v3:
+            conn.add_notify_handler(lambda n: setattr(store, "_notified", True))
+
+    def notified(self, conn, store):
+        return store._notified if self.v3 else bool(conn.notifies)
+
     def read_notifies(self, conn):
         """Read what the server sent meanwhile and drop its notifications
         (they only wake; what changed is read by the due check)."""
@@ -2588,15 +2600,27 @@ class _PgWaker:
 
     def fileno(self):
         store = self.store
-        if store._listen and store.conn is not None and not store._pg.broken(store.conn):
-            return store.conn.fileno()
         if store._idle_pipe is None:
             store._idle_pipe = os.pipe()
+            for fd in store._idle_pipe:
+                os.set_blocking(fd, False)
+        if store._listen and store.conn is not None and not store._pg.broken(store.conn):
+            if not store._pg.notified(store.conn, store):
+                return store.conn.fileno()
+            # Read along with the due check's results: the socket will not
+            # say so, the pipe does.
+            try:
+                os.write(store._idle_pipe[1], b".")
+            except BlockingIOError:
+                pass
         return store._idle_pipe[0]
 
     def drain(self, size=None):
         store = self.store
+        if store._idle_pipe is not None:
+            _drain(store._idle_pipe[0])
         if store._listen and store.conn is not None:
+            store._notified = False
             try:
                 store._pg.read_notifies(store.conn)
             except store._pg.Error:
@@ -2650,6 +2674,7 @@ class PostgresStore(Store):
         self._channel = None
         self._wake = 0              # this transaction NOTIFYs at commit if not 0
         self._limited = None        # queues with a limit, as the last claim saw them
+        self._notified = False      # a notification came with a query's results (psycopg 3)
         self._idle_pipe = None      # see _PgWaker
         self._in_transaction = False
         self._sql_cache = {}
@@ -2716,6 +2741,7 @@ class PostgresStore(Store):
             self._channel = '"qc_%s"' % _md5_hex(schema or "")[:16]
             self.sync_clock()
             if self._listen:
+                self._pg.listen(self.conn, self)
                 self._execute("LISTEN " + self._channel)
         except BaseException:
             self.close()
