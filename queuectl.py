@@ -2481,15 +2481,26 @@ class _PgRow(tuple):
 class _PgCursor:
     """What Store's shared code uses of a cursor: rowcount, fetchall, fetchone."""
 
-    def __init__(self, cursor):
-        self.rowcount = cursor.rowcount
+    #: {statement: {column name: index}}: reading a cursor's description
+    #: costs more than the rest of a short statement's handling.
+    _names = {}
+
+    def __init__(self, cursor, sql=None):
+        self.rowcount = -1 if cursor is None else cursor.rowcount     # None: a deferred statement
         self._cursor = cursor
+        self._sql = sql
 
     def fetchall(self):
         cursor = self._cursor
-        if cursor.description is None:
+        if cursor is None:
             return []
-        index = {d[0]: i for i, d in enumerate(cursor.description)}
+        index = self._names.get(self._sql)
+        if index is None:
+            if cursor.description is None:
+                return []
+            index = {d[0]: i for i, d in enumerate(cursor.description)}
+            if self._sql is not None and len(self._names) < 1000:
+                self._names[self._sql] = index
         return [_PgRow(r, index) for r in cursor.fetchall()]
 
     def fetchone(self):
@@ -2544,12 +2555,29 @@ class _PgDriver:
 
     def execute(self, conn, sql, params):
         if self.v3:
-            return _PgCursor(conn.execute(sql, params))
+            return _PgCursor(conn.execute(sql, params), sql)
         if len(conn.notifies) > 1:
             del conn.notifies[1:]       # one says "notified"; a busy worker must not pile them up
         cursor = conn.cursor()
         cursor.execute(sql, params)
-        return _PgCursor(cursor)
+        return _PgCursor(cursor, sql)
+
+    def execute_batch(self, conn, statements):
+        """Several statements in one round trip; the last one's cursor.
+        (psycopg2 has no pipeline mode: the simple query protocol, with the
+        parameters bound here.)"""
+        if self.v3:
+            # Pipeline mode: the statements keep server-side binding and
+            # prepared plans; the results come back at the end of the block.
+            with conn.pipeline():
+                for sql, params in statements:
+                    cursor = conn.execute(sql, params)
+            return _PgCursor(cursor, sql)
+        cursor = conn.cursor()
+        text = b";\n".join(sql.encode() if params is None else cursor.mogrify(sql, params)
+                           for sql, params in statements)
+        cursor.execute(text)
+        return _PgCursor(cursor, statements[-1][0])
 
     def executemany(self, conn, sql, rows):
         if self.v3:
@@ -2677,6 +2705,8 @@ class PostgresStore(Store):
         self._notified = False      # a notification came with a query's results (psycopg 3)
         self._idle_pipe = None      # see _PgWaker
         self._in_transaction = False
+        self._queue = []            # statements sent with the next one (see _defer)
+        self._deferring = False     # writes in _settle are deferred
         self._sql_cache = {}
         self._folded_at = 0.0
         self._password = self._password_of(url)
@@ -2831,6 +2861,8 @@ class PostgresStore(Store):
             raise _not_utf8(params)
 
     def _execute(self, sql, params=()):
+        """Run a statement. Statements queued by _defer go first, in the same
+        round trip: a round trip costs more than most of our statements."""
         if self.conn is None or (not self._in_transaction and self._pg.broken(self.conn)):
             self._reconnect()
         if params:
@@ -2838,13 +2870,26 @@ class PostgresStore(Store):
                 params = {k: int(v) if isinstance(v, bool) else v for k, v in params.items()}
             else:
                 params = [int(v) if isinstance(v, bool) else v for v in params]
+        if self._deferring and sql.lstrip().startswith(("UPDATE", "DELETE", "INSERT")):
+            return self._defer(sql, params)
         with self._errors(params):
-            return self._pg.execute(self.conn, self._sql(sql, bool(params), isinstance(params, dict)),
-                                    params or None)
+            text = self._sql(sql, bool(params), isinstance(params, dict))
+            if self._queue:
+                queue, self._queue = self._queue + [(text, params or None)], []
+                return self._pg.execute_batch(self.conn, queue)
+            return self._pg.execute(self.conn, text, params or None)
+
+    def _defer(self, sql, params=()):
+        """Queue a statement whose result nobody reads, for the next _execute
+        (errors surface there, still inside the transaction)."""
+        self._queue.append((self._sql(sql, bool(params)), params or None))
+        return _PgCursor(None)
 
     def _executemany(self, sql, rows, collide=False):
         if not rows:
             return
+        if self._queue:
+            self._execute("SELECT 1")
         with self._errors([value for row in rows for value in row], collide):
             self._pg.executemany(self.conn, self._sql(sql, True), rows)
 
@@ -2876,21 +2921,30 @@ class PostgresStore(Store):
         just before COMMIT, if the transaction made work claimable or asked a
         stop (self._wake: see WakeFifo, which SQLite uses instead)."""
         self._wake = 0
-        self._execute("BEGIN" if wait is None else "BEGIN; SET LOCAL lock_timeout = %d" % int(wait * 1000))
+        if self.conn is None or self._pg.broken(self.conn):
+            self._reconnect()
+        # BEGIN goes with the first statement, NOTIFY with COMMIT.
+        self._queue = [("BEGIN", None)]
+        if wait is not None:
+            self._queue.append(("SET LOCAL lock_timeout = %d" % int(wait * 1000), None))
         self._in_transaction = True
         try:
             yield
             if self._wake:
-                self._execute("NOTIFY " + self._channel)
+                self._defer("NOTIFY " + self._channel)
             self._execute("COMMIT")
         except BaseException:
-            if self.conn is not None and not self._pg.broken(self.conn):
+            begun = not self._queue or self._queue[0][0] != "BEGIN"
+            self._queue = []
+            if begun and self.conn is not None and not self._pg.broken(self.conn):
                 try:
                     self._pg.execute(self.conn, "ROLLBACK", None)
                 except self._pg.Error:
                     self.close()
             raise
         finally:
+            self._queue = []
+            self._deferring = False
             self._in_transaction = False
 
     @contextlib.contextmanager
@@ -2958,7 +3012,11 @@ class PostgresStore(Store):
         # freed a slot of a limited queue. A NOTIFY takes a lock at commit and
         # wakes every listener: here only where a slot or a due job matters.
         wake = self._wake
-        state, run_at = Store._settle(self, job, run, outcome, exit_code, ok, now, *args, **kwargs)
+        self._deferring = True      # its writes go with the next read (or COMMIT)
+        try:
+            state, run_at = Store._settle(self, job, run, outcome, exit_code, ok, now, *args, **kwargs)
+        finally:
+            self._deferring = False
         if self._wake == wake + 1 and self._limited is not None and job["queue"] not in self._limited \
                 and not (state in DUE_STATES and run_at <= now):
             self._wake = wake
@@ -3002,11 +3060,11 @@ class PostgresStore(Store):
         return beat
 
     def _held(self, job_id, worker_id):
-        # Lock first: the read after it then sees deps rows that an enqueue
+        # Lock first: the read after it (a statement of its own, so a later
+        # snapshot; same round trip) then sees deps rows that an enqueue
         # holding our row FOR SHARE committed meanwhile.
-        if self._one("SELECT 1 FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ? FOR UPDATE",
-                     (job_id, worker_id)) is None:
-            return None
+        self._defer("SELECT 1 FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ? FOR UPDATE",
+                    (job_id, worker_id))
         return Store._held(self, job_id, worker_id)
 
     #: Due waiting jobs marked ready, skipping rows another claim is promoting.
