@@ -6130,5 +6130,28 @@ class TestPostgres(unittest.TestCase):
         self.assertGreater(after, before)
 
 
+    def test_dependencies_unique_env_logs_retry(self):
+        """--after, unique keys, env, logs and `retry` of a failed job, as on SQLite."""
+        ledger = os.path.join(self.tmp, "ledger")
+        first = self.enqueue({"command": "sleep 0.3; echo first >> %s" % ledger})
+        second = self.enqueue({"command": "echo $WHO >> %s; echo out-$WHO" % ledger, "after": [first],
+                               "env": {"WHO": "second"}})
+        code, out, err = self.cli("enqueue", json.dumps({"command": "true", "unique": "k"}))
+        self.assertEqual(code, 0, err)
+        code, again, err = self.cli("enqueue", json.dumps({"command": "true", "unique": "k"}))
+        self.assertEqual((code, again), (0, out), err)
+        failing = self.enqueue({"command": "exit 4", "max_retries": 1})
+        self.ok("config", "set", "backoff_base", "1000")
+        self.ok("worker", "start", "--once")
+        with open(ledger) as f:
+            self.assertEqual(f.read().split(), ["first", "second"])
+        self.assertIn("out-second", self.ok("logs", second))
+        self.assertEqual(self.job(failing)["state"], "failed")
+        self.ok("retry", failing)
+        self.ok("worker", "start", "--once")
+        self.assertEqual(self.job(failing)["state"], "dead")
+        self.assertEqual(self.cli("enqueue", json.dumps({"command": "true", "after": ["nosuch"]}))[0], 1)
+
+
 if __name__ == "__main__":
     unittest.main()
