@@ -2452,7 +2452,7 @@ PG_LISTEN_ENV = "QUEUECTL_PG_LISTEN"
 #: Count deltas a `status` finds before it folds them itself.
 PG_FOLD_AT = 10000
 #: How often a busy worker folds the count deltas into count_base.
-PG_FOLD_SECONDS = 1.0
+PG_FOLD_SECONDS = 5.0
 #: Connection settings queuectl adds unless the URL gives them: fail fast on a
 #: host that does not answer, and notice a dead connection within seconds (a
 #: worker must, to stop its job before its lease runs out).
@@ -6130,9 +6130,11 @@ _DASH_STATIC = {
 EPILOG = """\
 environment:
   QUEUECTL_DB                 database file (default: $XDG_DATA_HOME/queuectl/queue.db,
-                              i.e. ~/.local/share/queuectl/queue.db)
+                              i.e. ~/.local/share/queuectl/queue.db), or a postgresql:// URL
   QUEUECTL_BUSY_TIMEOUT       how long to wait for another process's lock (default 30s)
   QUEUECTL_ALLOW_NETWORK_FS   set to 1 to allow a database on NFS/SMB (one host only)
+  QUEUECTL_PG_LISTEN          set to 0 to make workers poll PostgreSQL instead of LISTEN
+                              (PgBouncer in transaction mode)
 
 exit codes: 0 ok, 1 error, 2 usage error, 124 timed out (wait, worker stop),
 130 interrupted; `wait` exits with the failed job's exit code.
