@@ -2536,6 +2536,8 @@ class _PgDriver:
                                  "'psycopg[binary]' (or, on Debian/Ubuntu, apt install python3-psycopg2)")
         self.Error = self.module.Error
         self.IntegrityError = self.module.IntegrityError
+        #: Can a batch end with COMMIT and still give an earlier statement's rows?
+        self.pipelines = self.v3
 
     def parse(self, url):
         """The URL's settings as a dict (raises the driver's error if malformed)."""
@@ -2562,17 +2564,16 @@ class _PgDriver:
         cursor.execute(sql, params)
         return _PgCursor(cursor, sql)
 
-    def execute_batch(self, conn, statements):
-        """Several statements in one round trip; the last one's cursor.
+    def execute_batch(self, conn, statements, keep=-1):
+        """Several statements in one round trip; the cursor of statements[keep]
         (psycopg2 has no pipeline mode: the simple query protocol, with the
-        parameters bound here.)"""
+        parameters bound here, and only the last statement's cursor)."""
         if self.v3:
             # Pipeline mode: the statements keep server-side binding and
             # prepared plans; the results come back at the end of the block.
             with conn.pipeline():
-                for sql, params in statements:
-                    cursor = conn.execute(sql, params)
-            return _PgCursor(cursor, sql)
+                cursors = [conn.execute(sql, params) for sql, params in statements]
+            return _PgCursor(cursors[keep], statements[keep][0])
         cursor = conn.cursor()
         text = b";\n".join(sql.encode() if params is None else cursor.mogrify(sql, params)
                            for sql, params in statements)
@@ -2705,6 +2706,7 @@ class PostgresStore(Store):
         self._notified = False      # a notification came with a query's results (psycopg 3)
         self._idle_pipe = None      # see _PgWaker
         self._in_transaction = False
+        self._committed = False
         self._queue = []            # statements sent with the next one (see _defer)
         self._deferring = False     # writes in _settle are deferred
         self._sql_cache = {}
@@ -2879,6 +2881,21 @@ class PostgresStore(Store):
                 return self._pg.execute_batch(self.conn, queue)
             return self._pg.execute(self.conn, text, params or None)
 
+    def _execute_last(self, sql, params=()):
+        """The transaction's last statement, with COMMIT (and its NOTIFY) in the
+        same round trip where the driver can (psycopg 3)."""
+        if not (self._in_transaction and self._pg.pipelines):
+            return self._execute(sql, params)
+        statements = self._queue + [(self._sql(sql, True), params)]
+        if self._wake:
+            statements.append(("NOTIFY " + self._channel, None))
+        statements.append(("COMMIT", None))
+        self._queue = []
+        with self._errors(params):
+            cursor = self._pg.execute_batch(self.conn, statements, keep=-2 - bool(self._wake))
+        self._committed = True
+        return cursor
+
     def _defer(self, sql, params=()):
         """Queue a statement whose result nobody reads, for the next _execute
         (errors surface there, still inside the transaction)."""
@@ -2921,6 +2938,7 @@ class PostgresStore(Store):
         just before COMMIT, if the transaction made work claimable or asked a
         stop (self._wake: see WakeFifo, which SQLite uses instead)."""
         self._wake = 0
+        self._committed = False     # by _execute_last
         if self.conn is None or self._pg.broken(self.conn):
             self._reconnect()
         # BEGIN goes with the first statement, NOTIFY with COMMIT.
@@ -2930,9 +2948,10 @@ class PostgresStore(Store):
         self._in_transaction = True
         try:
             yield
-            if self._wake:
-                self._defer("NOTIFY " + self._channel)
-            self._execute("COMMIT")
+            if not self._committed:
+                if self._wake:
+                    self._defer("NOTIFY " + self._channel)
+                self._execute("COMMIT")
         except BaseException:
             begun = not self._queue or self._queue[0][0] != "BEGIN"
             self._queue = []
@@ -3116,7 +3135,7 @@ class PostgresStore(Store):
             names = [n for n in names if n not in limits or running.get(n, 0) < limits[n]]
             if not names:
                 return None
-        job = self._one("""
+        job = self._execute_last("""
             WITH head AS (
                 SELECT h.seq FROM unnest(?::TEXT[]) AS q(name)
                 CROSS JOIN LATERAL (SELECT seq, priority, run_at FROM jobs
@@ -3136,7 +3155,7 @@ class PostgresStore(Store):
             opened AS (
                 INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
                 SELECT id, run_count, attempts, worker_id, updated_at FROM claimed)
-            SELECT * FROM claimed""", (names, worker_id, now + lease, now))
+            SELECT * FROM claimed""", (names, worker_id, now + lease, now)).fetchone()
         if job is None:
             return None
         job = dict(job)
