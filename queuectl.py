@@ -1172,6 +1172,10 @@ class Store:
             self.conn.close()
             self.conn = None
 
+    def location(self):
+        """The database as messages name it: the file's absolute path."""
+        return os.path.abspath(self.path)
+
     #: The clock that due times, leases and heartbeats are compared on (here:
     #: this host's; PostgresStore uses the server's).
     clock_offset = 0.0
@@ -2315,6 +2319,14 @@ def open_store(path, durable=True, busy_timeout=None, create=True, listen=False)
     return Store(path, durable=durable, busy_timeout=busy_timeout, create=create)
 
 
+def store_exists(path):
+    """Is there a queue at `path` already (the file, or queuectl's tables)?"""
+    if is_postgres_url(path):
+        with PostgresStore(path, create=False) as store:
+            return store.missing is None
+    return os.path.exists(path)
+
+
 #: The PostgreSQL schema: the same tables as SCHEMA, in PostgreSQL's types.
 #: The counts are insert-only deltas (count_deltas), folded into count_base by
 #: workers from time to time, so that no transition waits for another's
@@ -2718,6 +2730,9 @@ class PostgresStore(Store):
         except self._pg.Error as e:
             raise StoreError("invalid database URL %s: %s" % (self.path, self._text(e)))
         self._connect(create)
+
+    def location(self):
+        return self.path        # the URL without its password
 
     @staticmethod
     def _password_of(url):
@@ -6548,15 +6563,11 @@ def _open_store(args, create=False, note=True):
 
 def cmd_init(args):
     path = _db_path(args)
-    if is_postgres_url(path):
-        existed = open_store(path, create=False)
-        existed.close()
-        existed = existed.missing is None
-    else:
-        existed = os.path.exists(path)
-    open_store(path).close()
+    existed = store_exists(path)
+    with open_store(path) as store:
+        location = store.location()
     _err("database %s" % ("exists; nothing changed" if existed else "created"))
-    sys.stdout.write((redact_url(path) if is_postgres_url(path) else os.path.abspath(path)) + "\n")
+    sys.stdout.write(location + "\n")
     return EXIT_OK
 
 
