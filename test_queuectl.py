@@ -6153,5 +6153,22 @@ class TestPostgres(unittest.TestCase):
         self.assertEqual(self.cli("enqueue", json.dumps({"command": "true", "after": ["nosuch"]}))[0], 1)
 
 
+    def test_two_pools_run_each_job_once(self):
+        """Two pools claiming from one queue (SKIP LOCKED): every job runs, none twice."""
+        ledger = os.path.join(self.tmp, "ledger")
+        jobs = "\n".join(json.dumps({"command": "echo %d >> %s" % (i, ledger), "priority": i % 3})
+                         for i in range(200))
+        with open(os.path.join(self.tmp, "jobs.jsonl"), "w") as f:
+            f.write(jobs)
+        ids = self.ok("enqueue", "--file", os.path.join(self.tmp, "jobs.jsonl")).split()
+        self.pool("--count", "3")
+        self.pool("--count", "3")
+        self.ok("wait", *ids, timeout=120)
+        with open(ledger) as f:
+            runs = f.read().split()
+        self.assertEqual(sorted(runs, key=int), [str(i) for i in range(200)])
+        self.assertEqual(json.loads(self.ok("status", "--json"))["counts"]["completed"], 200)
+
+
 if __name__ == "__main__":
     unittest.main()
