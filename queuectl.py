@@ -1176,6 +1176,10 @@ class Store:
         """The database as messages name it: the file's absolute path."""
         return os.path.abspath(self.path)
 
+    #: How often a waiting reader (`wait`) reads data_version(): a cheap
+    #: read of the file here, a round trip to the server on PostgreSQL.
+    change_poll_seconds = 0.01
+
     #: The clock that due times, leases and heartbeats are compared on (here:
     #: this host's; PostgresStore uses the server's).
     clock_offset = 0.0
@@ -2702,6 +2706,7 @@ class PostgresStore(Store):
 
     _LOCK = " FOR UPDATE"
     _SHARE = " FOR SHARE"
+    change_poll_seconds = 0.1
 
     def __init__(self, url, durable=True, busy_timeout=None, create=True, listen=False):
         self.url = url
@@ -6938,7 +6943,7 @@ def cmd_wait(args):
             version = store.data_version()
             end = time.monotonic() + delay
             while time.monotonic() < end and store.data_version() == version:
-                time.sleep(0.01)
+                time.sleep(store.change_poll_seconds)
             delay = min(delay * 1.5, 1.0)
             now = store.states(pending)
             for job_id in pending:
