@@ -1683,10 +1683,9 @@ class Store:
                     break
                 self._execute("DELETE FROM output WHERE id = ?", (row[0],))
                 drop -= row[1]
-            with self._errors():
-                self.conn.executemany("""
-                    INSERT INTO output (job_id, run, stream, pos, data) VALUES (?, ?, ?, ?, ?)""",
-                                      [(job_id, run, stream, pos, data) for stream, pos, data in chunks])
+            self._executemany("""
+                INSERT INTO output (job_id, run, stream, pos, data) VALUES (?, ?, ?, ?, ?)""",
+                              [(job_id, run, stream, pos, data) for stream, pos, data in chunks])
         return True
 
     def heartbeat(self, worker_id, job_id=None, now=None, lease=LEASE_SECONDS, stopping=False):
@@ -2482,6 +2481,8 @@ PG_MIGRATIONS = {}
 #: Environment variable: 0 makes workers poll instead of LISTEN (needed behind
 #: PgBouncer in transaction mode, where LISTEN does not work).
 PG_LISTEN_ENV = "QUEUECTL_PG_LISTEN"
+#: A host's clock this close to the server's is used as it is (see sync_clock).
+PG_CLOCK_SLACK = 0.5
 #: Count deltas a `status` finds before it folds them itself.
 PG_FOLD_AT = 10000
 #: How often a busy worker folds the count deltas into count_base.
@@ -3041,7 +3042,10 @@ class PostgresStore(Store):
         before = time.time()
         server = self._one("SELECT extract(epoch FROM clock_timestamp())::FLOAT8")[0]
         after = time.time()
-        self.clock_offset = server - (before + after) / 2
+        offset = server - (before + after) / 2
+        # Clocks within PG_CLOCK_SLACK are taken as one (NTP keeps hosts far
+        # closer): times given by a caller then stay exactly as given.
+        self.clock_offset = offset if abs(offset) >= PG_CLOCK_SLACK else 0.0
 
     def waker(self):
         """What an idle worker waits on: this connection's socket, readable

@@ -668,6 +668,7 @@ class QueueTestCase(unittest.TestCase):
 class TestScript(QueueTestCase):
     """queuectl.py as a program: installed by copying, its exit codes, pipes, signals and bytecode cache."""
 
+    @sqlite_only     # the python3 on PATH, with no PostgreSQL driver
     def test_runs_with_nothing_installed(self):
         # -I: no user site, no PYTHONPATH; -S: no site-packages at all.
         flags = ("-I", "-S")
@@ -723,6 +724,7 @@ class TestScript(QueueTestCase):
         return sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(self.cache, "queuectl"))
                       for f in files)
 
+    @sqlite_only     # the python3 on PATH, with no PostgreSQL driver
     def test_installed_copy_runs_from_cached_bytecode(self):
         run = self.install_copy()
         self.assertEqual(run("--version"), (0, "queuectl %s\n" % queuectl.__version__, ""))
@@ -783,6 +785,7 @@ class TestScript(QueueTestCase):
         self.assertEqual(run("--version", XDG_CACHE_HOME=nowhere),
                          (0, "queuectl %s\n" % queuectl.__version__, ""))
 
+    @sqlite_only     # the python3 on PATH, with no PostgreSQL driver
     def test_installed_copy_does_not_import_from_the_current_directory(self):
         run = self.install_copy()
         cwd = os.path.join(self.tmp, "shared")
@@ -2723,6 +2726,7 @@ class TestCommands(QueueTestCase):
                                                    "next_run_at": "2030-01-01T00:00:00Z"}),
                             err="queuectl: error: give either 'run_at' or 'next_run_at', not both")
 
+    @sqlite_only
     def test_init_creates_the_database_and_says_where(self):
         self.db = os.path.join(self.tmp, "new", "q.db")
         self.assertEqual(self.expect_success("init", err="queuectl: database created\n"), self.db + "\n")
@@ -4194,8 +4198,7 @@ class TestStore(QueueTestCase):
         # once the queue is empty. The scheduled one comes from another
         # connection, which commits while this one holds no transaction.
         ok = queuectl.RunResult(0, "exit 0")
-        other = queuectl.Store(self.db)
-        self.addCleanup(other.close)
+        other = self.open_store()
         plain = [self.put() for _ in range(5)]
         retried = self.put(priority=3, max_retries=1, now=self.T - 10)
         job = self.store.claim(self.W, now=self.T - 10)
@@ -4248,6 +4251,7 @@ class TestStore(QueueTestCase):
         due = store.enqueue([queuectl.validate_job({"command": "true"}, self.tmp, self.T)], now=self.T)[0]
         return store, due
 
+    @sqlite_only
     def test_claim_cost_does_not_grow_with_jobs_it_cannot_take(self):
         # Issue 13: a claim used to walk every not-yet-due job of a higher
         # priority before reaching a due one. Counted in SQLite VM steps (the
@@ -6107,6 +6111,109 @@ class TestPostgres(unittest.TestCase):
             runs = f.read().split()
         self.assertEqual(sorted(runs, key=int), [str(i) for i in range(200)])
         self.assertEqual(json.loads(self.ok("status", "--json"))["counts"]["completed"], 200)
+
+
+
+class _PgTestConnection:
+    """A driver connection that takes the tests' SQLite-style ? placeholders."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def execute(self, sql, params=()):
+        cursor = self._conn.cursor()
+        cursor.execute(sql.replace("?", "%s"), tuple(params) or None)
+        return cursor
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+class PostgresBackend:
+    """Mixed into a behaviour class (QueueTestCase, not @sqlite_only): the same tests on
+    PostgreSQL, each database a schema of its own. Generated as <Class>OnPostgres when
+    QUEUECTL_TEST_PG_BEHAVIOUR=1 and QUEUECTL_TEST_PG_DSN are set."""
+
+    def setUp(self):
+        self.pg_dsn = os.environ[PG_DSN_ENV]
+        self.pg_driver = _pg_driver()
+        if self.pg_driver is None:
+            skip_or_fail(self, "no PostgreSQL driver importable by %s" % sys.executable)
+        if self.is_sqlite_only():
+            self.skipTest("a test of the SQLite file itself")
+        super().setUp()
+
+    def new_db(self, name):
+        schema = "qcb_%d_%06d_%s" % (os.getpid(), random.randrange(10 ** 6), name)
+        self.addCleanup(self._pg_admin, 'DROP SCHEMA IF EXISTS "%s" CASCADE' % schema)
+        return self.pg_dsn + ("&" if "?" in self.pg_dsn else "?") + "options=-csearch_path%3D" + schema
+
+    def _pg_admin(self, sql):
+        conn = self.pg_driver.connect(self.pg_dsn)
+        conn.autocommit = True
+        try:
+            conn.cursor().execute(sql)
+        finally:
+            conn.close()
+
+    def connect(self, db=None, readonly=True):
+        conn = self.pg_driver.connect(db or self.db)
+        conn.autocommit = True
+        return _PgTestConnection(conn)
+
+    def has_db_open(self, pid, path=None):
+        """Has process `pid` a connection to the server (a TCP socket to its port)?"""
+        if path is not None:
+            return QueueTestCase.has_db_open(self, pid, path)
+        port = urllib.parse.urlsplit(self.pg_dsn).port or 5432
+        try:
+            inodes = {os.readlink("/proc/%d/fd/%s" % (pid, fd))[8:-1] for fd in os.listdir("/proc/%d/fd" % pid)}
+        except OSError:
+            return False
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in read_file(table).splitlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                    return True
+        return False
+
+    def open_store(self, db=None, **kw):
+        store = queuectl.open_store(db or self.db, **kw)
+        self.addCleanup(store.close)
+        return store
+
+    def query(self, sql, *params, db=None):
+        conn = self.connect(db)
+        try:
+            cur = conn.execute(sql, params)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+        finally:
+            conn.close()
+
+    def db_dump(self, db=None):
+        conn = self.connect(db)
+        try:
+            cur = conn.cursor()
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+                        "ORDER BY table_name")
+            tables = [r[0] for r in cur.fetchall()]
+            if not tables:
+                return None
+            dump = {"tables": tables}
+            for table in tables:
+                cur.execute('SELECT * FROM "%s" ORDER BY 1' % table)
+                dump[table] = cur.fetchall()
+            return dump
+        finally:
+            conn.close()
+
+
+if os.environ.get(PG_DSN_ENV) and os.environ.get("QUEUECTL_TEST_PG_BEHAVIOUR") == "1":
+    for _name, _cls in list(globals().items()):
+        if isinstance(_cls, type) and issubclass(_cls, QueueTestCase) and _cls is not QueueTestCase \
+                and not _cls.SQLITE_ONLY and _name.startswith("Test"):
+            globals()[_name + "OnPostgres"] = type(_name + "OnPostgres", (PostgresBackend, _cls), {})
 
 
 if __name__ == "__main__":
