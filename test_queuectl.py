@@ -4143,8 +4143,8 @@ class TestStore(QueueTestCase):
 
     def assert_counts_consistent(self):
         actual = {s: 0 for s in STATES}
-        for state, n in self.store.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-            actual[state] = n
+        for row in self.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            actual[row["state"]] = row["n"]
         self.assertEqual(self.store.counts(), actual)
 
     def test_claim_order_priority_then_due_time_then_enqueue_order(self):
