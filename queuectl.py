@@ -126,6 +126,11 @@ LEASE_SECONDS = 30.0
 HEARTBEAT_SECONDS = 2.0
 #: A worker not heard of for this long is removed from the workers table.
 FORGET_WORKER_SECONDS = 600.0
+#: A worker whose heartbeats have failed this long (cut off from the database)
+#: kills its job: with KILL_GRACE_SECONDS to die and a margin for a last
+#: heartbeat in flight, the run is over before its LEASE_SECONDS lease
+#: expires and another worker, maybe on another host, takes the job back.
+LEASE_GIVE_UP_SECONDS = 15.0
 #: How long a heartbeat waits for the write lock before trying again later.
 HEARTBEAT_BUSY_MS = 200
 #: After SIGTERM to a job's process group, SIGKILL follows after this long.
@@ -393,6 +398,15 @@ class StoreError(QueueError):
     """The database could not be opened, read or written."""
 
 
+class _Conflict(StoreError):
+    """PostgreSQL gave up a transaction (deadlock, serialization failure):
+    the whole transaction is run again."""
+
+
+class _Collision(Exception):
+    """A generated job id was taken meanwhile: the enqueue is run again."""
+
+
 ###############################################################################
 # Helpers: parsing and formatting times, durations, text ######################
 ###############################################################################
@@ -534,6 +548,31 @@ def default_db_path(environ=None):
         return environ[DB_ENV]
     data_home = environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(data_home, "queuectl", "queue.db")
+
+
+def is_postgres_url(path):
+    """Does --db / $QUEUECTL_DB name a PostgreSQL database rather than a file?"""
+    return path.startswith(("postgresql://", "postgres://"))
+
+
+def redact_url(url):
+    """The URL with its password (in the user part or a password= parameter)
+    replaced by ***: what every message, log line and `status` shows."""
+    import re
+    url = re.sub(r"^([a-z]+://[^:/?#@]*):[^@/?#]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+
+
+def db_display(path):
+    """The database as messages show it: a file's path, or the URL without its password."""
+    return redact_url(path) if is_postgres_url(path) else path
+
+
+def db_mark(path):
+    """The database as a job's QUEUECTL_DB names it (and its leftover
+    processes are found by): the file's real path, or the URL without its
+    password (a job that enqueues more finds it in ~/.pgpass or $PGPASSWORD)."""
+    return redact_url(path) if is_postgres_url(path) else os.path.realpath(path)
 
 
 def busy_timeout_setting(environ=None):
@@ -1006,7 +1045,17 @@ class Store:
     `durable=True` (the CLI) commits with synchronous=FULL, so an acknowledged
     enqueue survives a power cut; workers use NORMAL: losing a worker's last
     transition to a power cut only replays a run, which at-least-once allows.
+
+    The logic and the SQL both databases share live here; PostgresStore
+    overrides what differs (connection, schema, transactions, claim, clock,
+    wake-up, counts). `open_store` picks one from the --db value.
     """
+
+    #: Appended to a SELECT of rows the transaction then changes on the strength
+    #: of what it read. Nothing here: SQLite's BEGIN IMMEDIATE serializes writers.
+    _LOCK = ""
+    #: ... and to a SELECT of rows that must not change until we commit.
+    _SHARE = ""
 
     def __init__(self, path, durable=True, busy_timeout=None, create=True):
         self.path = path
@@ -1112,6 +1161,21 @@ class Store:
             self.conn.close()
             self.conn = None
 
+    def location(self):
+        """The database as messages name it: the file's absolute path."""
+        return os.path.abspath(self.path)
+
+    #: How often a waiting reader (`wait`) reads data_version(): a cheap
+    #: read of the file here, a round trip to the server on PostgreSQL.
+    change_poll_seconds = 0.01
+
+    #: The clock that due times, leases and heartbeats are compared on (here:
+    #: this host's; PostgresStore uses the server's).
+    clock_offset = 0.0
+
+    def now(self):
+        return time.time() + self.clock_offset
+
     def __enter__(self):
         return self
 
@@ -1131,6 +1195,19 @@ class Store:
     def _execute(self, sql, params=()):
         with self._errors(params):
             return self.conn.execute(sql, params)
+
+    def _executemany(self, sql, rows, collide=False):
+        """executemany(); with `collide`, a UNIQUE violation raises _Collision."""
+        try:
+            self.conn.executemany(sql, rows)
+        except sqlite3.IntegrityError as e:
+            if collide:
+                raise _Collision()
+            raise self._error(e)
+        except sqlite3.Error as e:
+            raise self._error(e)
+        except UnicodeEncodeError:
+            raise _not_utf8([value for row in rows for value in row])
 
     def _all(self, sql, params=()):
         with self._errors(params):
@@ -1220,6 +1297,11 @@ class Store:
                 if wait is not None:
                     conn.execute("PRAGMA busy_timeout = %d" % full_ms)
 
+    def abandon(self):
+        """Roll back a transaction left open (a request that failed half-way)."""
+        if self.conn is not None and self.conn.in_transaction:
+            self.conn.rollback()
+
     @contextlib.contextmanager
     def snapshot(self):
         """BEGIN (deferred) ... COMMIT: reads inside see one state of the file
@@ -1287,8 +1369,9 @@ class Store:
 
     def set_config(self, key, value):
         with self.transaction():
-            self._execute("INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)",
-                          (key, _json_dumps(value)))
+            self._execute("""
+                INSERT INTO config (key, value) VALUES (?, ?)
+                ON CONFLICT (key) DO UPDATE SET value = excluded.value""", (key, _json_dumps(value)))
 
     # -- enqueue ---------------------------------------------------------------
 
@@ -1307,11 +1390,11 @@ class Store:
         keys and dependencies are checked inside the write transaction, so two
         enqueuers racing with one key serialize and the second finds the first.
         """
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         for _ in range(5):
             try:
                 return self._enqueue(jobs, now)
-            except sqlite3.IntegrityError:
+            except _Collision:
                 continue
         raise QueueError("could not generate unique job ids; please retry")
 
@@ -1379,24 +1462,24 @@ class Store:
                 added[(queue, state)] = added.get((queue, state), 0) + 1
             for queue in {q for q, _ in added}:
                 self._add_queue(queue)
-            try:
-                self.conn.executemany("""
-                    INSERT INTO jobs (id, command, cwd, state, priority, max_retries, timeout,
-                                      run_at, created_at, updated_at, ready, queue, blocked,
-                                      unique_key, env, outcome)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", rows)
-                if deps:
-                    self.conn.executemany("INSERT OR IGNORE INTO deps (job_id, after_id) VALUES (?, ?)", deps)
-            except sqlite3.IntegrityError:
-                raise       # a generated id collided: enqueue() rolls back and retries
-            except sqlite3.Error as e:
-                raise self._error(e)
-            except UnicodeEncodeError:
-                raise _not_utf8([value for row in rows for value in row])
-            for (queue, state), n in added.items():
-                self._execute("UPDATE counts SET n = n + ? WHERE queue = ? AND state = ?", (n, queue, state))
+            # A generated id that collided raises _Collision: submit() retries.
+            self._executemany("""
+                INSERT INTO jobs (id, command, cwd, state, priority, max_retries, timeout,
+                                  run_at, created_at, updated_at, ready, queue, blocked,
+                                  unique_key, env, outcome)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", rows, collide=True)
+            if deps:
+                self._executemany("""
+                    INSERT INTO deps (job_id, after_id) VALUES (?, ?)
+                    ON CONFLICT DO NOTHING""", deps)
+            self._count_added(added)
             self._wake += sum(row[10] for row in rows)      # the jobs claimable now
         return result
+
+    def _count_added(self, added):
+        """Add {(queue, state): n} new jobs to the counts; the caller holds the transaction."""
+        for (queue, state), n in added.items():
+            self._execute("UPDATE counts SET n = n + ? WHERE queue = ? AND state = ?", (n, queue, state))
 
     def _add_queue(self, name):
         """Make sure the queue has its row and its five counts; the caller holds the transaction."""
@@ -1413,8 +1496,10 @@ class Store:
         wanted = sorted({alias.get(a, a) for job in new.values() for a in job.get("after", ())} - set(new))
         for i in range(0, len(wanted), 500):
             chunk = wanted[i:i + 500]
-            for row in self._all("SELECT id, state FROM jobs WHERE id IN (%s)" % ",".join("?" * len(chunk)),
-                                 chunk):
+            # Locked against a concurrent finish (PostgreSQL): it sees our
+            # deps rows and unblocks the new job, or we see it completed.
+            for row in self._all("SELECT id, state FROM jobs WHERE id IN (%s)" % ",".join("?" * len(chunk))
+                                 + self._SHARE, chunk):
                 state[row["id"]] = row["state"]
         for job_id, job in new.items():
             for a in job.get("after", ()):
@@ -1507,7 +1592,7 @@ class Store:
         Returns the job as a dict with the new run number under 'run'; None
         when nothing is due or the worker has been asked to stop.
         """
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         with self.transaction():
             return self._claim(worker_id, now, lease, queues)
 
@@ -1598,10 +1683,9 @@ class Store:
                     break
                 self._execute("DELETE FROM output WHERE id = ?", (row[0],))
                 drop -= row[1]
-            with self._errors():
-                self.conn.executemany("""
-                    INSERT INTO output (job_id, run, stream, pos, data) VALUES (?, ?, ?, ?, ?)""",
-                                      [(job_id, run, stream, pos, data) for stream, pos, data in chunks])
+            self._executemany("""
+                INSERT INTO output (job_id, run, stream, pos, data) VALUES (?, ?, ?, ?, ?)""",
+                              [(job_id, run, stream, pos, data) for stream, pos, data in chunks])
         return True
 
     def heartbeat(self, worker_id, job_id=None, now=None, lease=LEASE_SECONDS, stopping=False):
@@ -1610,7 +1694,7 @@ class Store:
 
         Returns (stop_requested, cancel_requested, lease_held).
         """
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         # Wait only briefly for the lock: the lease has time to spare, and the
         # runner must keep enforcing timeouts and stops meanwhile.
         with self.transaction(wait=HEARTBEAT_BUSY_MS / 1000.0):
@@ -1705,7 +1789,7 @@ class Store:
             for dependent in self._dependents(parent, DUE_STATES):
                 self._execute("""
                     UPDATE jobs SET state = 'dead', ready = 0, outcome = ?, exit_code = NULL, updated_at = ?
-                    WHERE id = ?""", ("dependency %s dead" % parent, now, dependent))
+                    WHERE id = ? AND state IN ('pending', 'failed')""", ("dependency %s dead" % parent, now, dependent))
                 dead.append(dependent)
 
     def finish(self, job_id, run, worker_id, result, now=None, interrupted=False, claim_next=False,
@@ -1719,7 +1803,7 @@ class Store:
         ((state, run_at) or None, next job or None) is returned (from `queues`).
         live=False: the worker stored no live output for this run (nothing to delete).
         """
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         with self.transaction():
             settled = self._finish(job_id, run, worker_id, result, now, interrupted, live)
             if not claim_next:
@@ -1728,14 +1812,7 @@ class Store:
 
     def _finish(self, job_id, run, worker_id, result, now, interrupted, live=True):
         """The body of finish(); the caller holds the transaction."""
-        # Whether any job depends on it, in the same read (one statement less
-        # a job: a busy worker's transaction is a dozen of them). Only the
-        # columns _settle reads: decoding all of a row was a twentieth of a job.
-        job = self._one("""
-            SELECT id, run_at, attempts, max_retries, cancel_requested,
-                   EXISTS (SELECT 1 FROM deps WHERE after_id = jobs.id) AS has_dependents
-            FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ?""",
-                        (job_id, worker_id))
+        job = self._held(job_id, worker_id)
         if job is None:
             # Reclaimed meanwhile: keep the reclaimer's record of the run,
             # but save the output, which only we have.
@@ -1750,25 +1827,41 @@ class Store:
                             result.stdout, result.stderr, interrupted=interrupted, live=live,
                             dependents=bool(job["has_dependents"]))
 
+    def _held(self, job_id, worker_id):
+        """The job if `worker_id` holds it, with has_dependents: whether any job
+        depends on it, in the same read (one statement less a job: a busy
+        worker's transaction is a dozen of them). Only the columns _settle
+        reads: decoding all of a row was a twentieth of a job. The caller
+        holds the transaction."""
+        return self._one("""
+            SELECT id, run_at, attempts, max_retries, cancel_requested, queue,
+                   EXISTS (SELECT 1 FROM deps WHERE after_id = jobs.id) AS has_dependents
+            FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ?""",
+                         (job_id, worker_id))
+
     # -- workers and reclaiming lost jobs ---------------------------------------
 
     def _register(self, worker_id, now):
         host, pid, start = worker_id.rsplit(":", 2)
         self._execute("""
-            INSERT OR REPLACE INTO workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            INSERT INTO workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (id) DO UPDATE
+            SET host = excluded.host, boot_id = excluded.boot_id, pid = excluded.pid,
+                pid_start = excluded.pid_start, started_at = excluded.started_at,
+                heartbeat_at = excluded.heartbeat_at, stop_requested = 0""",
                       (worker_id, host, this_boot_id(), int(pid), int(start) if start != "-" else None,
                        now, now))
 
     def register_worker(self, worker_id, now=None):
         with self.transaction():
-            self._register(worker_id, time.time() if now is None else now)
+            self._register(worker_id, self.now() if now is None else now)
 
     def unregister_worker(self, worker_id):
         """Delete the worker's row; returns whether `worker stop` had asked it
         to stop (read in the same transaction, so that no request is lost)."""
         with self.transaction():
-            row = self._one("SELECT stop_requested FROM workers WHERE id = ?", (worker_id,))
+            row = self._one("SELECT stop_requested FROM workers WHERE id = ?" + self._LOCK, (worker_id,))
             self._execute("DELETE FROM workers WHERE id = ?", (worker_id,))
         return bool(row and row[0] & STOP_ASKED)
 
@@ -1811,12 +1904,12 @@ class Store:
         worker kills the lost run's processes there: the holder cannot renew
         its lease meanwhile, and no new run can start yet).
         """
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         with self.transaction():
             job = self._one("""
                 SELECT * FROM jobs
-                WHERE id = ? AND state = 'processing' AND worker_id = ? AND (? OR lease_until <= ?)""",
-                            (job_id, worker_id, 1 if holder_dead else 0, now))
+                WHERE id = ? AND state = 'processing' AND worker_id = ? AND (? = 1 OR lease_until <= ?)"""
+                            + self._LOCK, (job_id, worker_id, 1 if holder_dead else 0, now))
             if job is None:
                 return None
             if before is not None:
@@ -1853,7 +1946,7 @@ class Store:
 
     def list_jobs(self, state=None, limit=None):
         """The most recently enqueued jobs (all, or in one state), oldest first."""
-        limit = -1 if limit is None else limit
+        limit = 2 ** 62 if limit is None else limit
         if state is None:
             rows = self._all("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
         else:
@@ -1864,7 +1957,7 @@ class Store:
     def counts(self):
         counts = {s: 0 for s in STATES}
         for row in self._all("SELECT state, SUM(n) AS n FROM counts GROUP BY state"):
-            counts[row["state"]] = row["n"]
+            counts[row["state"]] = int(row["n"])
         return counts
 
     def queues(self):
@@ -1874,7 +1967,7 @@ class Store:
             SELECT name, max_running, paused FROM queues ORDER BY name""")}
         for row in self._all("SELECT queue, state, n FROM counts"):
             if row["queue"] in out:
-                out[row["queue"]]["counts"][row["state"]] = row["n"]
+                out[row["queue"]]["counts"][row["state"]] = int(row["n"])
         return list(out.values())
 
     def dependencies(self, job_id):
@@ -1937,13 +2030,13 @@ class Store:
         re-arm the jobs that died because they depended on them (recursively).
         All or nothing: an id that is unknown or not dead, a job whose own
         dependency is still dead, or a unique key an active job holds changes nothing."""
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         with self.transaction():
             max_retries = self.config()["max_retries"] if reset_retries else None
             if job_ids is None:
                 job_ids = [r["id"] for r in self._all("SELECT id FROM jobs WHERE state = 'dead' ORDER BY seq")]
             for job_id in job_ids:
-                row = self._one("SELECT state FROM jobs WHERE id = ?", (job_id,))
+                row = self._one("SELECT state FROM jobs WHERE id = ?" + self._LOCK, (job_id,))
                 if row is None:
                     raise JobNotFound(job_id, self.missing)
                 if row["state"] != "dead":
@@ -2008,10 +2101,10 @@ class Store:
 
     def retry_failed(self, job_ids, now=None):
         """Make failed jobs due now instead of at their backoff time. All or nothing."""
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         with self.transaction():
             for job_id in job_ids:
-                row = self._one("SELECT state FROM jobs WHERE id = ?", (job_id,))
+                row = self._one("SELECT state FROM jobs WHERE id = ?" + self._LOCK, (job_id,))
                 if row is None:
                     raise JobNotFound(job_id, self.missing)
                 if row["state"] == "dead":
@@ -2067,11 +2160,11 @@ class Store:
         """Cancel jobs: waiting ones go to the DLQ now, running ones are asked to
         stop (their worker kills them within a heartbeat). All or nothing.
         Returns {id: 'dead' | 'cancelling'}."""
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         result = {}
         with self.transaction():
             for job_id in job_ids:
-                row = self._one("SELECT state FROM jobs WHERE id = ?", (job_id,))
+                row = self._one("SELECT state FROM jobs WHERE id = ?" + self._LOCK, (job_id,))
                 if row is None:
                     raise JobNotFound(job_id, self.missing)
                 state = row["state"]
@@ -2094,7 +2187,7 @@ class Store:
     def _job_filter(low=None, high=None, state=None, text=None, outcome=None, queue=None):
         """WHERE clause and parameters for find_jobs and count_matching:
         low <= seq < high, the state, the queue, the text, the (outcome, exit_code) group."""
-        where, params = ["1"], []
+        where, params = ["1 = 1"], []
         for clause, value, given in (("seq >= ?", low, low is not None), ("seq < ?", high, high is not None),
                                      ("state = ?", state, state is not None),
                                      ("queue = ?", queue, queue is not None)):
@@ -2141,7 +2234,7 @@ class Store:
             SELECT COUNT(*) FROM (
                 SELECT 1 FROM jobs
                 WHERE %s
-                LIMIT ?)""" % where, params + [cap + 1])[0]
+                LIMIT ?) AS matching""" % where, params + [cap + 1])[0]
 
     def dead_groups(self, scan=20000):
         """The newest `scan` dead jobs grouped by (outcome, exit_code), biggest
@@ -2151,7 +2244,7 @@ class Store:
             FROM (SELECT outcome, exit_code, updated_at, seq FROM jobs
                   WHERE state = 'dead'
                   ORDER BY seq DESC
-                  LIMIT ?)
+                  LIMIT ?) AS newest
             GROUP BY outcome, exit_code
             ORDER BY jobs DESC, max_seq DESC""", (scan,))]
 
@@ -2221,7 +2314,7 @@ class Store:
             SELECT outcome, result_state, CASE %s ELSE %d END AS bucket, COUNT(*), SUM(d)
             FROM (SELECT outcome, result_state, finished_at - started_at AS d
                   FROM runs
-                  WHERE finished_at IS NOT NULL)
+                  WHERE finished_at IS NOT NULL) AS finished
             GROUP BY outcome, result_state, bucket""" % (case, len(bounds)), list(bounds))
 
     def newest(self):
@@ -2235,6 +2328,905 @@ class Store:
         """Cheap marks that change when the jobs, runs or workers shown change:
         (counts, max seq, last finished_at, max dead seq, workers as workers() gives them)."""
         return (self.counts(),) + self.newest() + (self.workers(),)
+
+
+def open_store(path, durable=True, busy_timeout=None, create=True, listen=False):
+    """The store for --db / $QUEUECTL_DB: PostgresStore for a postgresql://
+    (or postgres://) URL, else Store on a SQLite file. `listen`: a worker's
+    store, woken by the database when work becomes due (where it can be)."""
+    if is_postgres_url(path):
+        return PostgresStore(path, durable=durable, busy_timeout=busy_timeout, create=create, listen=listen)
+    return Store(path, durable=durable, busy_timeout=busy_timeout, create=create)
+
+
+def store_exists(path):
+    """Is there a queue at `path` already (the file, or queuectl's tables)?"""
+    if is_postgres_url(path):
+        with PostgresStore(path, create=False) as store:
+            return store.missing is None
+    return os.path.exists(path)
+
+
+#: The PostgreSQL schema: the same tables as SCHEMA, in PostgreSQL's types.
+#: The counts are insert-only deltas (count_deltas), folded into count_base by
+#: workers from time to time, so that no transition waits for another's
+#: count row (the counts view adds both up).
+PG_TABLES = """
+CREATE TABLE queuectl_version (version INTEGER NOT NULL);
+CREATE TABLE jobs (
+    seq              BIGSERIAL PRIMARY KEY,
+    id               TEXT NOT NULL UNIQUE,
+    command          TEXT NOT NULL,
+    cwd              TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    priority         BIGINT NOT NULL DEFAULT 0,
+    attempts         BIGINT NOT NULL DEFAULT 0,
+    max_retries      BIGINT NOT NULL,
+    timeout          DOUBLE PRECISION,
+    run_at           DOUBLE PRECISION NOT NULL,
+    created_at       DOUBLE PRECISION NOT NULL,
+    updated_at       DOUBLE PRECISION NOT NULL,
+    exit_code        BIGINT,
+    outcome          TEXT,
+    run_count        BIGINT NOT NULL DEFAULT 0,
+    worker_id        TEXT,
+    lease_until      DOUBLE PRECISION,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    ready            INTEGER NOT NULL DEFAULT 0,
+    queue            TEXT NOT NULL DEFAULT 'default',
+    blocked          BIGINT NOT NULL DEFAULT 0,
+    unique_key       TEXT,
+    env              TEXT
+);
+CREATE INDEX jobs_ready ON jobs (queue, priority DESC, run_at, seq) WHERE ready = 1;
+CREATE INDEX jobs_waiting ON jobs (run_at) WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed');
+CREATE INDEX jobs_running ON jobs (queue) WHERE state = 'processing';
+CREATE UNIQUE INDEX jobs_unique ON jobs (unique_key)
+    WHERE unique_key IS NOT NULL AND state IN ('pending', 'failed', 'processing');
+CREATE INDEX jobs_state ON jobs (state, seq);
+CREATE TABLE queues (
+    name        TEXT PRIMARY KEY,
+    max_running BIGINT,
+    paused      INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO queues (name) VALUES ('default');
+CREATE TABLE deps (
+    job_id   TEXT NOT NULL,
+    after_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, after_id)
+);
+CREATE INDEX deps_after ON deps (after_id);
+CREATE TABLE output (
+    id     BIGSERIAL PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    run    BIGINT NOT NULL,
+    stream INTEGER NOT NULL,
+    pos    BIGINT NOT NULL,
+    data   BYTEA NOT NULL
+);
+CREATE INDEX output_run ON output (job_id, run, id);
+CREATE TABLE runs (
+    job_id       TEXT NOT NULL,
+    run          BIGINT NOT NULL,
+    attempt      BIGINT NOT NULL,
+    worker_id    TEXT NOT NULL,
+    started_at   DOUBLE PRECISION NOT NULL,
+    finished_at  DOUBLE PRECISION,
+    exit_code    BIGINT,
+    outcome      TEXT,
+    result_state TEXT,
+    stdout       BYTEA,
+    stderr       BYTEA,
+    PRIMARY KEY (job_id, run)
+);
+CREATE INDEX runs_finished ON runs (finished_at);
+CREATE TABLE workers (
+    id             TEXT PRIMARY KEY,
+    host           TEXT NOT NULL,
+    boot_id        TEXT NOT NULL,
+    pid            BIGINT NOT NULL,
+    pid_start      BIGINT,
+    started_at     DOUBLE PRECISION NOT NULL,
+    heartbeat_at   DOUBLE PRECISION NOT NULL,
+    stop_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE config (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE count_base (
+    queue TEXT NOT NULL,
+    state TEXT NOT NULL,
+    n     BIGINT NOT NULL,
+    PRIMARY KEY (queue, state)
+);
+CREATE TABLE count_deltas (
+    queue TEXT NOT NULL,
+    state TEXT NOT NULL,
+    n     BIGINT NOT NULL
+);
+CREATE VIEW counts AS
+    SELECT queue, state, SUM(n)::BIGINT AS n
+    FROM (SELECT queue, state, n FROM count_base
+          UNION ALL
+          SELECT queue, state, n FROM count_deltas) AS c
+    GROUP BY queue, state;
+"""
+#: ... and the triggers that keep the counts (EXECUTE PROCEDURE: PostgreSQL 10 has no FUNCTION there).
+PG_TRIGGERS = """
+CREATE FUNCTION queuectl_count_update() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO count_deltas (queue, state, n) VALUES (OLD.queue, OLD.state, -1), (NEW.queue, NEW.state, 1);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
+    FOR EACH ROW WHEN (OLD.state <> NEW.state) EXECUTE PROCEDURE queuectl_count_update();
+CREATE FUNCTION queuectl_count_delete() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO count_deltas (queue, state, n) SELECT queue, state, -COUNT(*) FROM gone GROUP BY queue, state;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs
+    REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE PROCEDURE queuectl_count_delete();
+"""
+#: The tables a queuectl schema has: any of them without queuectl_version
+#: belongs to another program.
+PG_TABLE_NAMES = ("queuectl_version", "jobs", "queues", "deps", "output", "runs", "workers", "config",
+                  "count_base", "count_deltas", "counts")
+#: PG_MIGRATIONS[v] upgrades a PostgreSQL schema of version v to v + 1 (the
+#: PostgreSQL schema starts at SCHEMA_VERSION 4).
+PG_MIGRATIONS = {}
+#: Environment variable: 0 makes workers poll instead of LISTEN (needed behind
+#: PgBouncer in transaction mode, where LISTEN does not work).
+PG_LISTEN_ENV = "QUEUECTL_PG_LISTEN"
+#: A host's clock this close to the server's is used as it is (see sync_clock).
+PG_CLOCK_SLACK = 0.5
+#: Count deltas a `status` finds before it folds them itself.
+PG_FOLD_AT = 10000
+#: How often a busy worker folds the count deltas into count_base.
+PG_FOLD_SECONDS = 5.0
+#: Connection settings queuectl adds unless the URL gives them: fail fast on a
+#: host that does not answer, and notice a dead connection within seconds (a
+#: worker must, to stop its job before its lease runs out).
+PG_CONNECT_DEFAULTS = {"connect_timeout": "5", "keepalives": "1", "keepalives_idle": "5",
+                       "keepalives_interval": "2", "keepalives_count": "3", "tcp_user_timeout": "5000",
+                       "application_name": "queuectl"}
+#: Job states whose SQLSTATE means "run the transaction again" (serialization failure, deadlock).
+PG_RETRY_STATES = ("40001", "40P01")
+
+
+class _PgRow(tuple):
+    """A row read from PostgreSQL, by index or by column name (as sqlite3.Row)."""
+
+    def __new__(cls, values, index):
+        row = tuple.__new__(cls, values)
+        row._index = index
+        return row
+
+    def __getitem__(self, key):
+        return tuple.__getitem__(self, self._index[key] if isinstance(key, str) else key)
+
+    def keys(self):
+        return list(self._index)
+
+
+class _PgCursor:
+    """What Store's shared code uses of a cursor: rowcount, fetchall, fetchone."""
+
+    #: {statement: {column name: index}}: reading a cursor's description
+    #: costs more than the rest of a short statement's handling.
+    _names = {}
+
+    def __init__(self, cursor, sql=None):
+        self.rowcount = -1 if cursor is None else cursor.rowcount     # None: a deferred statement
+        self._cursor = cursor
+        self._sql = sql
+
+    def fetchall(self):
+        cursor = self._cursor
+        if cursor is None:
+            return []
+        index = self._names.get(self._sql)
+        if index is None:
+            if cursor.description is None:
+                return []
+            index = {d[0]: i for i, d in enumerate(cursor.description)}
+            if self._sql is not None and len(self._names) < 1000:
+                self._names[self._sql] = index
+        return [_PgRow(r, index) for r in cursor.fetchall()]
+
+    def fetchone(self):
+        rows = self.fetchall()
+        return rows[0] if rows else None
+
+
+class _PgDriver:
+    """psycopg 3, else psycopg2, imported only when a PostgreSQL URL is used:
+    the few things Store needs of either (connect, execute with %s
+    placeholders, notifications, SQLSTATE)."""
+
+    _loaded = None
+
+    @classmethod
+    def load(cls):
+        if cls._loaded is None:
+            cls._loaded = cls()
+        return cls._loaded
+
+    def __init__(self):
+        try:
+            import psycopg
+            self.v3, self.module = True, psycopg
+        except ImportError:
+            try:
+                import psycopg2
+                import psycopg2.extensions
+                import psycopg2.extras
+                self.v3, self.module = False, psycopg2
+            except ImportError:
+                raise StoreError("a postgresql:// database needs the psycopg driver: pip install "
+                                 "'psycopg[binary]' (or, on Debian/Ubuntu, apt install python3-psycopg2)")
+        self.Error = self.module.Error
+        self.IntegrityError = self.module.IntegrityError
+        #: Can a batch end with COMMIT and still give an earlier statement's rows?
+        self.pipelines = self.v3
+
+    def parse(self, url):
+        """The URL's settings as a dict (raises the driver's error if malformed)."""
+        if self.v3:
+            from psycopg.conninfo import conninfo_to_dict
+            return conninfo_to_dict(url)
+        return self.module.extensions.parse_dsn(url)
+
+    def connect(self, url):
+        given = self.parse(url)
+        extra = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in given}
+        if self.v3:
+            return self.module.connect(url, autocommit=True, **extra)
+        conn = self.module.connect(url, **extra)
+        conn.autocommit = True
+        return conn
+
+    def execute(self, conn, sql, params):
+        if self.v3:
+            return _PgCursor(conn.execute(sql, params), sql)
+        if len(conn.notifies) > 1:
+            del conn.notifies[1:]       # one says "notified"; a busy worker must not pile them up
+        cursor = conn.cursor()
+        cursor.execute(sql, params)
+        return _PgCursor(cursor, sql)
+
+    def execute_batch(self, conn, statements, keep=-1):
+        """Several statements in one round trip; the cursor of statements[keep]
+        (psycopg2 has no pipeline mode: the simple query protocol, with the
+        parameters bound here, and only the last statement's cursor)."""
+        if self.v3:
+            # Pipeline mode: the statements keep server-side binding and
+            # prepared plans; the results come back at the end of the block.
+            with conn.pipeline():
+                cursors = [conn.execute(sql, params) for sql, params in statements]
+            return _PgCursor(cursors[keep], statements[keep][0])
+        cursor = conn.cursor()
+        text = b";\n".join(sql.encode() if params is None else cursor.mogrify(sql, params)
+                           for sql, params in statements)
+        cursor.execute(text)
+        return _PgCursor(cursor, statements[-1][0])
+
+    def executemany(self, conn, sql, rows):
+        if self.v3:
+            with conn.cursor() as cursor:
+                cursor.executemany(sql, rows)
+        else:
+            with conn.cursor() as cursor:
+                self.module.extras.execute_batch(cursor, sql, rows, page_size=500)
+
+    def in_transaction(self, conn):
+        status = conn.info.transaction_status if self.v3 else conn.get_transaction_status()
+        return status != 0      # IDLE in both
+
+    def sqlstate(self, error):
+        return getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+
+    def broken(self, conn):
+        return conn is None or (conn.closed if self.v3 else conn.closed != 0) or (
+            self.v3 and conn.info.status != self.module.pq.ConnStatus.OK)
+
+    def listen(self, conn, store):
+        """Note notifications that arrive along with query results (the socket
+        is then no longer readable: waker() must not wait for it)."""
+        if self.v3:
+            conn.add_notify_handler(lambda n: setattr(store, "_notified", True))
+
+    def notified(self, conn, store):
+        return store._notified if self.v3 else bool(conn.notifies)
+
+    def read_notifies(self, conn):
+        """Read what the server sent meanwhile and drop its notifications
+        (they only wake; what changed is read by the due check)."""
+        if self.v3:
+            pgconn = conn.pgconn
+            pgconn.consume_input()
+            while pgconn.notifies() is not None:
+                pass
+        else:
+            conn.poll()
+            del conn.notifies[:]
+
+
+class _PgWaker:
+    """PostgresStore.waker(): the interface of WakeFifo over LISTEN/NOTIFY."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def fileno(self):
+        store = self.store
+        if store._idle_pipe is None:
+            store._idle_pipe = os.pipe()
+            for fd in store._idle_pipe:
+                os.set_blocking(fd, False)
+        if store._listen and store.conn is not None and not store._pg.broken(store.conn):
+            if not store._pg.notified(store.conn, store):
+                return store.conn.fileno()
+            # Read along with the due check's results: the socket will not
+            # say so, the pipe does.
+            try:
+                os.write(store._idle_pipe[1], b".")
+            except BlockingIOError:
+                pass
+        return store._idle_pipe[0]
+
+    def drain(self, size=None):
+        store = self.store
+        if store._idle_pipe is not None:
+            _drain(store._idle_pipe[0])
+        if store._listen and store.conn is not None:
+            store._notified = False
+            try:
+                store._pg.read_notifies(store.conn)
+            except store._pg.Error:
+                pass        # a lost connection: the next query reconnects
+
+    def close(self):
+        pass        # the connection stays; the pipe goes with the store
+
+
+def _retried(method):
+    """Run a Store method (one transaction) again when PostgreSQL gave it up
+    for a deadlock or a serialization failure: the rollback undid it whole."""
+    def run(self, *args, **kwargs):
+        for attempt in range(10):
+            try:
+                return method(self, *args, **kwargs)
+            except _Conflict:
+                if attempt == 9:
+                    raise
+                time.sleep(0.001 * 2 ** attempt * (0.5 + os.urandom(1)[0] / 255.0))
+    run.__name__, run.__doc__ = method.__name__, method.__doc__
+    return run
+
+
+class PostgresStore(Store):
+    """The same store on a PostgreSQL database, shared by workers on many hosts.
+
+    What differs from SQLite: transactions are READ COMMITTED, so the rows a
+    transaction changes on the strength of what it read are locked (FOR
+    UPDATE); the claim skips rows other claims hold (SKIP LOCKED) and locks a
+    limited queue's row; every time compared comes from the server's clock
+    (the offset is measured at connect and on each heartbeat); idle workers
+    LISTEN and transactions that make work due NOTIFY, once each; counts are
+    insert-only deltas. One connection a process; workers reconnect, a CLI
+    call fails in one line. The URL's password is never shown (self.path is
+    the redacted URL).
+    """
+
+    _LOCK = " FOR UPDATE"
+    _SHARE = " FOR SHARE"
+    change_poll_seconds = 0.1
+
+    def __init__(self, url, durable=True, busy_timeout=None, create=True, listen=False):
+        self.url = url
+        self.path = redact_url(url)
+        self.conn = None
+        self.missing = None
+        self._wal_path = None
+        self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
+        self._durable = durable
+        self._listen = listen and os.environ.get(PG_LISTEN_ENV, "1") != "0"
+        self._channel = None
+        self._wake = 0              # this transaction NOTIFYs at commit if not 0
+        self._limited = None        # queues with a limit, as the last claim saw them
+        self._notified = False      # a notification came with a query's results (psycopg 3)
+        self._idle_pipe = None      # see _PgWaker
+        self._in_transaction = False
+        self._committed = False
+        self._queue = []            # statements sent with the next one (see _defer)
+        self._deferring = False     # writes in _settle are deferred
+        self._sql_cache = {}
+        self._folded_at = 0.0
+        self._password = self._password_of(url)
+        self._pg = _PgDriver.load()
+        try:
+            self._pg.parse(url)
+        except self._pg.Error as e:
+            raise StoreError("invalid database URL %s: %s" % (self.path, self._text(e)))
+        self._connect(create)
+
+    def location(self):
+        return self.path        # the URL without its password
+
+    @staticmethod
+    def _password_of(url):
+        import urllib.parse
+        try:
+            password = urllib.parse.urlsplit(url).password
+        except ValueError:
+            password = None
+        return urllib.parse.unquote(password) if password else None
+
+    # -- connection and schema ------------------------------------------------
+
+    def _text(self, error):
+        """A driver error as one line, without the password."""
+        text = " ".join(str(error).split()) or type(error).__name__
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text
+
+    def _connect(self, create=True):
+        try:
+            self.conn = self._pg.connect(self.url)
+        except self._pg.Error as e:
+            raise StoreError("cannot connect to %s: %s" % (self.path, self._text(e)))
+        try:
+            # A session that vanishes mid-transaction (a host cut off) must
+            # not hold its locks for long; workers need not wait for fsync.
+            self._execute("SET lock_timeout = %d; SET idle_in_transaction_session_timeout = 60000%s" % (
+                int(self.busy_timeout * 1000), "" if self._durable else "; SET synchronous_commit = off"))
+            row = self._one("""
+                SELECT current_schema(), current_setting('search_path'),
+                       ARRAY(SELECT c.relname::TEXT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname = current_schema() AND c.relname = ANY(?))""",
+                            (list(PG_TABLE_NAMES),))
+            schema, search_path, tables = row[0], row[1], set(row[2])
+            if "queuectl_version" in tables:
+                version = self._one("SELECT version FROM queuectl_version")
+                version = version[0] if version else 0
+                if version != SCHEMA_VERSION:
+                    self._upgrade(version)
+            elif tables:
+                raise StoreError("%s is not a queuectl database: its schema %s has a table %s of another "
+                                 "program; give queuectl a schema of its own (add ?options=-csearch_path%%3Dqueuectl "
+                                 "to the URL)" % (self.path, schema, sorted(tables)[0]))
+            elif create:
+                schema = self._create_schema(search_path)
+            else:
+                # Reading a queue that was never written: read an empty one
+                # (temporary tables), so that `status` writes nothing.
+                self.missing = self.path
+                self._execute("SET search_path = pg_temp")
+                self._execute(PG_TABLES)
+            self._channel = '"qc_%s"' % _md5_hex(schema or "")[:16]
+            self.sync_clock()
+            if self._listen:
+                self._pg.listen(self.conn, self)
+                self._execute("LISTEN " + self._channel)
+        except BaseException:
+            self.close()
+            raise
+
+    def _create_schema(self, search_path):
+        """Create the tables on first write, in the first schema of the
+        search_path (created if missing), under an advisory lock: two
+        processes starting at once on a new database create them once."""
+        with self.transaction():
+            self._execute("SELECT pg_advisory_xact_lock(hashtext('queuectl ' || current_setting('search_path')))")
+            schema = self._one("SELECT current_schema()")[0]
+            if schema is None:
+                first = search_path.split(",")[0].strip()
+                if first == '"$user"':
+                    first = self._one("SELECT session_user")[0]
+                first = first.strip('"')
+                self._execute('CREATE SCHEMA IF NOT EXISTS "%s"' % first.replace('"', '""'))
+                schema = self._one("SELECT current_schema()")[0]
+                if schema is None:
+                    raise StoreError("%s: no schema to create the tables in (search_path is %s)"
+                                     % (self.path, search_path))
+            if self._one("SELECT to_regclass('queuectl_version')")[0] is None:
+                self._execute(PG_TABLES)
+                self._execute(PG_TRIGGERS)
+                self._execute("INSERT INTO queuectl_version (version) VALUES (%d)" % SCHEMA_VERSION)
+            return schema
+
+    def _upgrade(self, version):
+        if version > SCHEMA_VERSION:
+            raise StoreError("database %s was written by a newer queuectl (schema %d, this is %d); "
+                             "upgrade queuectl" % (self.path, version, SCHEMA_VERSION))
+        with self.transaction():
+            self._execute("SELECT pg_advisory_xact_lock(hashtext('queuectl ' || current_setting('search_path')))")
+            version = self._one("SELECT version FROM queuectl_version")[0]
+            while version < SCHEMA_VERSION:
+                self._execute(PG_MIGRATIONS[version])
+                version += 1
+            self._execute("UPDATE queuectl_version SET version = %d" % version)
+
+    def close(self):
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except self._pg.Error:
+                pass
+            self.conn = None
+        if self._idle_pipe is not None:
+            for fd in self._idle_pipe:
+                os.close(fd)
+            self._idle_pipe = None
+
+    def _reconnect(self):
+        """After a lost connection (workers ride it out; a CLI call has
+        already failed): connect again, and LISTEN again."""
+        self.close()
+        self._connect()
+
+    # -- statements -------------------------------------------------------------
+
+    def _sql(self, sql, has_params, named=False):
+        """Store's SQL in PostgreSQL's words: %s placeholders, no INDEXED BY, strpos for instr."""
+        key = (sql, has_params, named)
+        text = self._sql_cache.get(key)
+        if text is None:
+            import re
+            text = re.sub(r"\s+INDEXED BY \w+", "", sql)
+            text = text.replace("instr(", "strpos(")
+            if has_params:
+                text = text.replace("%", "%%")
+                text = re.sub(r" IS \?", " IS NOT DISTINCT FROM ?", text)
+                if named:
+                    text = re.sub(r"(?<!:):([a-z_]+)\b", r"%(\1)s", text)
+                text = text.replace("?", "%s")
+            self._sql_cache[key] = text
+        return text
+
+    @contextlib.contextmanager
+    def _errors(self, params=(), collide=False):
+        try:
+            yield
+        except self._pg.Error as e:
+            if collide and isinstance(e, self._pg.IntegrityError):
+                raise _Collision()
+            raise self._error(e)
+        except UnicodeEncodeError:
+            raise _not_utf8(params)
+
+    def _execute(self, sql, params=()):
+        """Run a statement. Statements queued by _defer go first, in the same
+        round trip: a round trip costs more than most of our statements."""
+        if self.conn is None or (not self._in_transaction and self._pg.broken(self.conn)):
+            self._reconnect()
+        if params:
+            if isinstance(params, dict):
+                params = {k: int(v) if isinstance(v, bool) else v for k, v in params.items()}
+            else:
+                params = [int(v) if isinstance(v, bool) else v for v in params]
+        if self._deferring and sql.lstrip().startswith(("UPDATE", "DELETE", "INSERT")):
+            return self._defer(sql, params)
+        with self._errors(params):
+            text = self._sql(sql, bool(params), isinstance(params, dict))
+            if self._queue:
+                queue, self._queue = self._queue + [(text, params or None)], []
+                return self._pg.execute_batch(self.conn, queue)
+            return self._pg.execute(self.conn, text, params or None)
+
+    def _execute_last(self, sql, params=()):
+        """The transaction's last statement, with COMMIT (and its NOTIFY) in the
+        same round trip where the driver can (psycopg 3)."""
+        if not (self._in_transaction and self._pg.pipelines):
+            return self._execute(sql, params)
+        statements = self._queue + [(self._sql(sql, True), params)]
+        if self._wake:
+            statements.append(("NOTIFY " + self._channel, None))
+        statements.append(("COMMIT", None))
+        self._queue = []
+        with self._errors(params):
+            cursor = self._pg.execute_batch(self.conn, statements, keep=-2 - bool(self._wake))
+        self._committed = True
+        return cursor
+
+    def _defer(self, sql, params=()):
+        """Queue a statement whose result nobody reads, for the next _execute
+        (errors surface there, still inside the transaction)."""
+        self._queue.append((self._sql(sql, bool(params)), params or None))
+        return _PgCursor(None)
+
+    def _executemany(self, sql, rows, collide=False):
+        if not rows:
+            return
+        if self._queue:
+            self._execute("SELECT 1")
+        with self._errors([value for row in rows for value in row], collide):
+            self._pg.executemany(self.conn, self._sql(sql, True), rows)
+
+    def _all(self, sql, params=()):
+        return self._execute(sql, params).fetchall()
+
+    def _error(self, e):
+        state = self._pg.sqlstate(e)
+        text = self._text(e)
+        if state in PG_RETRY_STATES:
+            return _Conflict("database %s: %s" % (self.path, text))
+        if self._pg.broken(self.conn):
+            self.close()
+            return StoreError("lost the connection to %s: %s" % (self.path, text))
+        if state == "55P03":
+            return StoreError("database %s is locked: a row has been held for more than %gs; try again "
+                              "(QUEUECTL_BUSY_TIMEOUT sets the wait)" % (self.path, self.busy_timeout))
+        if state in ("42501", "25006"):
+            return StoreError("cannot write database %s: %s" % (self.path, text))
+        if state in ("53100", "53200"):
+            return StoreError("cannot write database %s: the server is out of space; nothing was changed"
+                              % self.path)
+        return StoreError("database %s: %s" % (self.path, text))
+
+    @contextlib.contextmanager
+    def transaction(self, wait=None):
+        """BEGIN ... COMMIT (READ COMMITTED); ROLLBACK on any exception. With
+        `wait`, a row lock is waited for at most that long. NOTIFY once,
+        just before COMMIT, if the transaction made work claimable or asked a
+        stop (self._wake: see WakeFifo, which SQLite uses instead)."""
+        self._wake = 0
+        self._committed = False     # by _execute_last
+        if self.conn is None or self._pg.broken(self.conn):
+            self._reconnect()
+        # BEGIN goes with the first statement, NOTIFY with COMMIT.
+        self._queue = [("BEGIN", None)]
+        if wait is not None:
+            self._queue.append(("SET LOCAL lock_timeout = %d" % int(wait * 1000), None))
+        self._in_transaction = True
+        try:
+            yield
+            if not self._committed:
+                if self._wake:
+                    self._defer("NOTIFY " + self._channel)
+                self._execute("COMMIT")
+        except BaseException:
+            begun = not self._queue or self._queue[0][0] != "BEGIN"
+            self._queue = []
+            if begun and self.conn is not None and not self._pg.broken(self.conn):
+                try:
+                    self._pg.execute(self.conn, "ROLLBACK", None)
+                except self._pg.Error:
+                    self.close()
+            raise
+        finally:
+            self._queue = []
+            self._deferring = False
+            self._in_transaction = False
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """Reads inside see one state of the database."""
+        self._execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self._in_transaction = True
+        try:
+            yield
+        finally:
+            self._in_transaction = False
+            if self.conn is not None:
+                self._execute("COMMIT")
+
+    def abandon(self):
+        if self.conn is not None and not self._pg.broken(self.conn) and self._pg.in_transaction(self.conn):
+            try:
+                self._pg.execute(self.conn, "ROLLBACK", None)
+            except self._pg.Error:
+                self.close()
+
+    def data_version(self):
+        """A number that moves when any transaction that wrote has started since."""
+        return self._one("SELECT txid_snapshot_xmax(txid_current_snapshot())")[0]
+
+    def wal_size(self):
+        return 0        # PostgreSQL's own checkpoints keep its WAL
+
+    def truncate_wal(self, wait=0.1):
+        return True
+
+    # -- clock, wake-up ---------------------------------------------------------
+
+    def sync_clock(self):
+        """Measure the server's clock against ours (one query): now() is the
+        server's time, so hosts whose clocks disagree agree on due times and
+        leases."""
+        before = time.time()
+        server = self._one("SELECT extract(epoch FROM clock_timestamp())::FLOAT8")[0]
+        after = time.time()
+        offset = server - (before + after) / 2
+        # Clocks within PG_CLOCK_SLACK are taken as one (NTP keeps hosts far
+        # closer): times given by a caller then stay exactly as given.
+        self.clock_offset = offset if abs(offset) >= PG_CLOCK_SLACK else 0.0
+
+    def waker(self):
+        """What an idle worker waits on: this connection's socket, readable
+        when a NOTIFY arrives (LISTEN), else a pipe nothing writes to, so that
+        the worker polls every IDLE_CLAIM_SECONDS (QUEUECTL_PG_LISTEN=0)."""
+        return _PgWaker(self)
+
+    # -- what PostgreSQL does its own way -----------------------------------------
+
+    def submit(self, jobs, now=None):
+        # Times the caller computed are this host's: moved onto the server's clock.
+        offset = self.clock_offset
+        if offset:
+            jobs = [dict(job, run_at=job["run_at"] + offset) if job.get("run_at") is not None else job
+                    for job in jobs]
+            now = None if now is None else now + offset
+        return Store.submit(self, jobs, now)
+
+    def _add_queue(self, name):
+        self._execute("INSERT INTO queues (name) VALUES (?) ON CONFLICT DO NOTHING", (name,))
+
+    def _settle(self, job, run, outcome, exit_code, ok, now, *args, **kwargs):
+        # Store._settle wakes idle workers for every finished run, in case it
+        # freed a slot of a limited queue. A NOTIFY takes a lock at commit and
+        # wakes every listener: here only where a slot or a due job matters.
+        wake = self._wake
+        self._deferring = True      # its writes go with the next read (or COMMIT)
+        try:
+            state, run_at = Store._settle(self, job, run, outcome, exit_code, ok, now, *args, **kwargs)
+        finally:
+            self._deferring = False
+        if self._wake == wake + 1 and self._limited is not None and job["queue"] not in self._limited \
+                and not (state in DUE_STATES and run_at <= now):
+            self._wake = wake
+        return state, run_at
+
+    def _count_added(self, added):
+        self._executemany("INSERT INTO count_deltas (queue, state, n) VALUES (?, ?, ?)",
+                          [(queue, state, n) for (queue, state), n in sorted(added.items())])
+
+    def fold_counts(self):
+        """Add the count deltas into count_base and delete them, in one
+        transaction, by one process at a time (the others skip)."""
+        with self.transaction():
+            if not self._one("SELECT pg_try_advisory_xact_lock(hashtext('queuectl counts ' || current_schema()))")[0]:
+                return
+            self._execute("""
+                WITH gone AS (DELETE FROM count_deltas RETURNING queue, state, n)
+                INSERT INTO count_base (queue, state, n)
+                SELECT queue, state, SUM(n) FROM gone GROUP BY queue, state ORDER BY queue, state
+                ON CONFLICT (queue, state) DO UPDATE SET n = count_base.n + excluded.n""")
+        self._folded_at = time.monotonic()
+
+    def counts(self):
+        if self.missing is None and time.monotonic() - self._folded_at > PG_FOLD_SECONDS:
+            many = self._one("SELECT COUNT(*) FROM (SELECT 1 FROM count_deltas LIMIT ?) AS d", (PG_FOLD_AT,))[0]
+            if many >= PG_FOLD_AT:
+                try:
+                    self.fold_counts()
+                except StoreError:
+                    pass    # a read-only role: the sums are right anyway, only slower
+        return Store.counts(self)
+
+    def heartbeat(self, worker_id, job_id=None, now=None, lease=LEASE_SECONDS, stopping=False):
+        self.sync_clock()
+        beat = Store.heartbeat(self, worker_id, job_id, now, lease, stopping)
+        if time.monotonic() - self._folded_at > PG_FOLD_SECONDS:
+            try:
+                self.fold_counts()
+            except StoreError:
+                pass
+        return beat
+
+    def _held(self, job_id, worker_id):
+        # Lock first: the read after it (a statement of its own, so a later
+        # snapshot; same round trip) then sees deps rows that an enqueue
+        # holding our row FOR SHARE committed meanwhile.
+        self._defer("SELECT 1 FROM jobs WHERE id = ? AND state = 'processing' AND worker_id = ? FOR UPDATE",
+                    (job_id, worker_id))
+        return Store._held(self, job_id, worker_id)
+
+    #: Due waiting jobs marked ready, skipping rows another claim is promoting.
+    _PROMOTE = """
+        UPDATE jobs SET ready = 1
+        WHERE seq IN (SELECT seq FROM jobs
+                      WHERE %s
+                      ORDER BY run_at
+                      LIMIT 1000
+                      FOR UPDATE SKIP LOCKED)""" % Store._WAITING_DUE
+
+    def _promote(self, now):
+        self._execute(self._PROMOTE, (now,))
+
+    def _claim(self, worker_id, now, lease, queues=None):
+        """The body of claim(), in two statements where no queue has a limit
+        (a round trip is most of a claim's cost): (1) promote due waiting
+        jobs, read whether we are asked to stop and which queues we may take
+        from (not paused, with ready jobs); (2) take the head of each of those
+        queues that no other claim holds (SKIP LOCKED), the best of them, with
+        UPDATE ... RETURNING, and open its run. A queue with a limit: its row
+        is locked (in name order) and its running jobs counted after the lock,
+        so that the limit holds across hosts."""
+        served, params = self._served(queues)
+        stop, names, limited = self._one("""
+            WITH promoted AS (%s RETURNING queue)
+            SELECT (SELECT stop_requested FROM workers WHERE id = ?),
+                   ARRAY(SELECT q.name FROM queues q
+                         WHERE q.paused = 0 %s
+                           AND (EXISTS (SELECT 1 FROM jobs WHERE ready = 1 AND queue = q.name)
+                                OR q.name IN (SELECT queue FROM promoted))
+                         ORDER BY q.name),
+                   ARRAY(SELECT q.name FROM queues q WHERE q.max_running IS NOT NULL)""" % (self._PROMOTE, served),
+                                            (now, worker_id) + params)
+        self._limited = set(limited)
+        if (stop or 0) & STOP_ASKED or not names:
+            return None
+        limited = [n for n in names if n in self._limited]
+        if limited:
+            limits = dict(self._all("""
+                SELECT name, max_running FROM queues
+                WHERE name = ANY(?) AND max_running IS NOT NULL
+                ORDER BY name
+                FOR UPDATE""", (limited,)))
+            running = dict(self._all("""
+                SELECT queue, COUNT(*) FROM jobs
+                WHERE state = 'processing' AND queue = ANY(?)
+                GROUP BY queue""", (list(limits),)))
+            names = [n for n in names if n not in limits or running.get(n, 0) < limits[n]]
+            if not names:
+                return None
+        job = self._execute_last("""
+            WITH head AS (
+                SELECT h.seq FROM unnest(?::TEXT[]) AS q(name)
+                CROSS JOIN LATERAL (SELECT seq, priority, run_at FROM jobs
+                                    WHERE ready = 1 AND queue = q.name
+                                    ORDER BY priority DESC, run_at, seq
+                                    LIMIT 1
+                                    FOR UPDATE SKIP LOCKED) AS h
+                ORDER BY h.priority DESC, h.run_at, h.seq
+                LIMIT 1),
+            claimed AS (
+                UPDATE jobs
+                SET state = 'processing', ready = 0, attempts = attempts + 1, run_count = run_count + 1,
+                    worker_id = ?, lease_until = ?, updated_at = ?
+                FROM head
+                WHERE jobs.seq = head.seq
+                RETURNING jobs.*),
+            opened AS (
+                INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
+                SELECT id, run_count, attempts, worker_id, updated_at FROM claimed)
+            SELECT * FROM claimed""", (names, worker_id, now + lease, now)).fetchone()
+        if job is None:
+            return None
+        job = dict(job)
+        job["run"] = job["run_count"]
+        return job
+
+    def oldest_due(self, now):
+        row = self._one("""
+            SELECT MIN(run_at) FROM jobs
+            WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed') AND run_at <= ?
+              AND queue NOT IN (SELECT name FROM queues WHERE paused = 1)""", (now,))
+        firsts = [] if row[0] is None else [row[0]]
+        for (queue,) in self._all("SELECT name FROM queues WHERE paused = 0"):
+            first = self._one("""
+                SELECT MIN(run_at) FROM jobs WHERE ready = 1 AND queue = ?""", (queue,))[0]
+            if first is not None:
+                firsts.append(first)
+        return min(firsts) if firsts else None
+
+
+for _name in ("submit", "claim", "finish", "heartbeat", "reclaim", "cancel", "retry_dead", "retry_failed",
+              "purge", "set_queue", "set_config", "request_stop", "forget_workers", "register_worker",
+              "unregister_worker", "append_output", "fold_counts"):
+    setattr(PostgresStore, _name, _retried(getattr(PostgresStore, _name)))
+del _name
+
+
+def _md5_hex(text):
+    import hashlib
+    return hashlib.md5(text.encode("utf-8")).hexdigest()
 
 
 ###############################################################################
@@ -2681,7 +3673,7 @@ class Worker:
 
     def __init__(self, db_path, name="w1", once=False, log=_log, queues=None):
         self.db_path = db_path
-        self.real_db_path = os.path.realpath(db_path)   # what jobs get as $QUEUECTL_DB
+        self.real_db_path = db_mark(db_path)    # what jobs get as $QUEUECTL_DB
         self.name = name
         self.once = once
         self.queues = queues        # the queues this worker serves (None: all)
@@ -2696,6 +3688,7 @@ class Worker:
         self._base_env = None
         self._wal_retry_at, self._wal_step = 0, 0       # see _bound_wal()
         self._next_heartbeat = 0.0
+        self._renewed_at = 0.0          # monotonic time of the last heartbeat that held the lease
         self._next_retention = 0.0
         self._live = None               # output not yet stored for `logs --follow`
         self._live_written = False      # whether any of this run's was
@@ -2753,7 +3746,7 @@ class Worker:
 
     def run(self):
         """Work until asked to stop (or, with once, until nothing is due). Returns an exit code."""
-        self.store = Store(self.db_path, durable=False)
+        self.store = open_store(self.db_path, durable=False, listen=True)
         old_wakeup = self._listen_for_signals()
         try:
             self.store.register_worker(self.id)
@@ -2846,9 +3839,17 @@ class Worker:
         try:
             stop, cancel, held = self.store.heartbeat(self.id, job_id, stopping=self.stopping)
         except StoreError as e:
+            if job_id is not None and now - self._renewed_at >= LEASE_GIVE_UP_SECONDS:
+                # Our lease may run out soon and another worker take the job
+                # back: end this run first, so that two never overlap.
+                self.log("%s %s lease not renewed for %.0fs (%s); stopping the job" % (
+                    self.name, job_id, now - self._renewed_at, e))
+                return False, False
             # The lease has LEASE_SECONDS to run; a missed beat is not a loss.
             self.log("%s heartbeat failed (%s); will retry" % (self.name, e))
             return False, True
+        if held:
+            self._renewed_at = now
         if stop and not self.stopping:
             self._obey_worker_stop()
         self._check_parent()
@@ -2863,7 +3864,7 @@ class Worker:
         """Delete completed jobs older than the `retention` setting (never dead ones)."""
         retention = self.store.config()["retention"]
         if retention is not None:
-            n = self.store.purge(["completed"], time.time() - retention)
+            n = self.store.purge(["completed"], self.store.now() - retention)
             if n:
                 self.log("%s retention: deleted %d completed job%s" % (self.name, n, "" if n == 1 else "s"))
 
@@ -2918,7 +3919,7 @@ class Worker:
 
     def _work_or_stop(self):
         """Asked to stop, or could a claim take a job now? (Reads, no lock.)"""
-        return self._check_stop_command() or self.store.has_due(time.time(), self.queues)
+        return self._check_stop_command() or self.store.has_due(self.store.now(), self.queues)
 
     def _poll_idle(self):
         """idle() where the store cannot wake us: read the data_version counter
@@ -2927,7 +3928,7 @@ class Worker:
         version = self.store.data_version()
         # A job enqueued after our last claim but before the counter was read
         # changes nothing we would see: look once now.
-        if self.store.has_due(time.time(), self.queues):
+        if self.store.has_due(self.store.now(), self.queues):
             return
         recheck = time.monotonic() + IDLE_CLAIM_SECONDS
         nap, longest = IDLE_POLL_SECONDS
@@ -2956,7 +3957,7 @@ class Worker:
         """Take back jobs whose worker is provably dead (at once) or whose lease
         has expired; kill what is left of their commands on this host; forget
         workers that are dead or have not been heard of for a long time."""
-        now = time.time()
+        now = self.store.now()
         gone = set()
         for w in self.store.workers():
             if w["id"] == self.id:
@@ -3039,6 +4040,7 @@ class Worker:
         self.log("%s %s claimed (attempt %d/%d): %s" % (
             self.name, job["id"], job["attempts"], job["max_retries"] + 1, job["command"]))
 
+        self._renewed_at = time.monotonic()     # the claim took the lease just now
         self._live, self._live_sizes, self._live_stored = LiveOutput(), [], 0
         self._live_written = False
         self._live_at = time.monotonic() + LIVE_OUTPUT_SECONDS
@@ -3221,7 +4223,7 @@ class Supervisor:
             for i in range(self.count):
                 self._start("w%d" % (i + 1))
             self.log("started %d worker%s on %s%s%s" % (
-                self.count, "" if self.count == 1 else "s", self.db_path,
+                self.count, "" if self.count == 1 else "s", db_display(self.db_path),
                 "" if self.queues is None else ", queue%s %s" % ("" if len(self.queues) == 1 else "s",
                                                                  ",".join(self.queues)),
                 " (once)" if self.once else ""))
@@ -3462,7 +4464,7 @@ def waiting_reason(store, job, now=None):
     is not waiting, or is ready and only needs a free worker."""
     if job["state"] not in DUE_STATES:
         return None
-    now = time.time() if now is None else now
+    now = store.now() if now is None else now
     reasons = []
     if job["blocked"]:
         waiting = [(i, st) for i, st in store.dependencies(job["id"]) if st not in ("completed", None)]
@@ -3713,12 +4715,11 @@ class _StorePool:
         with self.lock:
             store = self.free.pop() if self.free else None
         if store is None:
-            store = Store(self.path, create=False)
+            store = open_store(self.path, create=False)
         try:
             yield store
         finally:
-            if store.conn is not None and store.conn.in_transaction:
-                store.conn.rollback()
+            store.abandon()
             with self.lock:
                 if len(self.free) < self.size:
                     self.free.append(store)
@@ -3848,7 +4849,7 @@ class _Watcher:
     def prime(self):
         """The first pass, before the dashboard serves: marks ready (the run
         counters and stats follow in the thread: they read every run)."""
-        self.store = Store(self.db_path, create=False)
+        self.store = open_store(self.db_path, create=False)
         self.poll(stats=False)
 
     def poll(self, stats=True):
@@ -4066,7 +5067,7 @@ class Dashboard:
                 "<span class=\"db\" title=\"database\">%s</span>%s"
                 "<span id=\"live\" class=\"live off\" title=\"live updates\">static</span></header>"
                 "<main>%s%s</main></body></html>\n") % (
-            _h(title), __version__, __version__, _h(json.dumps(marks)), now, links, _h(self.db_path),
+            _h(title), __version__, __version__, _h(json.dumps(marks)), now, links, _h(db_display(self.db_path)),
             '<span class="ro">read-only</span>' if self.read_only else "", flash, "".join(parts))
 
     @staticmethod
@@ -4956,7 +5957,7 @@ def run_dashboard(db_path, host="127.0.0.1", port=DASHBOARD_PORT, read_only=Fals
     import socket
     import threading
 
-    Store(db_path).close()      # a bad path or a newer schema: one clear error, before listening
+    open_store(db_path).close()      # a bad path or a newer schema: one clear error, before listening
     token = _dashboard_token(token_file)
     loopback = host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
@@ -5005,7 +6006,7 @@ def run_dashboard(db_path, host="127.0.0.1", port=DASHBOARD_PORT, read_only=Fals
                  % (host, port))
         sys.stdout.write("http://%s:%d/?token=%s\n" % (shown, port, token))
         sys.stdout.flush()
-        _err("dashboard for %s on port %d%s; Ctrl-C stops it" % (db_path, port, " (read-only)" if read_only else ""))
+        _err("dashboard for %s on port %d%s; Ctrl-C stops it" % (db_display(db_path), port, " (read-only)" if read_only else ""))
         signal.sigwait(stops)
     finally:
         app.watcher.stop()
@@ -5236,9 +6237,11 @@ _DASH_STATIC = {
 EPILOG = """\
 environment:
   QUEUECTL_DB                 database file (default: $XDG_DATA_HOME/queuectl/queue.db,
-                              i.e. ~/.local/share/queuectl/queue.db)
+                              i.e. ~/.local/share/queuectl/queue.db), or a postgresql:// URL
   QUEUECTL_BUSY_TIMEOUT       how long to wait for another process's lock (default 30s)
   QUEUECTL_ALLOW_NETWORK_FS   set to 1 to allow a database on NFS/SMB (one host only)
+  QUEUECTL_PG_LISTEN          set to 0 to make workers poll PostgreSQL instead of LISTEN
+                              (PgBouncer in transaction mode)
 
 exit codes: 0 ok, 1 error, 2 usage error, 124 timed out (wait, worker stop),
 130 interrupted; `wait` exits with the failed job's exit code.
@@ -5614,7 +6617,7 @@ def _open_store(args, create=False, note=True):
     that write jobs or settings create the file; the others read an empty
     queue where there is none, and say so (unless not `note`: commands about
     given jobs say it in their "not found" error)."""
-    store = Store(_db_path(args), create=create)
+    store = open_store(_db_path(args), create=create)
     if store.missing and note:
         _err("no database at %s yet, so the queue is empty (a mistyped --db or $QUEUECTL_DB?)"
              % store.missing)
@@ -5623,10 +6626,11 @@ def _open_store(args, create=False, note=True):
 
 def cmd_init(args):
     path = _db_path(args)
-    existed = os.path.exists(path)
-    Store(path).close()
+    existed = store_exists(path)
+    with open_store(path) as store:
+        location = store.location()
     _err("database %s" % ("exists; nothing changed" if existed else "created"))
-    sys.stdout.write(os.path.abspath(path) + "\n")
+    sys.stdout.write(location + "\n")
     return EXIT_OK
 
 
@@ -5753,7 +6757,7 @@ def cmd_worker_start(args):
     db_path = _db_path(args)
     # Open once here so that a bad path or a newer schema is one clear error,
     # before any process starts; the connection is closed before forking.
-    with Store(db_path) as store:
+    with open_store(db_path) as store:
         known = {q["name"] for q in store.queues()}
     for name in args.queue or ():
         if name not in known:
@@ -5799,7 +6803,7 @@ def cmd_status(args):
         counts = store.counts()
         workers = store.workers()
         queues = store.queues()
-    now = time.time()
+        now = store.now()
     for w in workers:
         w["alive"] = worker_alive(w, now)
     if args.json:
@@ -6007,7 +7011,7 @@ def cmd_wait(args):
             version = store.data_version()
             end = time.monotonic() + delay
             while time.monotonic() < end and store.data_version() == version:
-                time.sleep(0.01)
+                time.sleep(store.change_poll_seconds)
             delay = min(delay * 1.5, 1.0)
             now = store.states(pending)
             for job_id in pending:
@@ -6213,8 +7217,8 @@ def compute_stats(rows, now, window):
 
 
 def cmd_stats(args):
-    now = time.time()
     with _open_store(args) as store:
+        now = store.now()
         rows = store.finished_runs(now - 86400)
         counts = store.counts()
     stats = {"last_hour": compute_stats(rows, now, 3600), "last_day": compute_stats(rows, now, 86400),
@@ -6239,8 +7243,8 @@ def cmd_stats(args):
 
 def cmd_purge(args):
     states = sorted(set(args.state or ["completed"]))
-    before = time.time() - args.older_than
     with _open_store(args) as store:
+        before = store.now() - args.older_than
         counts = [(store.purge([state], before), state) for state in states]
     _err("purged " + ", ".join("%d %s job%s" % (n, state, "" if n == 1 else "s") for n, state in counts))
     return EXIT_OK

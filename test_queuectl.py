@@ -668,6 +668,7 @@ class QueueTestCase(unittest.TestCase):
 class TestScript(QueueTestCase):
     """queuectl.py as a program: installed by copying, its exit codes, pipes, signals and bytecode cache."""
 
+    @sqlite_only     # the python3 on PATH, with no PostgreSQL driver
     def test_runs_with_nothing_installed(self):
         # -I: no user site, no PYTHONPATH; -S: no site-packages at all.
         flags = ("-I", "-S")
@@ -723,6 +724,7 @@ class TestScript(QueueTestCase):
         return sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(self.cache, "queuectl"))
                       for f in files)
 
+    @sqlite_only     # the python3 on PATH, with no PostgreSQL driver
     def test_installed_copy_runs_from_cached_bytecode(self):
         run = self.install_copy()
         self.assertEqual(run("--version"), (0, "queuectl %s\n" % queuectl.__version__, ""))
@@ -783,6 +785,7 @@ class TestScript(QueueTestCase):
         self.assertEqual(run("--version", XDG_CACHE_HOME=nowhere),
                          (0, "queuectl %s\n" % queuectl.__version__, ""))
 
+    @sqlite_only     # the python3 on PATH, with no PostgreSQL driver
     def test_installed_copy_does_not_import_from_the_current_directory(self):
         run = self.install_copy()
         cwd = os.path.join(self.tmp, "shared")
@@ -2723,6 +2726,7 @@ class TestCommands(QueueTestCase):
                                                    "next_run_at": "2030-01-01T00:00:00Z"}),
                             err="queuectl: error: give either 'run_at' or 'next_run_at', not both")
 
+    @sqlite_only
     def test_init_creates_the_database_and_says_where(self):
         self.db = os.path.join(self.tmp, "new", "q.db")
         self.assertEqual(self.expect_success("init", err="queuectl: database created\n"), self.db + "\n")
@@ -4144,8 +4148,8 @@ class TestStore(QueueTestCase):
 
     def assert_counts_consistent(self):
         actual = {s: 0 for s in STATES}
-        for state, n in self.store.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-            actual[state] = n
+        for row in self.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            actual[row["state"]] = row["n"]
         self.assertEqual(self.store.counts(), actual)
 
     def test_claim_order_priority_then_due_time_then_enqueue_order(self):
@@ -4199,8 +4203,7 @@ class TestStore(QueueTestCase):
         # once the queue is empty. The scheduled one comes from another
         # connection, which commits while this one holds no transaction.
         ok = queuectl.RunResult(0, "exit 0")
-        other = queuectl.Store(self.db)
-        self.addCleanup(other.close)
+        other = self.open_store()
         plain = [self.put() for _ in range(5)]
         retried = self.put(priority=3, max_retries=1, now=self.T - 10)
         job = self.store.claim(self.W, now=self.T - 10)
@@ -4253,6 +4256,7 @@ class TestStore(QueueTestCase):
         due = store.enqueue([queuectl.validate_job({"command": "true"}, self.tmp, self.T)], now=self.T)[0]
         return store, due
 
+    @sqlite_only
     def test_claim_cost_does_not_grow_with_jobs_it_cannot_take(self):
         # Issue 13: a claim used to walk every not-yet-due job of a higher
         # priority before reaching a due one. Counted in SQLite VM steps (the
@@ -5563,6 +5567,658 @@ class TestMeta(QueueTestCase):
         missing = [" ".join(p) for p in command_paths() if " ".join(p) not in text]
         self.assertEqual(missing, [], "commands missing from README.md")
         self.assertIn("QUEUECTL_DB", text)
+
+
+###############################################################################
+# PostgreSQL (issue 7) #######################################################
+###############################################################################
+
+#: A PostgreSQL server for TestPostgres, e.g. postgresql://postgres@127.0.0.1:5432/postgres.
+PG_DSN_ENV = "QUEUECTL_TEST_PG_DSN"
+_pg_skip_told = []
+
+
+def _pg_driver():
+    """psycopg (3) or psycopg2, whichever is importable, else None."""
+    try:
+        import psycopg
+        return psycopg
+    except ImportError:
+        try:
+            import psycopg2
+            return psycopg2
+        except ImportError:
+            return None
+
+
+def read_file(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+class TestPostgres(unittest.TestCase):
+    """The queue on a real PostgreSQL server, through the real CLI and real
+    workers. Each test has a schema of its own (options=-csearch_path=...),
+    dropped at the end."""
+
+    def setUp(self):
+        dsn = os.environ.get(PG_DSN_ENV)
+        if not dsn:
+            if not _pg_skip_told:
+                _pg_skip_told.append(True)
+                sys.stderr.write("\n*** PostgreSQL tests SKIPPED: set %s=postgresql://postgres@127.0.0.1:5432/"
+                                 "postgres (and run with a Python that has psycopg) to run them ***\n" % PG_DSN_ENV)
+            skip_or_fail(self, "%s is not set: the PostgreSQL half did not run" % PG_DSN_ENV)
+        self.driver = _pg_driver()
+        if self.driver is None:
+            skip_or_fail(self, "%s is set but neither psycopg nor psycopg2 is importable by %s"
+                         % (PG_DSN_ENV, sys.executable))
+        self.dsn = dsn
+        self.schema = "qct_%d_%06d" % (os.getpid(), random.randrange(10 ** 6))
+        self.url = self.with_schema(self.schema)
+        self.admin = self.connect(dsn)
+        self.addCleanup(self.admin.close)
+        self.addCleanup(self.sql, 'DROP SCHEMA IF EXISTS "%s" CASCADE' % self.schema)
+        self.tmp = tempfile.mkdtemp(prefix="qc-pg-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.pools = []
+        self.addCleanup(self.kill_pools)
+
+    # -- helpers ------------------------------------------------------------------
+
+    def with_schema(self, schema, dsn=None):
+        dsn = dsn or self.dsn
+        return dsn + ("&" if "?" in dsn else "?") + "options=-csearch_path%3D" + schema
+
+    def connect(self, dsn):
+        conn = self.driver.connect(dsn)
+        conn.autocommit = True
+        return conn
+
+    def sql(self, text, params=None, conn=None):
+        cur = (conn or self.admin).cursor()
+        cur.execute(text, params)
+        return cur.fetchall() if cur.description else None
+
+    def q(self, text, params=None):
+        """A query in this test's schema."""
+        self.sql('SET search_path = "%s"' % self.schema)
+        try:
+            return self.sql(text, params)
+        finally:
+            self.sql("RESET search_path")
+
+    def env(self, db=None, extra=None):
+        env = dict(os.environ)
+        env.pop("QUEUECTL_BUSY_TIMEOUT", None)
+        env["QUEUECTL_DB"] = db or self.url
+        env.update(extra or {})
+        return env
+
+    def cli(self, *args, db=None, env=None, python=None, timeout=60):
+        r = subprocess.run([python or sys.executable, QUEUECTL] + list(args), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=self.env(db, env), cwd=self.tmp, timeout=timeout)
+        return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+    def ok(self, *args, **kw):
+        code, out, err = self.cli(*args, **kw)
+        self.assertEqual(code, 0, "queuectl %s: exit %d: %s" % (" ".join(args), code, err))
+        return out
+
+    def enqueue(self, job, *flags):
+        return self.ok("enqueue", json.dumps(job) if isinstance(job, dict) else job, *flags).strip()
+
+    def pool(self, *args, db=None, env=None):
+        log = open(os.path.join(self.tmp, "pool-%d.log" % len(self.pools)), "wb")
+        self.addCleanup(log.close)
+        proc = subprocess.Popen([sys.executable, QUEUECTL, "worker", "start"] + list(args), stdout=log,
+                                stderr=subprocess.STDOUT, env=self.env(db, env), cwd=self.tmp,
+                                start_new_session=True)
+        self.pools.append(proc)
+        return proc
+
+    def kill_pools(self):
+        for proc in self.pools:
+            kill_session(proc.pid)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        # Jobs have sessions of their own: found by the URL in their environment.
+        mark = b"QUEUECTL_DB=" + self.url.encode() + b"\0"
+        kill_all([p for p in pids() if mark in read_proc(p, "environ")])
+
+    def pool_log(self, i=0):
+        with open(os.path.join(self.tmp, "pool-%d.log" % i), "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def until(self, predicate, what, timeout=DEADLINE):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
+            time.sleep(0.05)
+
+    def job(self, job_id):
+        return json.loads(self.ok("show", job_id, "--json"))
+
+    def states(self):
+        return dict(self.q("SELECT id, state FROM jobs"))
+
+    def assert_one_line_error(self, code, out, err, *needles):
+        self.assertEqual(code, 1, err)
+        self.assertEqual(out, "")
+        lines = err.strip().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertTrue(lines[0].startswith("queuectl: error: "), err)
+        self.assertNotIn("Traceback", err)
+        for needle in needles:
+            self.assertIn(needle, err)
+
+    # -- the contract, as on SQLite ----------------------------------------------------
+
+    def test_lifecycle_order_retry_backoff_dlq(self):
+        """Priorities first, FIFO within one priority, a delayed job after its
+        time; a failing job retried with backoff, then dead; dlq retry."""
+        ledger = os.path.join(self.tmp, "ledger")
+        self.ok("config", "set", "backoff_base", "1")
+        ids = {}
+        for name, prio in (("a", 0), ("b", 5), ("c", 0), ("d", 5)):
+            ids[name] = self.enqueue({"command": "echo %s >> %s" % (name, ledger), "priority": prio})
+        ids["late"] = self.enqueue({"command": "echo late >> %s" % ledger, "priority": 9, "delay": 8})
+        ids["bad"] = self.enqueue({"command": "echo bad >> %s; exit 3" % ledger, "max_retries": 1})
+        status = json.loads(self.ok("status", "--json"))
+        self.assertEqual(status["counts"]["pending"], 6, status)
+        self.ok("worker", "start", "--once")
+        with open(ledger) as f:
+            self.assertEqual(f.read().split(), ["b", "d", "a", "c", "bad"])
+        self.assertEqual(self.job(ids["bad"])["state"], "failed")
+        self.assertEqual(self.job(ids["late"])["state"], "pending")
+        self.pool("--count", "2")
+        code, _, err = self.cli("wait", ids["late"], ids["bad"], timeout=DEADLINE)
+        self.assertEqual(code, 3, err)      # `wait` returns the dead job's exit code
+        with open(ledger) as f:
+            self.assertEqual(sorted(f.read().split()[5:]), ["bad", "late"])
+        bad = self.job(ids["bad"])
+        self.assertEqual((bad["state"], bad["attempts"], bad["exit_code"]), ("dead", 2, 3))
+        self.assertIn(ids["bad"], self.ok("dlq", "list"))
+        self.ok("dlq", "retry", ids["bad"])
+        self.assertIn(self.job(ids["bad"])["state"], ("pending", "processing", "failed", "dead"))
+        self.until(lambda: self.job(ids["bad"])["state"] == "dead" and self.job(ids["bad"])["attempts"] == 2,
+                   "the retried job to die again")
+        status = json.loads(self.ok("status", "--json"))
+        self.assertEqual({s: status["counts"][s] for s in ("completed", "dead", "pending")},
+                         {"completed": 5, "dead": 1, "pending": 0}, status)
+
+    def test_cancel_wait_purge_stats_stop(self):
+        long = self.enqueue({"command": "sleep 30"})
+        waiting = self.enqueue({"command": "true", "delay": 3600})
+        self.ok("cancel", waiting)
+        job = self.job(waiting)
+        self.assertEqual((job["state"], job["outcome"]), ("dead", "cancelled"))
+        pool = self.pool("--count", "1")
+        self.until(lambda: self.job(long)["state"] == "processing", "the long job to start")
+        self.ok("cancel", long)
+        code, _, err = self.cli("wait", long, timeout=DEADLINE)
+        self.assertEqual(code, 1, err)
+        self.assertIn("cancelled", err)
+        done = self.enqueue({"command": "true"})
+        self.ok("wait", done, timeout=DEADLINE)
+        stats = json.loads(self.ok("stats", "--json"))
+        self.assertEqual(stats["last_hour"]["completed"], 1, stats)
+        self.assertEqual(stats["counts"]["dead"], 2, stats)
+        code, out, err = self.cli("purge", "--older-than", "0", "--state", "completed", "--state", "dead")
+        self.assertEqual(code, 0, err)
+        self.assertIn("1 completed job", err)
+        self.assertIn("2 dead jobs", err)
+        self.assertEqual(self.q("SELECT COUNT(*) FROM jobs")[0][0], 0)
+        self.assertEqual(json.loads(self.ok("status", "--json"))["counts"],
+                         {s: 0 for s in STATES})
+        code, _, err = self.cli("worker", "stop", "--timeout", "20", timeout=DEADLINE)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(pool.wait(timeout=DEADLINE), 0, self.pool_log())
+
+    def test_idle_worker_picks_up_at_once(self):
+        """An idle worker is woken by NOTIFY: pickup in milliseconds, not at the next poll."""
+        self.ok("init")
+        self.pool("--count", "1")
+        self.until(lambda: self.q("SELECT COUNT(*) FROM workers")[0][0] == 1, "the worker to register")
+        time.sleep(1.0)     # let it settle into its idle wait
+        delays = []
+        for i in range(5):
+            stamp = os.path.join(self.tmp, "t%d" % i)
+            job = self.enqueue({"command": "date +%%s.%%N > %s" % stamp})
+            enqueued = time.time()
+            self.ok("wait", job, timeout=DEADLINE)
+            with open(stamp) as f:
+                delays.append(float(f.read()) - enqueued)
+        delays.sort()
+        self.assertLess(delays[2], 0.25, delays)
+
+    def test_polling_without_listen(self):
+        """QUEUECTL_PG_LISTEN=0 (PgBouncer in transaction mode): workers poll, and still pick jobs up."""
+        self.pool("--count", "1", env={"QUEUECTL_PG_LISTEN": "0"})
+        job = self.enqueue({"command": "true"})
+        self.ok("wait", job, timeout=DEADLINE)
+
+    def test_queue_limit_holds_across_two_pools(self):
+        """max_running 1 on a queue: two pools of three workers never run two of its jobs at once."""
+        ledger = os.path.join(self.tmp, "ledger")
+        self.ok("queue", "set", "one", "--limit", "1")
+        ids = [self.enqueue({"command": "echo start $(date +%%s.%%N) >> %s; sleep 0.2; echo end $(date +%%s.%%N) >> %s"
+                                        % (ledger, ledger), "queue": "one"}) for _ in range(8)]
+        self.pool("--count", "3")
+        self.pool("--count", "3")
+        self.ok("wait", *ids, timeout=60)
+        with open(ledger) as f:
+            events = [line.split() for line in f]
+        events.sort(key=lambda e: float(e[1]))
+        running = 0
+        for kind, _ in events:
+            running += 1 if kind == "start" else -1
+            self.assertLessEqual(running, 1, events)
+        self.assertEqual(len(events), 16)
+
+    def test_lost_connection_is_ridden_out(self):
+        """The server drops every worker connection, idle and busy: workers
+        reconnect and every job completes once."""
+        ledger = os.path.join(self.tmp, "ledger")
+        self.ok("init")
+        self.pool("--count", "2")
+        self.until(lambda: self.q("SELECT COUNT(*) FROM workers")[0][0] == 2, "the workers to register")
+        ids = [self.enqueue({"command": "sleep 0.3; echo %d >> %s" % (i, ledger)}) for i in range(6)]
+        time.sleep(0.5)
+        self.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                 "WHERE application_name = 'queuectl' AND pid <> pg_backend_pid() AND datname = current_database()")
+        self.ok("wait", *ids, timeout=60)
+        with open(ledger) as f:
+            runs = f.read().split()
+        self.assertEqual(sorted(set(runs)), [str(i) for i in range(6)])
+        self.assertIn("lost the connection", self.pool_log())
+
+    def test_counts_and_claim_order_in_the_store(self):
+        """The store API directly: counts folded from deltas stay right;
+        a result and the next claim are one transaction."""
+        store = queuectl.open_store(self.url)
+        self.addCleanup(store.close)
+        now = store.now()
+        store.enqueue([{"command": "true", "cwd": self.tmp, "priority": p} for p in (1, 3, 2)], now=now)
+        job = store.claim("h:1:1", now=now)
+        self.assertEqual(job["priority"], 3)
+        settled, nxt = store.finish(job["id"], job["run"], "h:1:1", queuectl.RunResult(0, "exit 0"),
+                                    claim_next=True)
+        self.assertEqual((settled[0], nxt["priority"]), ("completed", 2))
+        self.assertEqual(store.counts(), {"pending": 1, "processing": 1, "completed": 1, "failed": 0, "dead": 0})
+        self.assertGreater(self.q("SELECT COUNT(*) FROM count_deltas")[0][0], 0)
+        store.fold_counts()
+        self.assertEqual(self.q("SELECT COUNT(*) FROM count_deltas")[0][0], 0)
+        self.assertEqual(store.counts(), {"pending": 1, "processing": 1, "completed": 1, "failed": 0, "dead": 0})
+
+    def test_clock_comes_from_the_server(self):
+        """A host whose clock is 10 minutes ahead: its store's now() is the server's time."""
+        store = queuectl.open_store(self.url)
+        self.addCleanup(store.close)
+        server = self.sql("SELECT extract(epoch FROM clock_timestamp())::FLOAT8")[0][0]
+        self.assertLess(abs(store.now() - server), 1.0)
+        real = time.time
+        with mock.patch("time.time", lambda: real() + 600):
+            store.sync_clock()
+            self.assertLess(abs(store.now() - real()), 1.0)
+            # `enqueue --delay 60` on that host: run_at by its clock.
+            ids = store.enqueue([{"command": "true", "cwd": self.tmp, "run_at": real() + 600 + 60}])
+        self.assertAlmostEqual(self.q("SELECT run_at FROM jobs")[0][0], real() + 60, delta=5)
+        self.assertTrue(ids)
+
+    # -- bad input: one line, exit 1, nothing written --------------------------------
+
+    def test_malformed_url(self):
+        code, out, err = self.cli("enqueue", "--", "true", db="postgresql://u:pw@127.0.0.1:notaport/x")
+        self.assert_one_line_error(code, out, err)
+        self.assertNotIn(":pw@", err)
+
+    def test_server_down(self):
+        code, out, err = self.cli("enqueue", "--", "true", db="postgresql://postgres:hunter2@127.0.0.1:1/postgres")
+        self.assert_one_line_error(code, out, err, "cannot connect to postgresql://postgres:***@127.0.0.1:1/postgres")
+        self.assertNotIn("hunter2", err)
+
+    def test_another_programs_database(self):
+        self.sql('CREATE SCHEMA "%s"' % self.schema)
+        self.sql('CREATE TABLE "%s".jobs (id serial PRIMARY KEY, payload text)' % self.schema)
+        for args in (("enqueue", "--", "true"), ("status",), ("worker", "start", "--once")):
+            code, out, err = self.cli(*args)
+            self.assert_one_line_error(code, out, err, "is not a queuectl database", "jobs")
+        tables = self.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                          (self.schema,))
+        self.assertEqual(tables, [("jobs",)])
+
+    def test_read_only_role(self):
+        self.enqueue({"command": "true"})
+        role = "qct_ro_%d" % random.randrange(10 ** 6)
+        self.sql("CREATE ROLE %s LOGIN" % role)
+        self.addCleanup(self.sql, "DROP ROLE IF EXISTS %s" % role)
+        self.addCleanup(self.sql, 'REVOKE ALL ON ALL TABLES IN SCHEMA "%s" FROM %s' % (self.schema, role))
+        self.addCleanup(self.sql, 'REVOKE ALL ON SCHEMA "%s" FROM %s' % (self.schema, role))
+        self.sql('GRANT USAGE ON SCHEMA "%s" TO %s' % (self.schema, role))
+        self.sql('GRANT SELECT ON ALL TABLES IN SCHEMA "%s" TO %s' % (self.schema, role))
+        parts = urllib.parse.urlsplit(self.dsn)
+        ro = self.with_schema(self.schema, urllib.parse.urlunsplit(
+            parts._replace(netloc="%s@%s" % (role, parts.netloc.rsplit("@", 1)[-1]))))
+        status = json.loads(self.ok("status", "--json", db=ro))
+        self.assertEqual(status["counts"]["pending"], 1)
+        code, out, err = self.cli("enqueue", "--", "true", db=ro)
+        self.assert_one_line_error(code, out, err, "permission denied")
+        self.assertEqual(self.q("SELECT COUNT(*) FROM jobs")[0][0], 1)
+
+    def test_reading_a_new_database_writes_nothing(self):
+        code, out, err = self.cli("status")
+        self.assertEqual(code, 0, err)
+        self.assertIn("no database at", err)
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM pg_namespace WHERE nspname = %s", (self.schema,))[0][0], 0)
+
+    def test_no_driver_is_one_line(self):
+        python = "/usr/bin/python3"
+        check = subprocess.run([python, "-c", "import psycopg"], stderr=subprocess.DEVNULL)
+        check2 = subprocess.run([python, "-c", "import psycopg2"], stderr=subprocess.DEVNULL)
+        if check.returncode == 0 or check2.returncode == 0:
+            self.skipTest("%s has a PostgreSQL driver" % python)
+        code, out, err = self.cli("enqueue", "--", "true", python=python)
+        self.assert_one_line_error(code, out, err, "pip install 'psycopg[binary]'")
+
+    def test_password_never_shown(self):
+        """Trust authentication ignores the password, so a URL with one works: no output shows it."""
+        parts = urllib.parse.urlsplit(self.dsn)
+        user = parts.username or "postgres"
+        secret = "s3cr3t-%d" % random.randrange(10 ** 6)
+        db = self.with_schema(self.schema, urllib.parse.urlunsplit(
+            parts._replace(netloc="%s:%s@%s" % (user, secret, parts.netloc.rsplit("@", 1)[-1]))))
+        job = self.ok("enqueue", "--", "true", db=db).strip()
+        outputs = [self.cli("status", db=db), self.cli("status", "--json", db=db), self.cli("init", db=db),
+                   self.cli("show", "nosuchjob", db=db), self.cli("worker", "start", "--once", db=db)]
+        self.assertEqual(self.job(job)["state"], "completed")
+        self.sql('ALTER TABLE "%s".queues RENAME TO queues_gone' % self.schema)
+        outputs.append(self.cli("queue", "list", db=db))
+        for code, out, err in outputs:
+            self.assertNotIn(secret, out + err)
+        self.assertIn(":***@", outputs[2][1] + outputs[4][2])
+
+    def test_worker_cut_off_kills_its_job_before_the_lease_ends(self):
+        """The server refuses the worker's role and drops its connection: the
+        worker, unable to renew its lease, kills its job well before the lease
+        (LEASE_SECONDS) could run out and another host take the job back."""
+        role = "qct_cut_%d" % random.randrange(10 ** 6)
+        self.sql("CREATE ROLE %s LOGIN SUPERUSER" % role)
+        self.addCleanup(self.sql, "DROP ROLE IF EXISTS %s" % role)
+        self.addCleanup(self.sql, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                        (role,))
+        self.addCleanup(self.sql, 'DROP SCHEMA IF EXISTS "%s" CASCADE' % self.schema)   # the role owns it
+        self.addCleanup(self.kill_pools)
+        parts = urllib.parse.urlsplit(self.dsn)
+        db = self.with_schema(self.schema, urllib.parse.urlunsplit(
+            parts._replace(netloc="%s@%s" % (role, parts.netloc.rsplit("@", 1)[-1]))))
+        pidfile = os.path.join(self.tmp, "pid")
+        job = self.ok("enqueue", "--", "echo $$ > %s; exec sleep 60" % pidfile, db=db).strip()
+        self.pool("--count", "1", db=db)
+        self.until(lambda: read_file(pidfile).strip(), "the job to start")
+        pid = int(read_file(pidfile))
+        self.sql("ALTER ROLE %s NOLOGIN" % role)
+        self.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        cut = time.monotonic()
+        self.until(lambda: not os.path.exists("/proc/%d" % pid) or proc_state(pid) == b"Z",
+                   "the worker to kill its job", timeout=queuectl.LEASE_SECONDS)
+        self.assertLess(time.monotonic() - cut, queuectl.LEASE_SECONDS - queuectl.KILL_GRACE_SECONDS)
+        self.assertIn("lease not renewed", self.pool_log())
+        self.sql("ALTER ROLE %s LOGIN" % role)
+        self.until(lambda: self.job(job)["state"] in ("failed", "pending"), "the run's result to be recorded")
+
+    def test_wrong_password(self):
+        """A throwaway cluster that checks passwords: a wrong one is one line, exit 1."""
+        import glob
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if os.geteuid() != 0 or not bins or not shutil.which("runuser"):
+            skip_or_fail(self, "a password-checking cluster needs root, runuser and Debian's postgresql")
+        pgbin = os.path.dirname(bins[-1])
+        base = tempfile.mkdtemp(prefix="qc-pgpw-")
+        self.addCleanup(shutil.rmtree, base, True)
+        shutil.chown(base, "postgres")
+        with open(os.path.join(base, "pw"), "w") as f:
+            f.write("right-password\n")
+        shutil.chown(os.path.join(base, "pw"), "postgres")
+
+        def as_postgres(*argv):
+            subprocess.run(["runuser", "-u", "postgres", "--"] + list(argv), check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+        as_postgres(os.path.join(pgbin, "initdb"), "-D", base + "/data", "-A", "scram-sha-256", "-U", "postgres",
+                    "--pwfile", base + "/pw")
+        port = random.randrange(20000, 30000)
+        as_postgres(os.path.join(pgbin, "pg_ctl"), "-D", base + "/data", "-l", base + "/log", "-w", "-o",
+                    "-c listen_addresses=127.0.0.1 -p %d -k %s" % (port, base), "start")
+        self.addCleanup(as_postgres, os.path.join(pgbin, "pg_ctl"), "-D", base + "/data", "-m", "immediate", "stop")
+        code, out, err = self.cli("enqueue", "--", "true",
+                                  db="postgresql://postgres:wrong-password@127.0.0.1:%d/postgres" % port)
+        self.assert_one_line_error(code, out, err, "password authentication failed")
+        self.assertNotIn("wrong-password", err)
+        good = "postgresql://postgres:right-password@127.0.0.1:%d/postgres" % port
+        self.assertEqual(self.cli("status", db=good)[0], 0)
+        self.assertEqual(self.cli("enqueue", "--", "true", db=good)[0], 0)
+
+
+    def test_dashboard_reads_postgresql(self):
+        """The dashboard on a PostgreSQL URL: its pages and API answer, and the password is nowhere."""
+        secret = "s3cr3t-%d" % random.randrange(10 ** 6)
+        parts = urllib.parse.urlsplit(self.dsn)
+        db = self.with_schema(self.schema, urllib.parse.urlunsplit(parts._replace(
+            netloc="%s:%s@%s" % (parts.username or "postgres", secret, parts.netloc.rsplit("@", 1)[-1]))))
+        job = self.ok("enqueue", "--", "true", db=db).strip()
+        token = os.path.join(self.tmp, "token")
+        port = random.randrange(20000, 30000)
+        log = open(os.path.join(self.tmp, "dash.log"), "wb")
+        self.addCleanup(log.close)
+        proc = subprocess.Popen([sys.executable, QUEUECTL, "dashboard", "--port", str(port), "--token-file", token],
+                                stdout=log, stderr=subprocess.STDOUT, env=self.env(db), cwd=self.tmp,
+                                start_new_session=True)
+        self.pools.append(proc)
+
+        def get(path):
+            request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path),
+                                             headers={"Authorization": "Bearer " + read_file(token).strip()})
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.read().decode()
+
+        def up():
+            try:
+                return get("/api/status")
+            except (OSError, urllib.error.URLError):
+                return None
+        status = json.loads(self.until(up, "the dashboard to answer"))
+        self.assertEqual(status["counts"]["pending"], 1)
+        import http.cookiejar
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        browser.open("http://127.0.0.1:%d/?token=%s" % (port, read_file(token).strip()), timeout=10).read()
+        pages = [browser.open("http://127.0.0.1:%d%s" % (port, path), timeout=10).read().decode()
+                 for path in ("/", "/jobs", "/jobs/" + job, "/dlq")]
+        pages += [get(path) for path in ("/api/jobs", "/metrics")]
+        self.assertIn(job, pages[1])
+        self.assertIn(job, pages[4])
+        for text in pages + [read_file(os.path.join(self.tmp, "dash.log"))]:
+            self.assertNotIn(secret, text)
+
+    def test_deadlock_is_retried(self):
+        """A transaction PostgreSQL picks as a deadlock victim is run again, whole."""
+        store = queuectl.open_store(self.url)
+        self.addCleanup(store.close)
+        a, b = store.enqueue([{"command": "true", "cwd": self.tmp}, {"command": "true", "cwd": self.tmp}])
+        before = self.sql("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")[0][0]
+        other = self.connect(self.dsn)
+        self.addCleanup(other.close)
+        other.autocommit = False
+        self.sql('SET search_path = "%s"' % self.schema, conn=other)
+        self.sql("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (b,), conn=other)
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(store.cancel([a, b])))
+        thread.start()      # locks a, then waits for b ...
+        self.until(lambda: self.sql("SELECT COUNT(*) FROM pg_locks WHERE NOT granted")[0][0] >= 1,
+                   "the cancel to wait for the row lock")
+        time.sleep(0.2)
+        try:                # ... while `other` wants a: one of the two is a deadlock victim
+            self.sql("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (a,), conn=other)
+            other.commit()
+        except self.driver.Error:
+            other.rollback()
+        thread.join(DEADLINE)
+        self.assertEqual(result, {a: "dead", b: "dead"})
+        self.assertEqual(self.q("SELECT state FROM jobs ORDER BY seq"), [("dead",), ("dead",)])
+        after = self.sql("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")[0][0]
+        self.assertGreater(after, before)
+
+
+    def test_dependencies_unique_env_logs_retry(self):
+        """--after, unique keys, env, logs and `retry` of a failed job, as on SQLite."""
+        ledger = os.path.join(self.tmp, "ledger")
+        first = self.enqueue({"command": "sleep 0.3; echo first >> %s" % ledger})
+        second = self.enqueue({"command": "echo $WHO >> %s; echo out-$WHO" % ledger, "after": [first],
+                               "env": {"WHO": "second"}})
+        code, out, err = self.cli("enqueue", json.dumps({"command": "true", "unique": "k"}))
+        self.assertEqual(code, 0, err)
+        code, again, err = self.cli("enqueue", json.dumps({"command": "true", "unique": "k"}))
+        self.assertEqual((code, again), (0, out), err)
+        failing = self.enqueue({"command": "exit 4", "max_retries": 1})
+        self.ok("config", "set", "backoff_base", "1000")
+        self.ok("worker", "start", "--once")
+        with open(ledger) as f:
+            self.assertEqual(f.read().split(), ["first", "second"])
+        self.assertIn("out-second", self.ok("logs", second))
+        self.assertEqual(self.job(failing)["state"], "failed")
+        self.ok("retry", failing)
+        self.ok("worker", "start", "--once")
+        self.assertEqual(self.job(failing)["state"], "dead")
+        self.assertEqual(self.cli("enqueue", json.dumps({"command": "true", "after": ["nosuch"]}))[0], 1)
+
+
+    def test_two_pools_run_each_job_once(self):
+        """Two pools claiming from one queue (SKIP LOCKED): every job runs, none twice."""
+        ledger = os.path.join(self.tmp, "ledger")
+        jobs = "\n".join(json.dumps({"command": "echo %d >> %s" % (i, ledger), "priority": i % 3})
+                         for i in range(200))
+        with open(os.path.join(self.tmp, "jobs.jsonl"), "w") as f:
+            f.write(jobs)
+        ids = self.ok("enqueue", "--file", os.path.join(self.tmp, "jobs.jsonl")).split()
+        self.pool("--count", "3")
+        self.pool("--count", "3")
+        self.ok("wait", *ids, timeout=120)
+        with open(ledger) as f:
+            runs = f.read().split()
+        self.assertEqual(sorted(runs, key=int), [str(i) for i in range(200)])
+        self.assertEqual(json.loads(self.ok("status", "--json"))["counts"]["completed"], 200)
+
+
+
+class _PgTestConnection:
+    """A driver connection that takes the tests' SQLite-style ? placeholders."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def execute(self, sql, params=()):
+        cursor = self._conn.cursor()
+        cursor.execute(sql.replace("?", "%s"), tuple(params) or None)
+        return cursor
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+class PostgresBackend:
+    """Mixed into a behaviour class (QueueTestCase, not @sqlite_only): the same tests on
+    PostgreSQL, each database a schema of its own. Generated as <Class>OnPostgres when
+    QUEUECTL_TEST_PG_BEHAVIOUR=1 and QUEUECTL_TEST_PG_DSN are set."""
+
+    def setUp(self):
+        self.pg_dsn = os.environ[PG_DSN_ENV]
+        self.pg_driver = _pg_driver()
+        if self.pg_driver is None:
+            skip_or_fail(self, "no PostgreSQL driver importable by %s" % sys.executable)
+        if self.is_sqlite_only():
+            self.skipTest("a test of the SQLite file itself")
+        super().setUp()
+
+    def new_db(self, name):
+        schema = "qcb_%d_%06d_%s" % (os.getpid(), random.randrange(10 ** 6), name)
+        self.addCleanup(self._pg_admin, 'DROP SCHEMA IF EXISTS "%s" CASCADE' % schema)
+        return self.pg_dsn + ("&" if "?" in self.pg_dsn else "?") + "options=-csearch_path%3D" + schema
+
+    def _pg_admin(self, sql):
+        conn = self.pg_driver.connect(self.pg_dsn)
+        conn.autocommit = True
+        try:
+            conn.cursor().execute(sql)
+        finally:
+            conn.close()
+
+    def connect(self, db=None, readonly=True):
+        conn = self.pg_driver.connect(db or self.db)
+        conn.autocommit = True
+        return _PgTestConnection(conn)
+
+    def has_db_open(self, pid, path=None):
+        """Has process `pid` a connection to the server (a TCP socket to its port)?"""
+        if path is not None:
+            return QueueTestCase.has_db_open(self, pid, path)
+        port = urllib.parse.urlsplit(self.pg_dsn).port or 5432
+        try:
+            inodes = {os.readlink("/proc/%d/fd/%s" % (pid, fd))[8:-1] for fd in os.listdir("/proc/%d/fd" % pid)}
+        except OSError:
+            return False
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in read_file(table).splitlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                    return True
+        return False
+
+    def open_store(self, db=None, **kw):
+        store = queuectl.open_store(db or self.db, **kw)
+        self.addCleanup(store.close)
+        return store
+
+    def query(self, sql, *params, db=None):
+        conn = self.connect(db)
+        try:
+            cur = conn.execute(sql, params)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+        finally:
+            conn.close()
+
+    def db_dump(self, db=None):
+        conn = self.connect(db)
+        try:
+            cur = conn.cursor()
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+                        "ORDER BY table_name")
+            tables = [r[0] for r in cur.fetchall()]
+            if not tables:
+                return None
+            dump = {"tables": tables}
+            for table in tables:
+                cur.execute('SELECT * FROM "%s" ORDER BY 1' % table)
+                dump[table] = cur.fetchall()
+            return dump
+        finally:
+            conn.close()
+
+
+if os.environ.get(PG_DSN_ENV) and os.environ.get("QUEUECTL_TEST_PG_BEHAVIOUR") == "1":
+    for _name, _cls in list(globals().items()):
+        if isinstance(_cls, type) and issubclass(_cls, QueueTestCase) and _cls is not QueueTestCase \
+                and not _cls.SQLITE_ONLY and _name.startswith("Test"):
+            globals()[_name + "OnPostgres"] = type(_name + "OnPostgres", (PostgresBackend, _cls), {})
 
 
 if __name__ == "__main__":
