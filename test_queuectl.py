@@ -5452,23 +5452,11 @@ class TestDashboardBrowser(DashboardTestCase):
 PG_DSN_ENV = "QUEUECTL_TEST_PG_DSN"
 
 
-def pg_connect(dsn):
-    """An autocommit connection with psycopg 3 or psycopg2, for the tests' own setup."""
-    try:
-        import psycopg
-        return psycopg.connect(dsn, autocommit=True)
-    except ImportError:
-        import psycopg2
-        conn = psycopg2.connect(dsn)
-        conn.autocommit = True
-        return conn
-
-
-def pg_url_with_schema(dsn, schema):
-    """`dsn` with options=-csearch_path=SCHEMA added: one queue per schema, as README says."""
-    parts = urllib.parse.urlsplit(dsn)
-    query = urllib.parse.parse_qsl(parts.query) + [("options", "-csearch_path=%s" % schema)]
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+# chaos.py (beside this file) holds the two helpers they share with it: an autocommit connection
+# with psycopg 3 or psycopg2, and a URL with options=-csearch_path=SCHEMA (a queue per schema).
+import chaos  # noqa: E402
+pg_connect = chaos.pg_connect
+pg_url_with_schema = chaos.with_search_path
 
 
 class PostgresSchema:
@@ -5807,6 +5795,18 @@ class ContentionPostgresTest(PostgresSchema, ContentionTest):
 
     def tearDown(self):
         self.assert_queue_in_schema()
+
+
+class ChaosPostgresTest(PostgresSchema, unittest.TestCase):
+    """chaos.py's short run with the queue on PostgreSQL (chaos.py --db URL)."""
+
+    def test_chaos_short_run(self):
+        if not LINUX:
+            self.skipTest("needs Linux /proc")
+        self.need_postgres()
+        out = io.StringIO()
+        code = chaos.main(["--jobs", "60", "--seconds", "8", "--quiet", "--db", self.dsn], out=out)
+        self.assertEqual(code, 0, "chaos run failed:\n" + out.getvalue())
 
 
 def pg_db_jobs(url):
