@@ -5667,6 +5667,9 @@ class TestCrossHostPostgres(CrossHostTestCase):
 
     def test_a_host_killed_mid_drain_loses_no_job_and_runs_none_twice_at_once(self):
         lease = self.lease_seconds(5)
+        # A job taken back is due again at once (no backoff): "back within lease + 5 s" is then
+        # the reclaim's own delay, not a retry delay that depends on the configuration.
+        self.cli("config", "set", "backoff_max", "0")
         script = self.job_script("job.sh", "sleep 0.1")
         self.cli("enqueue", "--file", "-",
                  input="".join(json.dumps({"command": "bash " + shlex.quote(script)}) + "\n"
