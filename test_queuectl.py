@@ -5450,6 +5450,8 @@ class TestDashboardBrowser(DashboardTestCase):
 
 #: Environment variable naming the PostgreSQL database the PostgreSQL tests use.
 PG_DSN_ENV = "QUEUECTL_TEST_PG_DSN"
+#: Reasons for skipping already printed (once each, not once per test).
+_pg_skips_told = set()
 
 
 # chaos.py (beside this file) holds the two helpers they share with it: an autocommit connection
@@ -5468,7 +5470,9 @@ class PostgresSchema:
         CI's SQLite runs have none, and its PostgreSQL run fails on a skip that names it)."""
         if os.environ.get("CI") == "true" and not even_under_ci:
             self.fail("cannot run under CI: " + reason)
-        sys.stderr.write("\n*** SKIPPED PostgreSQL test: %s ***\n" % reason)
+        if reason not in _pg_skips_told:
+            _pg_skips_told.add(reason)
+            sys.stderr.write("\n*** SKIPPED PostgreSQL tests: %s ***\n" % reason)
         self.skipTest(reason)
 
     def need_postgres(self):
