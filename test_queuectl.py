@@ -5829,14 +5829,15 @@ def pg_db_jobs(url):
 
 
 # db_jobs reads a queue on PostgreSQL too (rebound here, at the end, to leave the helper above
-# as it is while the rest of this file is reworked; fold it in there when convenient).
-_db_jobs_sqlite = db_jobs
+# as it is while the rest of this file is reworked; fold it in there, or drop this and
+# ContentionPostgresTest once QueueTestCase runs every behaviour class on PostgreSQL).
+if "db_jobs" in globals():
+    _db_jobs_sqlite = db_jobs
 
-
-def db_jobs(db):  # noqa: F811
-    if db.startswith(("postgresql://", "postgres://")):
-        return pg_db_jobs(db)
-    return _db_jobs_sqlite(db)
+    def db_jobs(db):  # noqa: F811
+        if db.startswith(("postgresql://", "postgres://")):
+            return pg_db_jobs(db)
+        return _db_jobs_sqlite(db)
 
 
 if __name__ == "__main__":
