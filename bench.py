@@ -21,7 +21,13 @@ Runs, side by side in one process and one run (issue 4):
 * dashboard: every page and API call of `queuectl dashboard` with
   1,000,000 jobs stored (2% of them dead), its CPU use with a page open
   (listening for changes, re-fetching what changed) on an idle queue, and
-  a drain of `true` jobs with and without an open page.
+  a drain of `true` jobs with and without an open page;
+* PostgreSQL, with --pg URL (issue 7): the 2- and 4-worker drains on that
+  server in the same rounds as SQLite's (for a ratio), pickup latency and
+  idle CPU, claim cost with 1,000 and 1,000,000 jobs stored, and `status`
+  at 1,000,000. Each queue is a schema of its own in that database
+  (options=-csearch_path=...), dropped at the end; bench.py then needs a
+  Python with psycopg (or psycopg2).
 
 It then checks the targets of the issue, each a ratio or a bound taken from
 this same run, and prints PASS/FAIL for each.
@@ -45,6 +51,7 @@ site-packages .pth hooks some machines run at every Python start-up.
     python3 bench.py --quick            # tiny sizes (under ~20 s), for the tests
     python3 bench.py --only drain,limit --repeat 3
     python3 bench.py --json out.json    # default: bench-results.json
+    python3 bench.py --pg postgresql://postgres@127.0.0.1/bench   # and PostgreSQL beside SQLite
 
 Standard library only. Everything runs in temporary directories that are
 removed at exit; every child process is started in its own session and
@@ -77,7 +84,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-SECTIONS = ("limit", "drain", "sleep", "enqueue", "bulk", "pickup", "scale", "tsp", "dashboard")
+SECTIONS = ("limit", "drain", "sleep", "enqueue", "bulk", "pickup", "scale", "tsp", "dashboard", "postgres")
 BUILDER_VERSION = "2"   # bump when build_db() changes what it writes
 
 
@@ -114,6 +121,8 @@ FULL = {
     "dash_requests": 7,
     "dash_idle_seconds": 60.0,
     "dash_drain_jobs": 2000,
+    "pg_drain_workers": (2, 4),
+    "pg_scale_sizes": (1000, 1000000),
     "repeat": 3,
 }
 
@@ -122,7 +131,7 @@ QUICK = dict(FULL, limit_jobs=60, drain_jobs=60, sleep_jobs=16, enqueue_runs=3, 
              scale_sizes=(1000, 10000), scale_claims=30, scale_cli_runs=1, scale_cache=False,
              waiting_sizes=(1000, 10000), waiting_due=30,
              tsp_jobs=30, dash_jobs=10000, dash_requests=2, dash_idle_seconds=1.0, dash_drain_jobs=60,
-             repeat=1)
+             pg_scale_sizes=(1000, 10000), repeat=1)
 
 
 ###############################################################################
@@ -314,15 +323,24 @@ class Q:
     def cli(self, db, *args):
         return [PY, self.path, "--db", db] + [str(a) for a in args]
 
+    def store(self, db, **kw):
+        """The store for `db`: a SQLite file, or (with a queuectl that has
+        open_store) a postgresql:// URL."""
+        if is_postgres_url(db):
+            if not hasattr(self.mod, "open_store"):
+                raise BenchError("%s has no PostgreSQL backend (no open_store)" % self.path)
+            return self.mod.open_store(db, **kw)
+        return self.mod.Store(db, **kw)
+
     def enqueue(self, db, commands, cwd):
         """Enqueue through the library (fast, not what is being timed)."""
         now = time.time()
         jobs = [self.mod.validate_job({"command": c}, cwd, now) for c in commands]
-        with self.mod.Store(db) as store:
+        with self.store(db) as store:
             return store.enqueue(jobs, now=now)
 
     def counts(self, db):
-        with self.mod.Store(db) as store:
+        with self.store(db) as store:
             return store.counts()
 
 
@@ -441,12 +459,13 @@ def best(runs):
 # Drain ########################################################################
 ###############################################################################
 
-def drain(ctx, name, command, n, workers, q=None):
+def drain(ctx, name, command, n, workers, q=None, pg=False):
     """Time `worker start --once --count workers` over n copies of command
-    (with queuectl `q`, by default the one under test)."""
+    (with queuectl `q`, by default the one under test; with `pg`, in a new
+    schema on the --pg server)."""
     q = q or ctx.q
     d = ctx.tmp(name)
-    db = os.path.join(d, "queue.db")
+    db = ctx.pg.new_queue(name) if pg else os.path.join(d, "queue.db")
     q.enqueue(db, [command] * n, d)
     log = open(os.path.join(d, "worker.log"), "wb")
     cpu0 = children_cpu()
@@ -466,25 +485,30 @@ def drain(ctx, name, command, n, workers, q=None):
     cpu = children_cpu() - cpu0
     out = {"jobs": n, "workers": workers, "seconds": round(secs, 4), "jobs_per_s": round(n / secs, 1),
            "cpu_ms_per_job": round(cpu / n * 1000, 3)}
-    out.update(run_timeline(db, wall0, wall1))
+    out.update(run_timeline(db, wall0, wall1, ctx.pg if pg else None))
+    if pg:
+        ctx.pg.drop(db)
     shutil.rmtree(d, ignore_errors=True)
     return out
 
 
-def run_timeline(db, wall0, wall1):
+def run_timeline(db, wall0, wall1, pg=None):
     """Where a drain's time went, from the runs table: start-up (command
     started -> first run), shutdown (last run finished -> exit), the mean
     recorded run (claim -> result) and the mean gap between one run's end and
     the same worker's next claim."""
-    try:
-        conn = sqlite3.connect(db)
+    query = "SELECT worker_id, started_at, finished_at FROM runs ORDER BY worker_id, started_at"
+    if pg is not None:
+        rows = pg.rows(db, query)
+    else:
         try:
-            rows = conn.execute("SELECT worker_id, started_at, finished_at FROM runs "
-                                "ORDER BY worker_id, started_at").fetchall()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return {}
+            conn = sqlite3.connect(db)
+            try:
+                rows = conn.execute(query).fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return {}
     if not rows:
         return {}
     gaps = [b[1] - a[2] for a, b in zip(rows, rows[1:]) if a[0] == b[0] and a[2] is not None]
@@ -505,6 +529,9 @@ def tasks_drain(ctx):
     if ctx.baseline is not None:
         tasks += [("baseline_workers_%d" % w, lambda w=w: drain(ctx, "base%d" % w, "true", n, w, ctx.baseline))
                   for w in ctx.size["drain_workers"]]
+    if ctx.pg is not None:
+        tasks += [("pg_workers_%d" % w, lambda w=w: drain(ctx, "pgdrain%d" % w, "true", n, w, pg=True))
+                  for w in ctx.size["pg_drain_workers"]]
     return tasks, None
 
 
@@ -710,7 +737,7 @@ class RunningWorker:
         def registered():
             if self.proc.poll() is not None:
                 raise BenchError("worker exited at start (%s)" % self.proc.returncode)
-            with ctx.q.mod.Store(db) as s:
+            with ctx.q.store(db) as s:
                 return len(s.workers()) == 1 and len(children(self.proc.pid)) == 1
         if not wait_until(registered, 20, 0.02):
             raise BenchError("worker did not register within 20 s")
@@ -741,42 +768,7 @@ def section_pickup(ctx):
     w = RunningWorker(ctx, d, db)
     res = {}
     try:
-        wait_until(lambda: ctx.q.counts(db)["completed"] == 1, 10, 0.01)
-        # Pickup latency: enqueue returns (committed) -> the job's first command runs.
-        lat = []
-        store = ctx.q.mod.Store(db)
-        rng = random.Random(4)
-        try:
-            for i in range(ctx.size["pickup_samples"]):
-                time.sleep(rng.uniform(0.1, 0.25))       # let the worker go idle again
-                stamp = os.path.join(d, "t%d" % i)
-                job = ctx.q.mod.validate_job(
-                    {"command": "date +%%s%%N > %s.tmp && mv %s.tmp %s" % (stamp, stamp, stamp)},
-                    d, time.time())
-                store.enqueue([job])
-                returned = time.time()
-                if not wait_until(lambda: os.path.exists(stamp), 10, 0.001):
-                    raise BenchError("job %d did not start within 10 s" % i)
-                with open(stamp) as f:
-                    started = int(f.read().strip()) / 1e9
-                lat.append((started - returned) * 1000)
-        finally:
-            store.close()
-        res["pickup"] = {"samples": len(lat), "p50_ms": round(percentile(lat, 0.5), 2),
-                         "p95_ms": round(percentile(lat, 0.95), 2), "max_ms": round(max(lat), 2),
-                         "min_ms": round(min(lat), 2)}
-        # Idle CPU of the supervisor and its workers.
-        time.sleep(1.0)
-        secs = ctx.size["idle_seconds"]
-        t0, (s0, w0) = time.monotonic(), w.cpu_ticks()
-        time.sleep(secs)
-        t1, (s1, w1) = time.monotonic(), w.cpu_ticks()
-
-        def pct(ticks):
-            return round(ticks / CLK_TCK / (t1 - t0) * 100, 3)
-        res["idle_cpu"] = {"seconds": round(t1 - t0, 2), "cpu_percent": pct(s1 - s0 + w1 - w0),
-                           "supervisor_percent": pct(s1 - s0), "worker_percent": pct(w1 - w0),
-                           "tick_ms": round(1000.0 / CLK_TCK, 1)}
+        pickup_and_idle(ctx, d, db, w, res)
         # Memory: peak RSS of the worker process, idle, then after a job printed a lot.
         idle_kb = vm_kb(w.worker_pid, "VmHWM")
         sup_kb = vm_kb(w.proc.pid, "VmHWM")
@@ -803,6 +795,47 @@ def section_pickup(ctx):
         w.stop()
     shutil.rmtree(d, ignore_errors=True)
     return res
+
+
+def pickup_and_idle(ctx, d, db, w, res):
+    """res["pickup"]: enqueue -> job start latency with worker `w` idle on
+    `db` (which holds one job, `true`); res["idle_cpu"]: its CPU use idle."""
+    wait_until(lambda: ctx.q.counts(db)["completed"] == 1, 10, 0.01)
+    # Pickup latency: enqueue returns (committed) -> the job's first command runs.
+    lat = []
+    store = ctx.q.store(db)
+    rng = random.Random(4)
+    try:
+        for i in range(ctx.size["pickup_samples"]):
+            time.sleep(rng.uniform(0.1, 0.25))       # let the worker go idle again
+            stamp = os.path.join(d, "t%d" % i)
+            job = ctx.q.mod.validate_job(
+                {"command": "date +%%s%%N > %s.tmp && mv %s.tmp %s" % (stamp, stamp, stamp)},
+                d, time.time())
+            store.enqueue([job])
+            returned = time.time()
+            if not wait_until(lambda: os.path.exists(stamp), 10, 0.001):
+                raise BenchError("job %d did not start within 10 s" % i)
+            with open(stamp) as f:
+                started = int(f.read().strip()) / 1e9
+            lat.append((started - returned) * 1000)
+    finally:
+        store.close()
+    res["pickup"] = {"samples": len(lat), "p50_ms": round(percentile(lat, 0.5), 2),
+                     "p95_ms": round(percentile(lat, 0.95), 2), "max_ms": round(max(lat), 2),
+                     "min_ms": round(min(lat), 2)}
+    # Idle CPU of the supervisor and its workers.
+    time.sleep(1.0)
+    secs = ctx.size["idle_seconds"]
+    t0, (s0, w0) = time.monotonic(), w.cpu_ticks()
+    time.sleep(secs)
+    t1, (s1, w1) = time.monotonic(), w.cpu_ticks()
+
+    def pct(ticks):
+        return round(ticks / CLK_TCK / (t1 - t0) * 100, 3)
+    res["idle_cpu"] = {"seconds": round(t1 - t0, 2), "cpu_percent": pct(s1 - s0 + w1 - w0),
+                       "supervisor_percent": pct(s1 - s0), "worker_percent": pct(w1 - w0),
+                       "tick_ms": round(1000.0 / CLK_TCK, 1)}
 
 
 ###############################################################################
@@ -1043,24 +1076,23 @@ def section_waiting(ctx, res):
                 shutil.rmtree(os.path.dirname(paths[1]), ignore_errors=True)
 
 
-def section_scale(ctx):
-    """Both databases side by side: claim+finish in-process (after a warm-up,
-    in alternating rounds so that load from elsewhere hits both alike; the
-    least round median counts), then the CLI commands, interleaved too."""
-    claims = ctx.size["scale_claims"]
+#: Claims made on each database before claim_costs() starts timing.
+SCALE_WARM = 20
+
+
+def claim_costs(ctx, dbs, claims, extra=None):
+    """{n: {"claim_finish_us": ..., ...}}: claim + finish in-process on each
+    database of `dbs` ({n: path or URL}), after a warm-up, in alternating
+    rounds so that load from elsewhere hits all alike (the least round median
+    counts); extra(store), if given, adds its own figures."""
     q = ctx.q
-    sizes = ctx.size["scale_sizes"]
-    rounds, warm = 4, 20
-    dbs, stores, res = {}, {}, {}
+    rounds = 4
+    stores, res = {}, {}
     wid = "%s:%d:1" % (q.mod.this_host(), os.getpid())
     ok = q.mod.RunResult(0, "exit 0", b"", b"", 0.001)
     try:
-        for n in sizes:
-            pending = claims + warm + 50 + n // 100
-            dbs[n] = scale_db(ctx, n, pending)
-            res["jobs_%d" % n] = {"jobs": n, "pending": pending,
-                                  "db_mb": round(os.path.getsize(dbs[n]) / 1e6, 1)}
-            stores[n] = q.mod.Store(dbs[n], durable=False)
+        for n, db in dbs.items():
+            stores[n] = q.store(db, durable=False)
             stores[n].register_worker(wid)
 
         def claim_finish(n):
@@ -1071,28 +1103,49 @@ def section_scale(ctx):
             stores[n].finish(job["id"], job["run"], wid, ok)
             return (time.perf_counter() - t0) * 1e6
 
-        for n in sizes:
-            for _ in range(warm):
+        for n in dbs:
+            for _ in range(SCALE_WARM):
                 claim_finish(n)
-        per_round = {n: [] for n in sizes}
+        per_round = {n: [] for n in dbs}
         for _ in range(rounds):
-            for n in sizes:
+            for n in dbs:
                 per_round[n].append(median([claim_finish(n) for _ in range(max(1, claims // rounds))]))
-        for n in sizes:
-            polls = []
-            for _ in range(200):
-                t0 = time.perf_counter()
-                stores[n].data_version()
-                stores[n].has_due(time.time())
-                polls.append((time.perf_counter() - t0) * 1e6)
-            r = res["jobs_%d" % n]
-            r["claim_finish_us"] = round(min(per_round[n]), 1)
-            r["claim_finish_round_medians_us"] = [round(x, 1) for x in per_round[n]]
-            r["idle_poll_us"] = round(median(polls), 1)
+        for n in dbs:
+            res[n] = {"claim_finish_us": round(min(per_round[n]), 1),
+                      "claim_finish_round_medians_us": [round(x, 1) for x in per_round[n]]}
+            if extra is not None:
+                res[n].update(extra(stores[n]))
             stores[n].unregister_worker(wid)
     finally:
         for store in stores.values():
             store.close()
+    return res
+
+
+def section_scale(ctx):
+    """Both databases side by side: claim+finish in-process (after a warm-up,
+    in alternating rounds so that load from elsewhere hits both alike; the
+    least round median counts), then the CLI commands, interleaved too."""
+    claims = ctx.size["scale_claims"]
+    q = ctx.q
+    sizes = ctx.size["scale_sizes"]
+    dbs, res = {}, {}
+    for n in sizes:
+        pending = claims + SCALE_WARM + 50 + n // 100
+        dbs[n] = scale_db(ctx, n, pending)
+        res["jobs_%d" % n] = {"jobs": n, "pending": pending,
+                              "db_mb": round(os.path.getsize(dbs[n]) / 1e6, 1)}
+
+    def idle_poll(store):
+        polls = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            store.data_version()
+            store.has_due(time.time())
+            polls.append((time.perf_counter() - t0) * 1e6)
+        return {"idle_poll_us": round(median(polls), 1)}
+    for n, r in claim_costs(ctx, dbs, claims, idle_poll).items():
+        res["jobs_%d" % n].update(r)
     timed = {}
     for n in sizes:
         timed[(n, "status")] = (q.cli(dbs[n], "status"), child_env())
@@ -1104,6 +1157,139 @@ def section_scale(ctx):
     for n in sizes:
         shutil.rmtree(os.path.dirname(dbs[n]), ignore_errors=True)
     section_waiting(ctx, res)
+    return res
+
+
+###############################################################################
+# PostgreSQL ###################################################################
+###############################################################################
+
+def is_postgres_url(db):
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+class PgServer:
+    """The --pg server: every queue a schema of its own (queuectl_bench_PID_NAME),
+    reached through the URL's options=-csearch_path=..., dropped by drop() or
+    at the end. Uses chaos.py's connection helpers (psycopg 3, or psycopg2)."""
+
+    def __init__(self, url):
+        sys.path.insert(0, HERE)
+        try:
+            import chaos
+        finally:
+            sys.path.remove(HERE)
+        self.url, self.chaos, self.schemas = url, chaos, {}
+        try:
+            self.admin = chaos.pg_connect(url)
+        except ImportError:
+            raise SystemExit("bench.py: --pg needs psycopg (pip install 'psycopg[binary]') or psycopg2 in %s" % PY)
+
+    def sql(self, query, params=None, conn=None):
+        cur = (conn or self.admin).cursor()
+        cur.execute(query, params)
+        return cur.fetchall() if cur.description else None
+
+    def new_queue(self, name):
+        """The URL of a new, empty schema."""
+        schema = "queuectl_bench_%d_%s" % (os.getpid(), name)
+        self.sql("DROP SCHEMA IF EXISTS %s CASCADE" % schema)
+        self.sql("CREATE SCHEMA %s" % schema)
+        url = self.chaos.with_search_path(self.url, schema)
+        self.schemas[url] = schema
+        return url
+
+    def rows(self, url, query, params=None):
+        conn = self.chaos.pg_connect(url)
+        try:
+            return self.sql(query, params, conn)
+        finally:
+            conn.close()
+
+    def drop(self, url):
+        self.sql("DROP SCHEMA IF EXISTS %s CASCADE" % self.schemas.pop(url))
+
+    def close(self):
+        for url in list(self.schemas):
+            self.drop(url)
+        self.admin.close()
+
+    def server_version(self):
+        return self.sql("SHOW server_version")[0][0]
+
+
+def build_pg_queue(ctx, url, n, pending):
+    """build_db on PostgreSQL: n jobs (the newest `pending` pending, the rest
+    completed with one run each) in the schema of `url`, created by queuectl's
+    own store and filled by SQL; the counts set from the rows; analyzed."""
+    ctx.q.store(url, durable=False).close()
+    conn = ctx.pg.chaos.pg_connect(url)
+    try:
+        now, span = time.time(), 30 * 86400.0
+        params = {"n": n, "p": pending, "now": now, "span": span, "step": span / n}
+        ctx.pg.sql("""
+            INSERT INTO jobs (id, command, cwd, state, priority, attempts, max_retries, timeout,
+                              run_at, created_at, updated_at, exit_code, outcome, run_count)
+            SELECT 'bench' || lpad(x::text, 10, '0'), 'echo ' || x, '/tmp',
+                   CASE WHEN x > %(n)s - %(p)s THEN 'pending' ELSE 'completed' END, 0,
+                   CASE WHEN x > %(n)s - %(p)s THEN 0 ELSE 1 END, 3, NULL,
+                   %(now)s - %(span)s + x * %(step)s, %(now)s - %(span)s + x * %(step)s,
+                   %(now)s - %(span)s + x * %(step)s + 0.01,
+                   CASE WHEN x > %(n)s - %(p)s THEN NULL ELSE 0 END,
+                   CASE WHEN x > %(n)s - %(p)s THEN NULL ELSE 'exit 0' END,
+                   CASE WHEN x > %(n)s - %(p)s THEN 0 ELSE 1 END
+            FROM generate_series(1, %(n)s) AS x""", params, conn)
+        ctx.pg.sql("""
+            INSERT INTO runs (job_id, run, attempt, worker_id, started_at, finished_at, exit_code,
+                              outcome, result_state, stdout, stderr)
+            SELECT id, 1, 1, 'bench:1:1', created_at, updated_at, 0, 'exit 0', 'completed', '', ''
+            FROM jobs WHERE state = 'completed'""", None, conn)
+        tables = {r[0] for r in ctx.pg.sql("SELECT table_name FROM information_schema.tables "
+                                           "WHERE table_schema = current_schema()", None, conn)}
+        if "count_base" in tables:
+            # Counts kept as a base plus insert-only deltas: the base from the rows.
+            ctx.pg.sql("DELETE FROM count_deltas", None, conn)
+            ctx.pg.sql("DELETE FROM count_base", None, conn)
+            ctx.pg.sql("INSERT INTO count_base (queue, state, n) "
+                       "SELECT queue, state, count(*) FROM jobs GROUP BY queue, state", None, conn)
+        else:
+            ctx.note("PostgreSQL schema without count_base: its counts were not set from the rows")
+        ctx.pg.sql("VACUUM ANALYZE jobs, runs", None, conn)
+    finally:
+        conn.close()
+
+
+def section_postgres(ctx):
+    """With --pg: pickup latency and idle CPU of a worker on PostgreSQL, then
+    claim + finish with 1k and 1M jobs stored (alternating rounds, as in
+    scale) and `status` on both. The drains run in the drain section's rounds."""
+    if ctx.pg is None:
+        return {"skipped": "no --pg URL"}
+    res = {"server_version": ctx.pg.server_version()}
+    d = ctx.tmp("pgpickup")
+    db = ctx.pg.new_queue("pickup")
+    ctx.q.enqueue(db, ["true"], d)
+    w = RunningWorker(ctx, d, db)
+    try:
+        pickup_and_idle(ctx, d, db, w, res)
+    finally:
+        w.stop()
+    ctx.pg.drop(db)
+    claims = ctx.size["scale_claims"]
+    dbs = {}
+    for n in ctx.size["pg_scale_sizes"]:
+        pending = claims + SCALE_WARM + 50 + n // 100
+        dbs[n] = ctx.pg.new_queue("jobs%d" % n)
+        t0 = time.perf_counter()
+        build_pg_queue(ctx, dbs[n], n, pending)
+        res["jobs_%d" % n] = {"jobs": n, "pending": pending, "build_s": round(time.perf_counter() - t0, 1)}
+    for n, r in claim_costs(ctx, dbs, claims).items():
+        res["jobs_%d" % n].update(r)
+    timed = {(n, "status"): (ctx.q.cli(db, "status"), child_env()) for n, db in dbs.items()}
+    for (n, k), v in timed_runs(timed, ctx.size["scale_cli_runs"], ctx.root).items():
+        res["jobs_%d" % n]["%s_ms" % k] = v["median_ms"]
+    for db in dbs.values():
+        ctx.pg.drop(db)
     return res
 
 
@@ -1529,6 +1715,22 @@ def targets(res):
               "<=", 1, "%", "%.2f")
         ratio("drain 2 workers with a dashboard page open / without", get(res, "dashboard", "drain", "with_jobs_per_s"),
               get(res, "dashboard", "drain", "without_jobs_per_s"), ">=", 0.95)
+    if get(res, "postgres") and not get(res, "postgres", "skipped"):
+        for key in sorted(k for k in (res.get("drain") or {}) if k.startswith("pg_workers_")):
+            w = key.rsplit("_", 1)[1]
+            ratio("PostgreSQL: drain %s workers / SQLite" % w, get(res, "drain", key, "jobs_per_s"),
+                  get(res, "drain", "workers_" + w, "jobs_per_s"), ">=", 0.7)
+        bound("PostgreSQL: pickup latency p50", get(res, "postgres", "pickup", "p50_ms"), "<=", 20, " ms", "%.1f")
+        bound("PostgreSQL: pickup latency p95", get(res, "postgres", "pickup", "p95_ms"), "<=", 50, " ms", "%.1f")
+        bound("PostgreSQL: idle worker CPU", get(res, "postgres", "idle_cpu", "cpu_percent"), "<", 1, "%", "%.2f")
+        pg_sizes = sorted(int(k.split("_")[1]) for k in res["postgres"] if k.startswith("jobs_"))
+        if len(pg_sizes) >= 2:
+            lo, hi = "jobs_%d" % pg_sizes[0], "jobs_%d" % pg_sizes[-1]
+            ratio("PostgreSQL: claim+finish cost, %s vs %s jobs" % (human(pg_sizes[-1]), human(pg_sizes[0])),
+                  get(res, "postgres", hi, "claim_finish_us"), get(res, "postgres", lo, "claim_finish_us"), "<=", 1.5)
+            v = get(res, "postgres", hi, "status_ms")
+            bound("PostgreSQL: status at %s jobs" % human(pg_sizes[-1]), None if v is None else v / 1000.0,
+                  "<", 0.5, " s", "%.3f")
     bound("worker peak RSS idle", get(res, "pickup", "memory", "worker_idle_mb"), "<", 25, " MB", "%.1f")
     bound("worker RSS growth while a job prints %s" % human_bytes(get(res, "pickup", "memory", "output_bytes")),
           get(res, "pickup", "memory", "growth_mb"), "<=", 5, " MB", "%.1f")
@@ -1608,6 +1810,9 @@ def result_rows(res, size):
             spread(r))
         r = D.get("baseline_workers_%d" % w)
         add("drain", "  same, baseline queuectl", jps(r), spread(r))
+    for w in size["pg_drain_workers"]:
+        r = D.get("pg_workers_%d" % w)
+        add("drain", "%d true jobs, %d workers, PostgreSQL" % (size["drain_jobs"], w), jps(r), spread(r))
     T = res.get("tsp") or {}
     if T.get("skipped"):
         add("tsp", "task-spooler", "skipped", T["skipped"])
@@ -1674,6 +1879,20 @@ def result_rows(res, size):
         add("scale", "status, " + tag, "%.1f ms" % r["status_ms"], "db %.0f MB" % r["db_mb"])
         add("scale", "list --limit 20, " + tag, "%.1f ms" % r["list_ms"])
         add("scale", "stats, " + tag, "%.1f ms" % r["stats_ms"], "(not a target)")
+    G = res.get("postgres") or {}
+    if G.get("skipped"):
+        add("postgres", "PostgreSQL", "skipped", G["skipped"])
+    if G.get("pickup"):
+        p = G["pickup"]
+        add("postgres", "enqueue -> job starts, p50 / p95", "%.1f / %.1f ms" % (p["p50_ms"], p["p95_ms"]),
+            "PostgreSQL %s; %d samples, max %.1f" % (G["server_version"], p["samples"], p["max_ms"]))
+    if G.get("idle_cpu"):
+        add("postgres", "idle supervisor+worker CPU", "%.2f %%" % G["idle_cpu"]["cpu_percent"],
+            "over %.1f s" % G["idle_cpu"]["seconds"])
+    for k, r in sorted(((k, r) for k, r in G.items() if k.startswith("jobs_")), key=lambda kv: int(kv[0].split("_")[1])):
+        tag = "%s jobs" % human(r["jobs"])
+        add("postgres", "claim+finish, " + tag, "%.0f us" % r["claim_finish_us"], "built in %.1f s" % r["build_s"])
+        add("postgres", "status, " + tag, "%.1f ms" % r["status_ms"])
     D = res.get("dashboard")
     if D:
         tag = human(D["jobs"])
@@ -1699,6 +1918,7 @@ class Context:
         self.q, self.size, self.repeat, self.root = q, size, repeat, root
         self.notes = []
         self.baseline = None        # --baseline: another queuectl to compare drains with
+        self.pg = None              # --pg: a PgServer
         self._n = 0
 
     def tmp(self, name):
@@ -1749,6 +1969,8 @@ def main(argv=None):
     ap.add_argument("--baseline", metavar="PATH",
                     help="another queuectl.py (e.g. `git show main:queuectl.py > /tmp/base.py`) whose drains "
                          "run in the same rounds, for a ratio from one run")
+    ap.add_argument("--pg", metavar="URL", help="also measure PostgreSQL on this server (a database where "
+                    "bench.py may create and drop schemas), beside SQLite in the same run")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
@@ -1765,6 +1987,9 @@ def main(argv=None):
     root = tempfile.mkdtemp(prefix="queuectl-bench-")
     ctx = Context(q, size, repeat, root)
     ctx.baseline = Q(args.baseline, "queuectl_bench_baseline") if args.baseline else None
+    if args.pg is not None and not is_postgres_url(args.pg):
+        ap.error("--pg takes a postgresql:// URL")
+    ctx.pg = PgServer(args.pg) if args.pg else None
 
     def on_term(signum, frame):
         raise SystemExit(128 + signum)
@@ -1778,7 +2003,7 @@ def main(argv=None):
     # and its references alike; the best run of each counts.
     builders = {"limit": tasks_limit, "drain": tasks_drain, "sleep": tasks_sleep, "tsp": tasks_tsp}
     funcs = {"enqueue": section_enqueue, "bulk": section_bulk, "pickup": section_pickup,
-             "scale": section_scale, "dashboard": section_dashboard}
+             "scale": section_scale, "dashboard": section_dashboard, "postgres": section_postgres}
 
     def attempt(name, fn):
         t0 = time.perf_counter()
@@ -1833,6 +2058,8 @@ def main(argv=None):
                     results[name] = out
     finally:
         PROCS.cleanup()
+        if ctx.pg is not None:
+            ctx.pg.close()
         if args.keep:
             sys.stderr.write("bench: kept %s\n" % root)
         else:

@@ -3,6 +3,7 @@
 
     $ python3 chaos.py                         # ~500 jobs, ~120 s of chaos
     $ python3 chaos.py --jobs 60 --seconds 8   # the short run of the test suite
+    $ python3 chaos.py --db postgresql://user@host/db   # the same on PostgreSQL
 
 Jobs are shell commands that append ``start <id> <shell pid> <worker pid>``
 and ``end <id> <shell pid>`` to a ledger file and take 0-300 ms; some leave a
@@ -22,14 +23,19 @@ and the run is checked:
   such a run (no live worker lost a job, no job was killed under one);
 - no process of a job is left (found by QUEUECTL_DB=<this database> in its
   environment, or by the marker in its command line);
-- ``PRAGMA integrity_check`` is ok; no enqueue failed; no worker log line
-  contains a traceback or "database is locked";
+- ``PRAGMA integrity_check`` is ok (SQLite); no enqueue failed; no worker log
+  line contains a traceback or "database is locked";
 - the limits held: no two runs of a job of "one", and no three of "two",
   overlap in time (a run lasts from its claim to its result or its reclaim);
 - every job with dependencies started after each of them completed.
 
+With --db URL the queue lives on PostgreSQL instead of in a SQLite file: in a
+new schema of that database (dropped at the end unless a check failed or
+--keep), reached through the URL's options=-csearch_path=...
+
 Prints the figures, writes them as JSON with --json, exits 0 only if every
-check passed. Standard library only; Linux (it reads /proc).
+check passed. Standard library only (with --db: psycopg or psycopg2); Linux
+(it reads /proc).
 """
 
 import argparse
@@ -128,8 +134,10 @@ def pool_workers(pool_pid):
 
 def job_processes(db_path, marker):
     """Processes left by this run's jobs: QUEUECTL_DB=<db> in their environment,
-    or the run's marker in their command line."""
+    or CHAOS_RUN=<marker> (which the pools pass on) with a QUEUECTL_JOB_ID, or
+    the run's marker in their command line."""
     mark = b"\0QUEUECTL_DB=" + os.path.abspath(db_path).encode() + b"\0"
+    run_mark = b"\0CHAOS_RUN=" + marker.encode() + b"\0"
     me = os.getpid()
     out = []
     for pid in _pids():
@@ -138,9 +146,34 @@ def job_processes(db_path, marker):
         st = _stat(pid)
         if st is None or st[0] == "Z":
             continue
-        if mark in _environ(pid) or marker in _cmdline(pid):
+        env = _environ(pid)
+        if mark in env or run_mark in env and b"\0QUEUECTL_JOB_ID=" in env or marker in _cmdline(pid):
             out.append((pid, _cmdline(pid)))
     return out
+
+
+def is_postgres_url(db):
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def with_search_path(url, schema):
+    """`url` with options=-csearch_path=SCHEMA added (one queue per schema)."""
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query) + [("options", "-csearch_path=%s" % schema)]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+def pg_connect(url):
+    """An autocommit connection with psycopg 3, or psycopg2."""
+    try:
+        import psycopg
+        return psycopg.connect(url, autocommit=True)
+    except ImportError:
+        import psycopg2
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        return conn
 
 
 def _kill(pid, sig=signal.SIGKILL):
@@ -160,11 +193,16 @@ class Chaos:
         self.rng = random.Random(args.seed)
         self.workdir = args.dir or tempfile.mkdtemp(prefix="queuectl-chaos-")
         os.makedirs(self.workdir, exist_ok=True)
-        self.db = os.path.abspath(os.path.join(self.workdir, "chaos.db"))
         self.ledger = os.path.join(self.workdir, "ledger.txt")
         # A marker unique to this run: in job ids and grandchildren's argv.
         self.tag = "%06d" % self.rng.randrange(10 ** 6)
         self.marker = "30.%s" % self.tag
+        self.pg = args.db is not None
+        if self.pg:
+            self.schema = "queuectl_chaos_%s_%d" % (self.tag, os.getpid())
+            self.db = with_search_path(args.db, self.schema)
+        else:
+            self.db = os.path.abspath(os.path.join(self.workdir, "chaos.db"))
         self.pool = None
         self.pool_logs = []
         self.kills = {}                 # pid of a worker we SIGKILLed -> [time.time() of each kill]
@@ -221,6 +259,9 @@ class Chaos:
                               timeout=timeout)
 
     def setup(self):
+        if self.pg:
+            self.say("queue in schema %s" % self.schema)
+            self.sql_rows("CREATE SCHEMA %s" % self.schema)
         for argv in (("config", "set", "max_retries", str(MAX_RETRIES)),
                      # Retry at once: a reclaimed job is claimable again at
                      # once, which is the hardest case for the reclaimer.
@@ -257,6 +298,7 @@ class Chaos:
         self.pool_logs.append(log)
         env = dict(os.environ)
         env.pop("QUEUECTL_DB", None)
+        env["CHAOS_RUN"] = self.marker
         with open(log, "wb") as f:
             # Its own session: the pool (supervisor and workers) can be found and killed as one;
             # the jobs' processes have sessions of their own and survive it.
@@ -306,13 +348,34 @@ class Chaos:
 
     # -- database ----------------------------------------------------------------
 
-    def db_rows(self):
-        conn = sqlite3.connect("file:%s?mode=ro" % self.db, uri=True, timeout=30)
+    def sql_rows(self, sql):
+        """Rows of one statement as dicts (times as epoch seconds), read directly: from the
+        SQLite file read-only, or on PostgreSQL in this run's schema."""
+        if self.pg:
+            conn = pg_connect(self.db)
+        else:
+            conn = sqlite3.connect("file:%s?mode=ro" % self.db, uri=True, timeout=30)
         try:
-            return {row[0]: (row[1], row[2]) for row in
-                    conn.execute("SELECT id, state, run_count FROM jobs")}
+            cur = conn.cursor()
+            cur.execute(sql)
+            if cur.description is None:
+                return []
+            names = [d[0] for d in cur.description]
+            return [{k: v.timestamp() if hasattr(v, "timestamp") else v for k, v in zip(names, row)}
+                    for row in cur.fetchall()]
         finally:
             conn.close()
+
+    def drop_schema(self):
+        if self.pg:
+            conn = pg_connect(self.args.db)
+            try:
+                conn.cursor().execute("DROP SCHEMA IF EXISTS %s CASCADE" % self.schema)
+            finally:
+                conn.close()
+
+    def db_rows(self):
+        return {r["id"]: (r["state"], r["run_count"]) for r in self.sql_rows("SELECT id, state, run_count FROM jobs")}
 
     def undrained(self):
         rows = self.db_rows()
@@ -380,13 +443,8 @@ class Chaos:
 
     def db_runs(self):
         """{(job id, attempt): run row} from the runs table."""
-        conn = sqlite3.connect("file:%s?mode=ro" % self.db, uri=True, timeout=30)
-        conn.row_factory = sqlite3.Row
-        try:
-            return {(r["job_id"], r["attempt"]): dict(r) for r in conn.execute(
-                "SELECT job_id, run, attempt, worker_id, started_at, finished_at, outcome FROM runs")}
-        finally:
-            conn.close()
+        return {(r["job_id"], r["attempt"]): r for r in self.sql_rows(
+            "SELECT job_id, run, attempt, worker_id, started_at, finished_at, outcome FROM runs")}
 
     def lost_to_a_kill(self, run, worker_pid):
         """Was `run` (a runs row) reclaimed from a worker we killed while it ran?"""
@@ -492,11 +550,14 @@ class Chaos:
                             problems.append("%s: %s" % (os.path.basename(log), line.strip()[:200]))
             except OSError:
                 pass
-        conn = sqlite3.connect(self.db, timeout=30)
-        try:
-            integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        finally:
-            conn.close()
+        if self.pg:
+            integrity = "not applicable (PostgreSQL)"
+        else:
+            conn = sqlite3.connect(self.db, timeout=30)
+            try:
+                integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+            finally:
+                conn.close()
         over_limit, early = self.check_queues(db_runs)
 
         lost = [i for i in ids if states[i] != "completed"]
@@ -531,6 +592,7 @@ class Chaos:
             "seconds": round(elapsed, 1),
             "seed": self.args.seed,
             "workdir": self.workdir,
+            "schema": self.schema if self.pg else None,
         }
         checks = {
             "all jobs completed (none lost)": not lost,
@@ -548,6 +610,8 @@ class Chaos:
             "queue limits held": not over_limit,
             "no job started before its dependencies completed": not early,
         }
+        if self.pg:
+            del checks["integrity_check ok"]      # no such check on PostgreSQL
         figures["checks"] = checks
         figures["passed"] = all(checks.values())
         self.report(figures)
@@ -579,8 +643,8 @@ class Chaos:
         w("time        %.1fs\n" % f["seconds"])
         for name, ok in f["checks"].items():
             w("%s %s\n" % ("PASS" if ok else "FAIL", name))
-        w("%s\n" % ("chaos: all checks passed" if f["passed"] else "chaos: FAILED (files kept in %s)"
-                    % f["workdir"]))
+        w("%s\n" % ("chaos: all checks passed" if f["passed"] else "chaos: FAILED (files kept in %s%s)"
+                    % (f["workdir"], ", the queue in schema " + f["schema"] if f["schema"] else "")))
         self.out.flush()
 
 
@@ -597,6 +661,8 @@ def build_parser():
     p.add_argument("--drain-timeout", type=float, default=None, metavar="S",
                    help="how long the final pool may take to drain (default: 20 + jobs/10)")
     p.add_argument("--dir", help="work directory (default: a new temporary one)")
+    p.add_argument("--db", metavar="URL", help="a postgresql:// URL: the queue goes into a new schema of that "
+                                               "database (default: a SQLite file in the work directory)")
     p.add_argument("--keep", action="store_true", help="keep the work directory even if all passed")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return p
@@ -604,7 +670,10 @@ def build_parser():
 
 def main(argv=None, out=sys.stdout):
     """Run the chaos test; returns 0 if every check passed, else 1."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.db is not None and not is_postgres_url(args.db):
+        parser.error("--db takes a postgresql:// URL (a SQLite run uses a file in the work directory)")
     if args.seed is None:
         args.seed = random.randrange(10 ** 9)
     if args.pool_kill_every is None:
@@ -617,9 +686,11 @@ def main(argv=None, out=sys.stdout):
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
             f.write("\n")
-    if figures["passed"] and not args.keep and not args.dir:
-        import shutil
-        shutil.rmtree(chaos.workdir, ignore_errors=True)
+    if figures["passed"] and not args.keep:
+        chaos.drop_schema()
+        if not args.dir:
+            import shutil
+            shutil.rmtree(chaos.workdir, ignore_errors=True)
     return 0 if figures["passed"] else 1
 
 
