@@ -2584,7 +2584,12 @@ class _PgDriver:
         given = self.parse(url)
         extra = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in given}
         if self.v3:
-            return self.module.connect(url, autocommit=True, **extra)
+            conn = self.module.connect(url, autocommit=True, **extra)
+            if os.environ.get(PG_LISTEN_ENV) == "0":
+                # Behind PgBouncer in transaction mode (what this setting is for),
+                # statements prepared on one server connection are missing on the next.
+                conn.prepare_threshold = None
+            return conn
         conn = self.module.connect(url, **extra)
         conn.autocommit = True
         return conn
