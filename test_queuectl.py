@@ -6601,3 +6601,18 @@ class ChaosPostgresTest(PostgresSchema, unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def load_tests(loader, tests, pattern):
+    """QUEUECTL_TEST_PG_ONLY=1 (with QUEUECTL_TEST_PG_DSN): only the PostgreSQL classes, for a run
+    whose SQLite half another run already covers (.ci/run's PostgreSQL run)."""
+    if os.environ.get("QUEUECTL_TEST_PG_ONLY") != "1":
+        return tests
+
+    def cases(suite):
+        for test in suite:
+            if isinstance(test, unittest.TestSuite):
+                yield from cases(test)
+            else:
+                yield test
+    return unittest.TestSuite(t for t in cases(tests) if "Postgres" in type(t).__name__)
