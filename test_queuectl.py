@@ -340,8 +340,8 @@ class QueueTestCase(unittest.TestCase):
         return sqlite3.connect(db, timeout=DEADLINE)
 
     def open_store(self, db=None, **kw):
-        """queuectl.Store on the database (or another one from new_db), closed at cleanup."""
-        store = queuectl.Store(db or self.db, **kw)
+        """queuectl's store on the database (or another one from new_db), closed at cleanup."""
+        store = queuectl.open_store(db or self.db, **kw)
         self.addCleanup(store.close)
         return store
 
@@ -351,7 +351,7 @@ class QueueTestCase(unittest.TestCase):
         try:
             cur = conn.execute(sql, params)
             names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
         finally:
             conn.close()
 
@@ -6183,20 +6183,6 @@ class PostgresBackend:
                 if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
                     return True
         return False
-
-    def open_store(self, db=None, **kw):
-        store = queuectl.open_store(db or self.db, **kw)
-        self.addCleanup(store.close)
-        return store
-
-    def query(self, sql, *params, db=None):
-        conn = self.connect(db)
-        try:
-            cur = conn.execute(sql, params)
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in cur.fetchall()]
-        finally:
-            conn.close()
 
     def db_dump(self, db=None):
         conn = self.connect(db)
