@@ -4294,11 +4294,14 @@ class Supervisor:
         self._signal_workers(signal.SIGCONT)
 
     def _wait(self):
-        """Sleep until a worker exits, a signal comes or a restart is due (at most 1 s)."""
+        """Sleep until a worker exits, a signal comes or a restart is due. No
+        timeout otherwise: a signal always writes to the wake-up pipe, and an
+        exited worker's sentinel is ready, so nothing needs a poll (an idle
+        pool costs no CPU here)."""
         import multiprocessing.connection
-        timeout = 1.0
+        timeout = None
         if self._due:
-            timeout = max(0.0, min(timeout, min(self._due.values()) - time.monotonic()))
+            timeout = max(0.0, min(self._due.values()) - time.monotonic())
         sentinels = [p.sentinel for p in self.workers.values()]
         multiprocessing.connection.wait(sentinels + [self._wake_r], timeout=timeout)
         try:
