@@ -3152,14 +3152,18 @@ class PostgresStore(Store):
         queues that no other claim holds (SKIP LOCKED), the best of them, with
         UPDATE ... RETURNING, and open its run. A queue with a limit: its row
         is locked (in name order) and its running jobs counted after the lock,
-        so that the limit holds across hosts."""
+        so that the limit holds across hosts. "Has ready jobs" is a scalar
+        subquery with LIMIT 1, one probe of jobs_ready per queue: an EXISTS
+        would be planned as a semi-join over every ready row whenever the
+        statistics (stale after a burst of due jobs) say there are few (8.8 ms
+        instead of 0.08 ms at 1M jobs)."""
         served, params = self._served(queues)
         stop, names, limited = self._one("""
             WITH promoted AS (%s RETURNING queue)
             SELECT (SELECT stop_requested FROM workers WHERE id = ?),
                    ARRAY(SELECT q.name FROM queues q
                          WHERE q.paused = 0 %s
-                           AND (EXISTS (SELECT 1 FROM jobs WHERE ready = 1 AND queue = q.name)
+                           AND ((SELECT 1 FROM jobs WHERE ready = 1 AND queue = q.name LIMIT 1) IS NOT NULL
                                 OR q.name IN (SELECT queue FROM promoted))
                          ORDER BY q.name),
                    ARRAY(SELECT q.name FROM queues q WHERE q.max_running IS NOT NULL)""" % (self._PROMOTE, served),
