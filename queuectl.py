@@ -571,8 +571,13 @@ def db_display(path):
 def db_mark(path):
     """The database as a job's QUEUECTL_DB names it (and its leftover
     processes are found by): the file's real path, or the URL without its
-    password (a job that enqueues more finds it in ~/.pgpass or $PGPASSWORD)."""
-    return redact_url(path) if is_postgres_url(path) else os.path.realpath(path)
+    password (a job that enqueues more finds it in ~/.pgpass or $PGPASSWORD;
+    a password in the URL, even ***, would win over both)."""
+    if not is_postgres_url(path):
+        return os.path.realpath(path)
+    import re
+    url = re.sub(r"^([a-z]+://[^:/?#@]*):[^@/?#]*@", r"\1@", path)
+    return re.sub(r"([?&])password=[^&#]*&?", r"\1", url).rstrip("?&")
 
 
 def busy_timeout_setting(environ=None):
@@ -1056,6 +1061,13 @@ class Store:
     _LOCK = ""
     #: ... and to a SELECT of rows that must not change until we commit.
     _SHARE = ""
+    #: Inserts that replace or skip a row with the same key: SQLite's own forms,
+    #: as UPSERT (ON CONFLICT) needs SQLite 3.24 and Ubuntu 18.04 has 3.22.
+    _SET_CONFIG = "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)"
+    _ADD_DEPS = "INSERT OR IGNORE INTO deps (job_id, after_id) VALUES (?, ?)"
+    _REGISTER = """
+        INSERT OR REPLACE INTO workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at)
+        VALUES (?, ?, ?, ?, ?, ?, ?)"""
 
     def __init__(self, path, durable=True, busy_timeout=None, create=True):
         self.path = path
@@ -1369,9 +1381,7 @@ class Store:
 
     def set_config(self, key, value):
         with self.transaction():
-            self._execute("""
-                INSERT INTO config (key, value) VALUES (?, ?)
-                ON CONFLICT (key) DO UPDATE SET value = excluded.value""", (key, _json_dumps(value)))
+            self._execute(self._SET_CONFIG, (key, _json_dumps(value)))
 
     # -- enqueue ---------------------------------------------------------------
 
@@ -1469,9 +1479,7 @@ class Store:
                                   unique_key, env, outcome)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", rows, collide=True)
             if deps:
-                self._executemany("""
-                    INSERT INTO deps (job_id, after_id) VALUES (?, ?)
-                    ON CONFLICT DO NOTHING""", deps)
+                self._executemany(self._ADD_DEPS, deps)
             self._count_added(added)
             self._wake += sum(row[10] for row in rows)      # the jobs claimable now
         return result
@@ -1843,13 +1851,7 @@ class Store:
 
     def _register(self, worker_id, now):
         host, pid, start = worker_id.rsplit(":", 2)
-        self._execute("""
-            INSERT INTO workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?)
-            ON CONFLICT (id) DO UPDATE
-            SET host = excluded.host, boot_id = excluded.boot_id, pid = excluded.pid,
-                pid_start = excluded.pid_start, started_at = excluded.started_at,
-                heartbeat_at = excluded.heartbeat_at, stop_requested = 0""",
+        self._execute(self._REGISTER,
                       (worker_id, host, this_boot_id(), int(pid), int(start) if start != "-" else None,
                        now, now))
 
@@ -2729,6 +2731,17 @@ class PostgresStore(Store):
 
     _LOCK = " FOR UPDATE"
     _SHARE = " FOR SHARE"
+    _SET_CONFIG = """
+        INSERT INTO config (key, value) VALUES (?, ?)
+        ON CONFLICT (key) DO UPDATE SET value = excluded.value"""
+    _ADD_DEPS = "INSERT INTO deps (job_id, after_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
+    _REGISTER = """
+        INSERT INTO workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at)
+        VALUES (?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (id) DO UPDATE
+        SET host = excluded.host, boot_id = excluded.boot_id, pid = excluded.pid,
+            pid_start = excluded.pid_start, started_at = excluded.started_at,
+            heartbeat_at = excluded.heartbeat_at, stop_requested = 0"""
     change_poll_seconds = 0.1
 
     def __init__(self, url, durable=True, busy_timeout=None, create=True, listen=False):
@@ -3698,6 +3711,7 @@ class Worker:
         self._wal_retry_at, self._wal_step = 0, 0       # see _bound_wal()
         self._next_heartbeat = 0.0
         self._renewed_at = 0.0          # monotonic time of the last heartbeat that held the lease
+        self._claimed_at = 0.0          # monotonic time just before the last claim began
         self._next_retention = 0.0
         self._live = None               # output not yet stored for `logs --follow`
         self._live_written = False      # whether any of this run's was
@@ -3771,6 +3785,7 @@ class Worker:
                     if self.stopping:
                         break
                     if job is None:
+                        self._claimed_at = time.monotonic()     # the lease counts from before the claim
                         job = self.store.claim(self.id, queues=self.queues)
                         if job is not None and self.stopping:
                             continue    # a stop came during the claim: given back below
@@ -3848,11 +3863,15 @@ class Worker:
         try:
             stop, cancel, held = self.store.heartbeat(self.id, job_id, stopping=self.stopping)
         except StoreError as e:
-            if job_id is not None and now - self._renewed_at >= LEASE_GIVE_UP_SECONDS:
-                # Our lease may run out soon and another worker take the job
-                # back: end this run first, so that two never overlap.
+            # Measured after the failed beat, and counting a next beat that may
+            # take as long (a hung connection takes seconds to fail): our lease
+            # may run out before it returns, and another host take the job
+            # back. End this run first, so that two never overlap.
+            failed_at = time.monotonic()
+            since = failed_at - self._renewed_at
+            if job_id is not None and since + (failed_at - now) >= LEASE_GIVE_UP_SECONDS:
                 self.log("%s %s lease not renewed for %.0fs (%s); stopping the job" % (
-                    self.name, job_id, now - self._renewed_at, e))
+                    self.name, job_id, since, e))
                 return False, False
             # The lease has LEASE_SECONDS to run; a missed beat is not a loss.
             self.log("%s heartbeat failed (%s); will retry" % (self.name, e))
@@ -4049,7 +4068,9 @@ class Worker:
         self.log("%s %s claimed (attempt %d/%d): %s" % (
             self.name, job["id"], job["attempts"], job["max_retries"] + 1, job["command"]))
 
-        self._renewed_at = time.monotonic()     # the claim took the lease just now
+        # The claim took the lease no earlier than this (its time was read
+        # before the claim waited for the database, so count from there too).
+        self._renewed_at = self._claimed_at
         self._live, self._live_sizes, self._live_stored = LiveOutput(), [], 0
         self._live_written = False
         self._live_at = time.monotonic() + LIVE_OUTPUT_SECONDS
@@ -4089,6 +4110,7 @@ class Worker:
             self._check_parent()
             claim_next = not self.stopping
             try:
+                self._claimed_at = time.monotonic()     # the next job's lease counts from here
                 done = self.store.finish(job["id"], job["run"], self.id, result, interrupted=interrupted,
                                          claim_next=claim_next, queues=self.queues, live=self._live_written)
                 return done if claim_next else (done, None)

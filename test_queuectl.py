@@ -4451,6 +4451,15 @@ class TestStore(QueueTestCase):
 class TestHelpers(unittest.TestCase):
     """Pure helpers (durations, times, backoff, ids, job validation) give the documented values."""
 
+
+    def test_a_jobs_database_url_carries_no_password(self):
+        # A job's QUEUECTL_DB: libpq would take a password in the URL (even ***) over
+        # ~/.pgpass and PGPASSWORD, so it is left out, not masked.
+        for url, mark in (("postgresql://u:secret@h/db", "postgresql://u@h/db"),
+                          ("postgresql://u:s@h/db?password=x&sslmode=require", "postgresql://u@h/db?sslmode=require"),
+                          ("postgres://h/db?sslmode=require&password=x", "postgres://h/db?sslmode=require"),
+                          ("postgresql://u@h/db?options=-csearch_path%3Dq", "postgresql://u@h/db?options=-csearch_path%3Dq")):
+            self.assertEqual(queuectl.db_mark(url), mark)
     def test_parse_duration(self):
         cases = {"30": 30, "1.5": 1.5, "30s": 30, "10m": 600, "2h": 7200, "1d": 86400,
                  " 10M ": 600, "0": 0, 45: 45, 2.5: 2.5}
