@@ -555,12 +555,16 @@ def is_postgres_url(path):
     return path.startswith(("postgresql://", "postgres://"))
 
 
-def redact_url(url):
+def redact_url(url, mask="***"):
     """The URL with its password (in the user part or a password= parameter)
-    replaced by ***: what every message, log line and `status` shows."""
+    replaced by `mask`: what every message, log line and `status` shows. With
+    mask None the password is left out altogether."""
     import re
-    url = re.sub(r"^([a-z]+://[^:/?#@]*):[^@/?#]*@", r"\1:***@", url)
-    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+    if mask is None:
+        url = re.sub(r"^([a-z]+://[^:/?#@]*):[^@/?#]*@", r"\1@", url)
+        return re.sub(r"([?&])password=[^&#]*&?", r"\1", url).rstrip("?&")
+    url = re.sub(r"^([a-z]+://[^:/?#@]*):[^@/?#]*@", r"\1:%s@" % mask, url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\g<1>%s" % mask, url)
 
 
 def db_display(path):
@@ -573,11 +577,7 @@ def db_mark(path):
     processes are found by): the file's real path, or the URL without its
     password (a job that enqueues more finds it in ~/.pgpass or $PGPASSWORD;
     a password in the URL, even ***, would win over both)."""
-    if not is_postgres_url(path):
-        return os.path.realpath(path)
-    import re
-    url = re.sub(r"^([a-z]+://[^:/?#@]*):[^@/?#]*@", r"\1@", path)
-    return re.sub(r"([?&])password=[^&#]*&?", r"\1", url).rstrip("?&")
+    return redact_url(path, mask=None) if is_postgres_url(path) else os.path.realpath(path)
 
 
 def busy_timeout_setting(environ=None):
