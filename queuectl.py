@@ -1080,6 +1080,7 @@ class Store:
         #: current transaction's commit should wake (see WakeFifo).
         self._wake_path = None if path == ":memory:" else os.path.realpath(path) + WAKE_SUFFIX
         self._wake = 0
+        self._busy_short = False     # the busy timeout is not the full one (see _begin)
         self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
         self._open(durable, self.busy_timeout, create)
 
@@ -1206,11 +1207,15 @@ class Store:
 
     def _execute(self, sql, params=()):
         with self._errors(params):
+            if self._busy_short:
+                self._busy_ok()
             return self.conn.execute(sql, params)
 
     def _executemany(self, sql, rows, collide=False):
         """executemany(); with `collide`, a UNIQUE violation raises _Collision."""
         try:
+            if self._busy_short:
+                self._busy_ok()
             self.conn.executemany(sql, rows)
         except sqlite3.IntegrityError as e:
             if collide:
@@ -1223,6 +1228,8 @@ class Store:
 
     def _all(self, sql, params=()):
         with self._errors(params):
+            if self._busy_short:
+                self._busy_ok()
             return self.conn.execute(sql, params).fetchall()
 
     def _one(self, sql, params=()):
@@ -1284,30 +1291,40 @@ class Store:
         several busy workers most of a wait would be oversleeping. So the first
         ~20 ms of waiting are ours (naps from 50 us up); then SQLite's handler
         takes over for the rest of the busy timeout (or of `wait` seconds).
+
+        The connection's busy timeout stays 0 after a first try that got the
+        lock: nothing waits for a lock inside a write transaction, and the
+        next statement outside one puts it back first (_busy_ok). A busy
+        worker's transactions follow each other, so it sets it about never
+        (two PRAGMAs a transaction were 2% of a job).
         """
         conn = self.conn
         full_ms = int(self.busy_timeout * 1000)
         with self._errors():
-            conn.execute("PRAGMA busy_timeout = 0")
-            try:
-                nap, waited = 0.00005, 0.0
-                while True:
-                    try:
-                        conn.execute("BEGIN IMMEDIATE")
-                        return
-                    except sqlite3.OperationalError as e:
-                        if not _is_busy(e) or waited >= 0.02:
-                            break
-                    time.sleep(nap)
-                    waited += nap
-                    nap = min(nap * 2, 0.002)
-            finally:
-                conn.execute("PRAGMA busy_timeout = %d" % (full_ms if wait is None else int(wait * 1000)))
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            finally:
-                if wait is not None:
-                    conn.execute("PRAGMA busy_timeout = %d" % full_ms)
+            if not self._busy_short:
+                conn.execute("PRAGMA busy_timeout = 0")
+                self._busy_short = True
+            nap, waited = 0.00005, 0.0
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as e:
+                    if not _is_busy(e) or waited >= 0.02:
+                        break
+                time.sleep(nap)
+                waited += nap
+                nap = min(nap * 2, 0.002)
+            conn.execute("PRAGMA busy_timeout = %d" % (full_ms if wait is None else int(wait * 1000)))
+            self._busy_short = wait is not None
+            conn.execute("BEGIN IMMEDIATE")
+
+    def _busy_ok(self):
+        """Put the full busy timeout back (see _begin) before a statement
+        outside a write transaction."""
+        if self._busy_short and not self.conn.in_transaction:
+            self.conn.execute("PRAGMA busy_timeout = %d" % int(self.busy_timeout * 1000))
+            self._busy_short = False
 
     def abandon(self):
         """Roll back a transaction left open (a request that failed half-way)."""
@@ -1363,6 +1380,7 @@ class Store:
                 busy = 1    # SQLITE_LOCKED: a statement of ours still active
             finally:
                 self.conn.execute("PRAGMA busy_timeout = %d" % int(self.busy_timeout * 1000))
+                self._busy_short = False
         return not busy
 
     # -- config ----------------------------------------------------------------
@@ -4048,18 +4066,20 @@ class Worker:
 
     def _environ(self, job):
         """The job's environment: ours, plus the names of this run, by which
-        its processes can be found after a lost lease. (Setting them in
-        os.environ instead would save ~30 us a job, but glibc never frees a
-        replaced variable: a worker would grow by ~80 bytes a job.)"""
+        its processes can be found after a lost lease. As bytes, encoded once
+        per worker (Popen would encode every variable of every job again).
+        (Setting them in os.environ instead would save ~30 us a job, but glibc
+        never frees a replaced variable: a worker would grow by ~80 bytes a job.)"""
         if self._base_env is None:
-            self._base_env = dict(os.environ)
-            self._base_env["QUEUECTL_DB"] = self.real_db_path
-            self._base_env["QUEUECTL_WORKER_ID"] = self.id
+            self._base_env = dict(os.environb)
+            self._base_env[b"QUEUECTL_DB"] = _os_bytes(self.real_db_path)
+            self._base_env[b"QUEUECTL_WORKER_ID"] = _os_bytes(self.id)
         env = dict(self._base_env)
         if job.get("env"):
-            env.update(_json_loads(job["env"]))     # never QUEUECTL_*: validate_job refuses them
-        env["QUEUECTL_JOB_ID"] = job["id"]
-        env["QUEUECTL_ATTEMPT"] = str(job["attempts"])
+            # Never QUEUECTL_*: validate_job refuses them.
+            env.update((_os_bytes(k), _os_bytes(v)) for k, v in _json_loads(job["env"]).items())
+        env[b"QUEUECTL_JOB_ID"] = _os_bytes(job["id"])
+        env[b"QUEUECTL_ATTEMPT"] = b"%d" % job["attempts"]
         return env
 
     def process(self, job):
