@@ -5020,7 +5020,7 @@ class Dashboard:
             if not force and value is not None and time.monotonic() - at < max(1.0, 10 * cost):
                 return None
             t0 = time.monotonic()
-            now = time.time()
+            now = store.now()
             rows = store.finished_runs(now - 86400)
             value = {"last_hour": compute_stats(rows, now, 3600), "last_day": compute_stats(rows, now, 86400),
                      "at": now}
@@ -5066,8 +5066,8 @@ class Dashboard:
         """Prometheus text exposition format."""
         if not self.counters.ready.wait(DASHBOARD_SOCKET_TIMEOUT):
             raise _Unavailable("the run counters are still being read from the database; try again")
-        now = time.time()
         with self.pool.store() as store:
+            now = store.now()
             self.counters.update(store, force=True)
             counts = store.counts()
             queues = store.queues()
@@ -5607,7 +5607,7 @@ class Dashboard:
                     older = parse_duration((form.get("older_than") or ["0"])[0] or "0")
                 except ValueError as e:
                     raise QueueError(str(e))
-                return "purged", store.purge(states, time.time() - older)
+                return "purged", store.purge(states, store.now() - older)
             if name in ("queue-pause", "queue-resume"):
                 queue = (form.get("queue") or [""])[0]
                 if queue not in {row["name"] for row in store.queues()}:
@@ -5834,10 +5834,10 @@ def _dashboard_handler(app):
                 return self._send(200, app.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
             if path.startswith("/api/"):
                 return self._api(path, q)
-            now = time.time()
             version, marks = app.watcher.current()      # before reading: a change after is never missed
             parts_of = path.strip("/").split("/")
             with app.pool.store() as store:
+                now = store.now()       # the database's clock: its times are the server's on PostgreSQL
                 if path == "/":
                     page = app.page_overview(store, q, now, marks)
                 elif path == "/jobs":
@@ -5895,9 +5895,9 @@ def _dashboard_handler(app):
             self._send(200, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode(), "application/json")
 
         def _api(self, path, q):
-            now = time.time()
             parts = path.strip("/").split("/")
             with app.pool.store() as store:
+                now = store.now()
                 if path == "/api/status":
                     return self._json(app.status_json(store, now)[0])
                 if path == "/api/stats":

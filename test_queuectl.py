@@ -6513,16 +6513,21 @@ class TestCrossHostPostgres(CrossHostTestCase):
 class TestClockSkewPostgres(CrossHostTestCase):
     """A host whose clock is 10 minutes ahead (faketime) goes by the server's clock."""
 
-    def test_a_host_ten_minutes_ahead_runs_nothing_early_and_steals_no_live_lease(self):
+    def ten_minutes_ahead(self):
+        """The argv prefix that runs a command with the clock 10 minutes ahead."""
         if not shutil.which("faketime"):
             self.cannot_run("the clock-skew test needs Debian's faketime")
-        # Around unshare, not inside: faketime names its shared memory after its pid, and pids
-        # repeat across PID namespaces (sem_open: File exists); it removes it when it exits.
         skew = ["faketime", "-f", "+10m"]
         probe = subprocess.run(skew + [sys.executable, "-c", "import time; print(time.time())"],
                                capture_output=True, text=True)
         if probe.returncode != 0 or float(probe.stdout) - time.time() < 590:
             self.cannot_run("faketime does not move Python's clock here: %s" % probe.stderr.strip())
+        return skew
+
+    def test_a_host_ten_minutes_ahead_runs_nothing_early_and_steals_no_live_lease(self):
+        # Around unshare, not inside: faketime names its shared memory after its pid, and pids
+        # repeat across PID namespaces (sem_open: File exists); it removes it when it exits.
+        skew = self.ten_minutes_ahead()
         self.lease_seconds(5)
         release = os.path.join(self.dir, "release")
         script = self.job_script("job.sh")
@@ -6566,6 +6571,40 @@ class TestClockSkewPostgres(CrossHostTestCase):
         [run] = self.read_ledger()[held]
         self.assertEqual(run[0], "hostA")
         self.assertIsNotNone(run[2])
+
+    def test_the_dashboard_of_a_host_ten_minutes_ahead_goes_by_the_servers_clock(self):
+        """Purge 'older than 5m' from a dashboard whose clock is 10 minutes ahead keeps a job
+        that finished seconds ago (by the server's clock)."""
+        skew = self.ten_minutes_ahead()
+        [job] = self.cli("enqueue", "--", "true").split()
+        self.cli("worker", "start", "--once")
+        self.assertEqual(self.job(job)["state"], "completed")
+        proc = subprocess.Popen(skew + [sys.executable, QUEUECTL, "--db", self.url, "dashboard", "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self.dir)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.wait, DEADLINE)
+        self.addCleanup(proc.kill)
+        line = proc.stdout.readline().decode()
+        m = re.match(r"^http://([^/]+):(\d+)/\?token=([A-Za-z0-9_-]+)$", line.strip())
+        self.assertTrue(m, "first line is not the dashboard's URL: %r" % line)
+        base = "http://127.0.0.1:%s" % m.group(2)
+
+        def purge(older_than):
+            data = urllib.parse.urlencode({"state": "completed", "older_than": older_than}).encode()
+            req = urllib.request.Request(base + "/actions/purge", data=data, method="POST", headers={
+                "Cookie": "queuectl_%s=%s" % (m.group(2), m.group(3)), "Origin": base,
+                "Content-Type": "application/x-www-form-urlencoded"})
+            try:
+                with _HTTP.open(req, timeout=DEADLINE) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        self.assertEqual(purge("5m"), 303)
+        self.assertEqual(self.job(job)["state"], "completed", "purged by the host's clock, not the server's")
+        self.assertEqual(purge("0"), 303)
+        self.assertNotEqual(subprocess.run([sys.executable, QUEUECTL, "--db", self.url, "show", job],
+                                           capture_output=True).returncode, 0)
 
     def job(self, job_id):
         return json.loads(self.cli("show", job_id, "--json"))
