@@ -5571,6 +5571,24 @@ class TestMeta(QueueTestCase):
         self.assertIn("build/", lines)
         self.assertIn("*.egg-info/", lines)
 
+    def test_pyproject_is_valid_for_pip(self):
+        """pyproject.toml parses, its [project] table holds the metadata and the extras are
+        lists of requirements (a key under the wrong table broke `pip install .`)."""
+        try:
+            import tomllib
+        except ImportError:
+            self.skipTest("tomllib is Python 3.11+")
+        with open(os.path.join(HERE, "pyproject.toml"), "rb") as f:
+            project = tomllib.load(f)["project"]
+        self.assertEqual(project["dynamic"], ["version"])
+        self.assertIn("Environment :: Console", project["classifiers"])
+        self.assertEqual(project["scripts"], {"queuectl": "queuectl:main_and_exit"})
+        self.assertTrue(callable(queuectl.main_and_exit))
+        for extra, requirements in project["optional-dependencies"].items():
+            self.assertEqual(extra, "postgres")
+            self.assertTrue(requirements and all(re.match(r"^[A-Za-z0-9_.\[\]-]+(>=[0-9.]+)?$", r)
+                                                 for r in requirements), requirements)
+
     def test_every_command_is_in_the_readme(self):
         readme = os.path.join(HERE, "README.md")
         if not os.path.exists(readme):
