@@ -555,16 +555,55 @@ def is_postgres_url(path):
     return path.startswith(("postgresql://", "postgres://"))
 
 
+#: The password of a URL's user part: up to the last "@", as far as anything
+#: might read it (libpq reads "s3cret?pw@host" as a password with a "?").
+_URL_PASSWORD = r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*):(.*)@"
+
+
 def redact_url(url, mask="***"):
     """The URL with its password (in the user part or a password= parameter)
     replaced by `mask`: what every message, log line and `status` shows. With
     mask None the password is left out altogether."""
     import re
     if mask is None:
-        url = re.sub(r"^([a-z]+://[^:/?#@]*):[^@/?#]*@", r"\1@", url)
+        url = re.sub(_URL_PASSWORD, r"\1@", url)
         return re.sub(r"([?&])password=[^&#]*&?", r"\1", url).rstrip("?&")
-    url = re.sub(r"^([a-z]+://[^:/?#@]*):[^@/?#]*@", r"\1:%s@" % mask, url)
-    return re.sub(r"([?&]password=)[^&#]*", r"\g<1>%s" % mask, url)
+    url = re.sub(_URL_PASSWORD, lambda m: "%s:%s@" % (m.group(1), mask), url)
+    return re.sub(r"([?&]password=)[^&#]*", lambda m: m.group(1) + mask, url)
+
+
+def url_secrets(url):
+    """The password(s) a URL holds, as written and percent-decoded, longest
+    first: what must be cut out of any text (a driver's error may quote them)."""
+    import re
+    import urllib.parse
+    found = set()
+    m = re.match(_URL_PASSWORD, url)
+    raws = ([m.group(2)] if m else []) + re.findall(r"[?&]password=([^&#]*)", url)
+    if m and "/" in m.group(2):
+        # libpq reads "user:pa/ss@host" as host "user", port "pa", and may quote either part.
+        raws += [piece for piece in m.group(2).replace("@", "/").split("/") if len(piece) >= 3]
+    for raw in raws:
+        if raw:
+            found.add(raw)
+            found.add(urllib.parse.unquote(raw))
+    return sorted(found, key=len, reverse=True)
+
+
+def check_db_location(path):
+    """Refuse a --db that looks like a URL but is not a postgresql:// one (a
+    typo would otherwise make a SQLite file named after it, password and all)."""
+    import re
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", path)
+    if is_postgres_url(path) or not scheme:
+        return
+    name = scheme.group(1)
+    if name.lower() in ("postgres", "postgresql"):
+        raise StoreError("malformed PostgreSQL URL %s: it must start with postgresql:// (or postgres://), "
+                         "in lower case" % redact_url(path))
+    if path[scheme.end():].startswith("//"):
+        raise StoreError("unsupported database URL %s: --db takes a SQLite file path or a postgresql:// URL"
+                         % redact_url(path))
 
 
 def db_display(path):
@@ -2354,6 +2393,7 @@ def open_store(path, durable=True, busy_timeout=None, create=True, listen=False)
     """The store for --db / $QUEUECTL_DB: PostgresStore for a postgresql://
     (or postgres://) URL, else Store on a SQLite file. `listen`: a worker's
     store, woken by the database when work becomes due (where it can be)."""
+    check_db_location(path)
     if is_postgres_url(path):
         return PostgresStore(path, durable=durable, busy_timeout=busy_timeout, create=create, listen=listen)
     return Store(path, durable=durable, busy_timeout=busy_timeout, create=create)
@@ -2361,6 +2401,7 @@ def open_store(path, durable=True, busy_timeout=None, create=True, listen=False)
 
 def store_exists(path):
     """Is there a queue at `path` already (the file, or queuectl's tables)?"""
+    check_db_location(path)
     if is_postgres_url(path):
         with PostgresStore(path, create=False) as store:
             return store.missing is None
@@ -2782,7 +2823,7 @@ class PostgresStore(Store):
         self._deferring = False     # writes in _settle are deferred
         self._sql_cache = {}
         self._folded_at = 0.0
-        self._password = self._password_of(url)
+        self._secrets = url_secrets(url)     # cut out of every error text (_text)
         self._pg = _PgDriver.load()
         try:
             self._pg.parse(url)
@@ -2793,22 +2834,13 @@ class PostgresStore(Store):
     def location(self):
         return self.path        # the URL without its password
 
-    @staticmethod
-    def _password_of(url):
-        import urllib.parse
-        try:
-            password = urllib.parse.urlsplit(url).password
-        except ValueError:
-            password = None
-        return urllib.parse.unquote(password) if password else None
-
     # -- connection and schema ------------------------------------------------
 
     def _text(self, error):
         """A driver error as one line, without the password."""
         text = " ".join(str(error).split()) or type(error).__name__
-        if self._password:
-            text = text.replace(self._password, "***")
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
         return text
 
     def _connect(self, create=True):

@@ -3690,6 +3690,27 @@ class TestDatabaseLocation(QueueTestCase):
     def test_version(self):
         self.assertEqual(self.expect_success("--version", db=False), "queuectl %s\n" % queuectl.__version__)
 
+    def test_a_url_that_is_not_postgresql_is_refused_not_made_a_file(self):
+        """A mistyped scheme (pg://, mysql://, POSTGRESQL://, postgresql:/) is one line, exit 1,
+        without the password, and no SQLite file named after the URL appears."""
+        before = sorted(os.listdir(self.tmp))
+        for db, says in (("pg://postgres:s3cret@127.0.0.1/x", "unsupported database URL pg://postgres:***@"),
+                         ("mysql://u:s3cret@h/db", "unsupported database URL"),
+                         ("postgressql://u:s3cret@h/db", "unsupported database URL"),
+                         ("POSTGRESQL://postgres:s3cret@127.0.0.1/x", "malformed PostgreSQL URL"),
+                         ("postgresql:/postgres@127.0.0.1/x", "malformed PostgreSQL URL"),
+                         ("postgresql:postgres@127.0.0.1", "malformed PostgreSQL URL")):
+            for args in (("enqueue", "--", "true"), ("status",), ("worker", "start", "--once")):
+                code, out, err = self.script(*args, db=db)
+                err = err.decode()
+                self.assertEqual((code, out), (1, b""), err)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertIn("queuectl: error: " + says, err)
+                self.assertNotIn("s3cret", err)
+        self.assertEqual(sorted(os.listdir(self.tmp)), before)
+        # A file name with a colon is still a file.
+        self.expect_success("enqueue", "--", "true", db=os.path.join(self.tmp, "backup:2026.db"))
+
     def test_usage_errors_exit_2(self):
         self.expect_failure("bogus", code=2, db=False)
         self.expect_failure("worker", code=2)
@@ -4464,6 +4485,11 @@ class TestHelpers(unittest.TestCase):
                           ("postgres://h/db?sslmode=require&password=x", "postgres://h/db?sslmode=require"),
                           ("postgresql://u@h/db?options=-csearch_path%3Dq", "postgresql://u@h/db?options=-csearch_path%3Dq")):
             self.assertEqual(queuectl.db_mark(url), mark)
+        # libpq takes a password up to the "@", "?" and "#" included: so does the mask.
+        for url, shown in (("postgresql://u:s3c?r#t@h/db", "postgresql://u:***@h/db"),
+                           ("postgresql://u:s3c/ret@h:5432/db?password=x", "postgresql://u:***@h:5432/db?password=***")):
+            self.assertEqual(queuectl.redact_url(url), shown)
+            self.assertEqual(queuectl.db_mark(url).split("@")[0], "postgresql://u")
     def test_parse_duration(self):
         cases = {"30": 30, "1.5": 1.5, "30s": 30, "10m": 600, "2h": 7200, "1d": 86400,
                  " 10M ": 600, "0": 0, 45: 45, 2.5: 2.5}
@@ -5914,6 +5940,16 @@ class TestPostgres(unittest.TestCase):
         code, out, err = self.cli("enqueue", "--", "true", db="postgresql://u:pw@127.0.0.1:notaport/x")
         self.assert_one_line_error(code, out, err)
         self.assertNotIn(":pw@", err)
+        # URLs libpq quotes back in its error, or reads a password from that a plain URL
+        # parser would not: the password is never in the line.
+        for db in ("postgresql://postgres:s3cretpw@[]/x", "postgresql://postgres:s3cretpw@[::1/x",
+                   "postgresql://127.0.0.1/x?password=s3cret%zzpw", "postgresql://127.0.0.1/x?password=s3cretpw",
+                   "postgresql://postgres:s3cret?pw@127.0.0.1:1/x", "postgresql://postgres:s3cret#pw@127.0.0.1:1/x",
+                   "postgresql://postgres:s3cret/pw@127.0.0.1:1/x"):
+            code, out, err = self.cli("enqueue", "--", "true", db=db)
+            self.assert_one_line_error(code, out, err)
+            self.assertNotIn("s3cret", err, db)
+        self.assertEqual(os.listdir(self.tmp), [])
 
     def test_server_down(self):
         code, out, err = self.cli("enqueue", "--", "true", db="postgresql://postgres:hunter2@127.0.0.1:1/postgres")
