@@ -2853,21 +2853,27 @@ class PostgresStore(Store):
             # not hold its locks for long; workers need not wait for fsync.
             self._execute("SET lock_timeout = %d; SET idle_in_transaction_session_timeout = 60000%s" % (
                 int(self.busy_timeout * 1000), "" if self._durable else "; SET synchronous_commit = off"))
+            # Every table and view of the schema (queuectl's and any other program's).
             row = self._one("""
                 SELECT current_schema(), current_setting('search_path'),
                        ARRAY(SELECT c.relname::TEXT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                             WHERE n.nspname = current_schema() AND c.relname = ANY(?))""",
-                            (list(PG_TABLE_NAMES),))
+                             WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm', 'f'))""")
             schema, search_path, tables = row[0], row[1], set(row[2])
             if "queuectl_version" in tables:
                 version = self._one("SELECT version FROM queuectl_version")
-                version = version[0] if version else 0
-                if version != SCHEMA_VERSION:
-                    self._upgrade(version)
+                if version is None or not isinstance(version[0], int) \
+                        or (version[0] < SCHEMA_VERSION and version[0] not in PG_MIGRATIONS):
+                    raise StoreError("database %s is damaged: its queuectl_version table holds %s, not a "
+                                     "schema version" % (self.path, "no row" if version is None else version[0]))
+                if version[0] != SCHEMA_VERSION:
+                    self._upgrade(version[0])
             elif tables:
+                # Ours without the version (a half-made schema cannot be: it is one
+                # transaction) or another program's: leave it alone.
+                others = sorted(tables - set(PG_TABLE_NAMES)) or sorted(tables)
                 raise StoreError("%s is not a queuectl database: its schema %s has a table %s of another "
                                  "program; give queuectl a schema of its own (add ?options=-csearch_path%%3Dqueuectl "
-                                 "to the URL)" % (self.path, schema, sorted(tables)[0]))
+                                 "to the URL)" % (self.path, schema, others[0]))
             elif create:
                 schema = self._create_schema(search_path)
             else:

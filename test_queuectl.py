@@ -5965,6 +5965,25 @@ class TestPostgres(unittest.TestCase):
         tables = self.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
                           (self.schema,))
         self.assertEqual(tables, [("jobs",)])
+        # Tables whose names are not ours are another program's too: nothing is added beside them.
+        self.sql('ALTER TABLE "%s".jobs RENAME TO customers' % self.schema)
+        for args in (("enqueue", "--", "true"), ("init",), ("worker", "start", "--once")):
+            code, out, err = self.cli(*args)
+            self.assert_one_line_error(code, out, err, "is not a queuectl database", "customers")
+        tables = self.sql("SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                          (self.schema,))
+        self.assertEqual(tables, [("customers",)])
+
+    def test_a_damaged_version_table_is_one_line(self):
+        self.enqueue({"command": "true"})
+        for damage, says in (("DELETE FROM queuectl_version", "holds no row"),
+                             ("INSERT INTO queuectl_version VALUES (2)", "holds 2, not a schema version")):
+            self.sql('DELETE FROM "%s".queuectl_version' % self.schema)
+            self.sql(damage.replace("queuectl_version", '"%s".queuectl_version' % self.schema))
+            for args in (("status",), ("enqueue", "--", "true")):
+                code, out, err = self.cli(*args)
+                self.assert_one_line_error(code, out, err, "is damaged: its queuectl_version table " + says)
+        self.assertEqual(self.q("SELECT COUNT(*) FROM jobs")[0][0], 1)
 
     def test_read_only_role(self):
         self.enqueue({"command": "true"})
