@@ -3130,10 +3130,12 @@ class PostgresStore(Store):
     # -- what PostgreSQL does its own way -----------------------------------------
 
     def submit(self, jobs, now=None):
-        # Times the caller computed are this host's: moved onto the server's clock.
+        # Times the caller computed from this host's clock (`now`, and now +
+        # delay) move onto the server's; a time given as such (--run-at) is
+        # an instant, and stays.
         offset = self.clock_offset
         if offset:
-            jobs = [dict(job, run_at=job["run_at"] + offset) if job.get("run_at") is not None else job
+            jobs = [dict(job, run_at=job["run_at"] + offset) if job.get("delay") is not None else job
                     for job in jobs]
             now = None if now is None else now + offset
         return Store.submit(self, jobs, now)
@@ -3390,9 +3392,10 @@ def validate_job(obj, cwd, now):
             raise ValueError("field 'run_at': %s" % e)
     if obj.get("delay") is not None:
         try:
-            job["run_at"] = now + parse_duration(obj["delay"])
+            job["delay"] = parse_duration(obj["delay"])
         except ValueError as e:
             raise ValueError("field 'delay': %s" % e)
+        job["run_at"] = now + job["delay"]      # by this host's clock (see PostgresStore.submit)
     if "timeout" in obj:
         if obj["timeout"] is None:
             job["timeout"] = None

@@ -5929,10 +5929,15 @@ class TestPostgres(unittest.TestCase):
         with mock.patch("time.time", lambda: real() + 600):
             store.sync_clock()
             self.assertLess(abs(store.now() - real()), 1.0)
-            # `enqueue --delay 60` on that host: run_at by its clock.
-            ids = store.enqueue([{"command": "true", "cwd": self.tmp, "run_at": real() + 600 + 60}])
-        self.assertAlmostEqual(self.q("SELECT run_at FROM jobs")[0][0], real() + 60, delta=5)
-        self.assertTrue(ids)
+            # `enqueue --delay 60` on that host: due 60 s from now by the server's clock;
+            # `--run-at T`: due at T, an instant whatever the host's clock says.
+            later = int(real()) + 3600
+            at = datetime.datetime.fromtimestamp(later, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            ids = store.enqueue([queuectl.validate_job({"command": "true", "delay": 60}, self.tmp, time.time()),
+                                 queuectl.validate_job({"command": "true", "run_at": at}, self.tmp, time.time())])
+        run_at = dict(self.q("SELECT id, run_at FROM jobs"))
+        self.assertAlmostEqual(run_at[ids[0]], real() + 60, delta=5)
+        self.assertEqual(run_at[ids[1]], later)
 
     # -- bad input: one line, exit 1, nothing written --------------------------------
 
