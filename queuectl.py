@@ -6552,13 +6552,14 @@ def build_parser(only=None):
 
     common = Parser(add_help=False, formatter_class=formatter)
     common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
-                        help="database file (default: $QUEUECTL_DB or ~/.local/share/queuectl/queue.db)")
+                        help="SQLite file or postgresql:// URL (default: $QUEUECTL_DB or "
+                             "~/.local/share/queuectl/queue.db)")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks for errors")
     json_opt = Parser(add_help=False, formatter_class=formatter)
     json_opt.add_argument("--json", action="store_true", help="print JSON")
 
-    parser = Parser(prog="queuectl", description="A background job queue for shell commands, on SQLite.",
+    parser = Parser(prog="queuectl", description="A background job queue for shell commands, on SQLite or PostgreSQL.",
                     epilog=EPILOG, formatter_class=formatter,
                     parents=[common])
     parser.add_argument("--version", action="version", version="queuectl " + __version__)
