@@ -1217,6 +1217,10 @@ class Store:
         """The database as messages name it: the file's absolute path."""
         return os.path.abspath(self.path)
 
+    def check_writable(self):
+        """Raise StoreError now if workers could not write (before a pool
+        starts): on SQLite, opening for writing has checked it already."""
+
     #: How often a waiting reader (`wait`) reads data_version(): a cheap
     #: read of the file here, a round trip to the server on PostgreSQL.
     change_poll_seconds = 0.01
@@ -2833,6 +2837,14 @@ class PostgresStore(Store):
 
     def location(self):
         return self.path        # the URL without its password
+
+    def check_writable(self):
+        row = self._one("""
+            SELECT current_user, ARRAY(SELECT t FROM unnest(ARRAY['jobs', 'runs', 'workers', 'output']) AS t
+                                       WHERE NOT has_table_privilege(t, 'INSERT, UPDATE, DELETE'))""")
+        if row[1]:
+            raise StoreError("cannot write database %s: role %s may not write table %s"
+                             % (self.path, row[0], row[1][0]))
 
     # -- connection and schema ------------------------------------------------
 
@@ -6858,6 +6870,7 @@ def cmd_worker_start(args):
     # Open once here so that a bad path or a newer schema is one clear error,
     # before any process starts; the connection is closed before forking.
     with open_store(db_path) as store:
+        store.check_writable()
         known = {q["name"] for q in store.queues()}
     for name in args.queue or ():
         if name not in known:

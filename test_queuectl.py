@@ -6006,7 +6006,11 @@ class TestPostgres(unittest.TestCase):
         self.assertEqual(status["counts"]["pending"], 1)
         code, out, err = self.cli("enqueue", "--", "true", db=ro)
         self.assert_one_line_error(code, out, err, "permission denied")
+        for args in (("worker", "start", "--once"), ("worker", "start")):
+            code, out, err = self.cli(*args, db=ro)
+            self.assert_one_line_error(code, out, err, "cannot write database", "may not write table jobs")
         self.assertEqual(self.q("SELECT COUNT(*) FROM jobs")[0][0], 1)
+        self.assertEqual(self.q("SELECT COUNT(*) FROM workers")[0][0], 0)
 
     def test_reading_a_new_database_writes_nothing(self):
         code, out, err = self.cli("status")
