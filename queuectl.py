@@ -3452,7 +3452,7 @@ def validate_job(obj, cwd, now):
             if name.startswith("QUEUECTL_"):
                 raise ValueError("field 'env': %s is reserved (queuectl sets the QUEUECTL_ variables)" % name)
             if not isinstance(value, str) or "\0" in value or not _encodable(value):
-                raise ValueError("field 'env': the value of %s must be a string without NUL bytes, not %s"
+                raise ValueError("field 'env': the value of %s must be UTF-8 text without NUL bytes, not %s"
                                  % (name, _printable_value(value)))
         job["env"] = dict(env)
     return job

@@ -2964,7 +2964,7 @@ class TestCommands(QueueTestCase):
                 (("enqueue", "--env", "NOEQUALS", "--", "true"), 2, "expected NAME=VALUE, not 'NOEQUALS'"),
                 (("enqueue", "--env", "=x", "--", "true"), 2, "expected NAME=VALUE, not '=x'"),
                 (("enqueue", '{"command": "true", "env": {"A": 1}}'), 1,
-                 "field 'env': the value of A must be a string without NUL bytes, not an integer"),
+                 "field 'env': the value of A must be UTF-8 text without NUL bytes, not an integer"),
                 (("enqueue", '{"command": "true", "env": ["A"]}'), 1,
                  "field 'env' must be an object of NAME: value strings, not an array"),
                 (("enqueue", "--env", "QUEUECTL_JOB_ID=x", "--", "true"), 1,
