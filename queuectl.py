@@ -1506,7 +1506,8 @@ class Store:
             rows, deps, added = [], [], {}
             for job_id, job in new.items():
                 max_retries = job.get("max_retries")
-                run_at = job.get("run_at", now)
+                # A delay counts from the moment of the enqueue, by the store's clock.
+                run_at = now + job["delay"] if job.get("delay") is not None else job.get("run_at", now)
                 queue = job.get("queue", DEFAULT_QUEUE)
                 state = "dead" if job_id in born_dead else "pending"
                 waits = blocked.get(job_id, 0)
@@ -3142,14 +3143,11 @@ class PostgresStore(Store):
     # -- what PostgreSQL does its own way -----------------------------------------
 
     def submit(self, jobs, now=None):
-        # Times the caller computed from this host's clock (`now`, and now +
-        # delay) move onto the server's; a time given as such (--run-at) is
-        # an instant, and stays.
-        offset = self.clock_offset
-        if offset:
-            jobs = [dict(job, run_at=job["run_at"] + offset) if job.get("delay") is not None else job
-                    for job in jobs]
-            now = None if now is None else now + offset
+        # A `now` the caller read from this host's clock moves onto the
+        # server's (a delay counts from it); a time given as such (--run-at)
+        # is an instant, and stays.
+        if now is not None:
+            now += self.clock_offset
         return Store.submit(self, jobs, now)
 
     def _add_queue(self, name):
@@ -3407,7 +3405,7 @@ def validate_job(obj, cwd, now):
             job["delay"] = parse_duration(obj["delay"])
         except ValueError as e:
             raise ValueError("field 'delay': %s" % e)
-        job["run_at"] = now + job["delay"]      # by this host's clock (see PostgresStore.submit)
+        job["run_at"] = now + job["delay"]      # Store.submit counts it again from its own now
     if "timeout" in obj:
         if obj["timeout"] is None:
             job["timeout"] = None
@@ -6818,7 +6816,7 @@ def cmd_enqueue(args):
                 raise UsageError("--%s cannot be used with several jobs (give each its own \"%s\" in the "
                                  "JSON)" % (name, name))
     with _open_store(args, create=True) as store:
-        added = store.submit(jobs, now=now)
+        added = store.submit(jobs)      # created now, by the store's clock (after connecting)
     if args.json:
         print_json([{"id": job_id, "created": created} for job_id, created in added])
         return EXIT_OK
