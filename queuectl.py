@@ -898,17 +898,27 @@ def process_alive(pid, start):
     return True
 
 
-def holder_is_dead(host, boot_id, pid, start):
-    """True only if the lease holder is provably dead: same host, and gone."""
+def holder_liveness(host, boot_id, pid, start, reboot_proves_death):
+    """What this process can tell of a worker process: "dead" (provably),
+    "alive", or "unknown" (another host, container or boot: only its
+    heartbeat and lease tell).
+
+    A boot id other than ours on a worker of our host name proves it dead
+    (this machine rebooted) only if `reboot_proves_death`, that is where no
+    other machine can have our name: see Store.REBOOT_PROVES_DEATH. Where it
+    does not, a pid is checked only under the same (known) boot id.
+    """
     if host != this_host():
-        return False
+        return "unknown"
     boot, _, namespace = (boot_id or "").partition("/")
     my_boot, _, my_namespace = this_boot_id().partition("/")
     if boot and my_boot and boot != my_boot:
-        return True
+        return "dead" if reboot_proves_death else "unknown"
+    if not reboot_proves_death and not (boot and boot == my_boot):
+        return "unknown"    # nothing tells this machine from another of its name
     if namespace != my_namespace:
-        return False        # another container: its pids are not ours to check
-    return not process_alive(pid, start)
+        return "unknown"    # another container: its pids are not ours to check
+    return "alive" if process_alive(pid, start) else "dead"
 
 
 def kill_job_processes(job_id, worker_id, real_db_path):
@@ -1107,6 +1117,11 @@ class Store:
     _REGISTER = """
         INSERT OR REPLACE INTO workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at)
         VALUES (?, ?, ?, ?, ?, ?, ?)"""
+    #: Does a boot id other than ours on a worker of our host name prove it
+    #: dead (this machine rebooted)? Yes here: an SQLite file is one host's.
+    #: PostgresStore: no, two machines may share a host name (cloned VMs,
+    #: containers all named localhost); their workers are judged by heartbeat.
+    REBOOT_PROVES_DEATH = True
 
     def __init__(self, path, durable=True, busy_timeout=None, create=True):
         self.path = path
@@ -1939,17 +1954,48 @@ class Store:
             FROM workers w
             ORDER BY w.started_at, w.pid""")]
 
-    def request_stop(self):
-        """Ask every registered worker to finish its job and exit. Returns their rows."""
+    def judge_worker(self, worker, now):
+        """"dead" (provably: its process is gone), "lost" (it cannot be checked
+        from here and has not been heard of for a lease: it has killed its job
+        by then, or is gone; its jobs come back as their leases expire) or
+        "alive" (which includes a worker of this host that is suspended)."""
+        liveness = holder_liveness(worker["host"], worker["boot_id"], worker["pid"], worker["pid_start"],
+                                   self.REBOOT_PROVES_DEATH)
+        if liveness == "unknown":
+            return "lost" if now - worker["heartbeat_at"] >= LEASE_SECONDS else "alive"
+        return liveness
+
+    def request_stop(self, now=None):
+        """Ask every registered worker to finish its job and exit, and forget
+        the dead and lost ones (forget_workers), in one transaction. Returns
+        (the rows of the alive ones, the rows of the lost ones), judged before
+        the commit wakes idle workers (which then exit at once)."""
+        now = self.now() if now is None else now
         with self.transaction():
             self._execute("UPDATE workers SET stop_requested = stop_requested | ?", (STOP_ASKED,))
             self._wake = WakeFifo.ALL
-            return self.workers()
+            judged = {"alive": [], "dead": [], "lost": []}
+            for w in self.workers():
+                judged[self.judge_worker(w, now)].append(w)
+            self._forget([w["id"] for w in judged["dead"]], [w["id"] for w in judged["lost"]], now)
+            return judged["alive"], judged["lost"]
 
-    def forget_workers(self, worker_ids):
+    def forget_workers(self, dead=(), lost=(), now=None):
+        """Delete the rows of `dead` workers, and of `lost` ones still unheard
+        of for a lease whose jobs' leases have all expired (a claim made since
+        keeps the row; the jobs, unregistered, are then taken back at once)."""
         with self.transaction():
-            for wid in worker_ids:
-                self._execute("DELETE FROM workers WHERE id = ?", (wid,))
+            self._forget(dead, lost, self.now() if now is None else now)
+
+    def _forget(self, dead, lost, now):
+        # In one order: two workers forgetting the same rows do not deadlock.
+        for wid in sorted(dead):
+            self._execute("DELETE FROM workers WHERE id = ?", (wid,))
+        for wid in sorted(lost):
+            self._execute("""
+                DELETE FROM workers WHERE id = ? AND heartbeat_at <= ? AND NOT EXISTS (
+                    SELECT 1 FROM jobs WHERE state = 'processing' AND worker_id = ? AND lease_until > ?)""",
+                          (wid, now - LEASE_SECONDS, wid, now))
 
     def leases(self):
         """Processing jobs with their lease, run and holder (holder fields None if unregistered)."""
@@ -2795,6 +2841,7 @@ class PostgresStore(Store):
 
     _LOCK = " FOR UPDATE"
     _SHARE = " FOR SHARE"
+    REBOOT_PROVES_DEATH = False
     _SET_CONFIG = """
         INSERT INTO config (key, value) VALUES (?, ?)
         ON CONFLICT (key) DO UPDATE SET value = excluded.value"""
@@ -4053,15 +4100,18 @@ class Worker:
     def reclaim_lost(self):
         """Take back jobs whose worker is provably dead (at once) or whose lease
         has expired; kill what is left of their commands on this host; forget
-        workers that are dead or have not been heard of for a long time."""
+        workers that are dead, lost (Store.judge_worker) once their leases have
+        expired, or have not been heard of for a long time."""
         now = self.store.now()
-        gone = set()
+        gone, lost = set(), set()
         for w in self.store.workers():
             if w["id"] == self.id:
                 continue
-            if holder_is_dead(w["host"], w["boot_id"], w["pid"], w["pid_start"]) or \
-                    now - w["heartbeat_at"] > FORGET_WORKER_SECONDS:
+            judged = self.store.judge_worker(w, now)
+            if judged == "dead" or now - w["heartbeat_at"] > FORGET_WORKER_SECONDS:
                 gone.add(w["id"])
+            elif judged == "lost":
+                lost.add(w["id"])
         # Called only between jobs, so a lease of our own is one whose result
         # we could not record: it is reclaimed like any other, once expired.
         for lease in self.store.leases():
@@ -4078,8 +4128,8 @@ class Worker:
             if result is not None:
                 self.log("%s %s worker lost (%s)%s" % (
                     self.name, lease["id"], lease["worker_id"], self._next_step(result)))
-        if gone:
-            self.store.forget_workers(gone)
+        if gone or lost:
+            self.store.forget_workers(gone, lost, now)
 
     def _check(self, job):
         """Called by the runner while the command runs: stop, cancel or carry on."""
@@ -4510,10 +4560,9 @@ def run_to_json(run):
     }
 
 
-def worker_alive(worker, now):
-    """Is this registered worker alive: its process exists and it heartbeats?"""
-    return not holder_is_dead(worker["host"], worker["boot_id"], worker["pid"], worker["pid_start"]) and \
-        now - worker["heartbeat_at"] < LEASE_SECONDS
+def worker_alive(store, worker, now):
+    """Is this registered worker alive: not dead or lost, and it heartbeats?"""
+    return store.judge_worker(worker, now) == "alive" and now - worker["heartbeat_at"] < LEASE_SECONDS
 
 
 def worker_to_json(worker):
@@ -4970,7 +5019,8 @@ class _Watcher:
             return
         self.last, self.next_full = dv, now + 5.0
         counts, max_seq, max_finished, max_dead, workers = self.store.change_marks()
-        states = tuple((w["id"], w["job_id"], w["stop_requested"], worker_alive(w, now)) for w in workers)
+        at = self.store.now()       # heartbeats are the server's times on PostgreSQL
+        states = tuple((w["id"], w["job_id"], w["stop_requested"], worker_alive(self.store, w, at)) for w in workers)
         marks = {"jobs": "%x" % (hash((tuple(counts.values()), max_seq)) & 0xffffffffffff),
                  "runs": repr(max_finished),
                  "dlq": "%d.%s" % (counts["dead"], max_dead),
@@ -5052,7 +5102,7 @@ class Dashboard:
         counts = store.counts()
         workers = store.workers()
         for w in workers:
-            w["alive"] = worker_alive(w, now)
+            w["alive"] = worker_alive(store, w, now)
         return status_to_json(counts, workers, store.queues()), workers
 
     def stats(self, store):
@@ -5152,7 +5202,7 @@ class Dashboard:
                 "queuectl_queue_latency_seconds %.3f" % latency]
         states = {"alive": 0, "stopping": 0, "lost": 0}
         for w in workers:
-            alive = worker_alive(w, now)
+            alive = worker_alive(store, w, now)
             states["lost" if not alive else "stopping" if w["stop_requested"] else "alive"] += 1
         out += ["# HELP queuectl_workers Registered workers, by state.", "# TYPE queuectl_workers gauge"]
         out += ['queuectl_workers{state="%s"} %d' % (s, n) for s, n in states.items()]
@@ -5666,12 +5716,7 @@ class Dashboard:
                 store.set_queue(queue, paused=1 if name == "queue-pause" else 0)
                 return ("paused" if name == "queue-pause" else "resumed"), 1
             if name == "worker-stop":
-                targets = store.request_stop()
-                gone = [w["id"] for w in targets
-                        if holder_is_dead(w["host"], w["boot_id"], w["pid"], w["pid_start"])]
-                if gone:
-                    store.forget_workers(gone)
-                return "stopping", len(targets) - len(gone)
+                return "stopping", len(store.request_stop()[0])
         raise JobNotFound(name)
 
 
@@ -6879,23 +6924,33 @@ def cmd_worker_start(args):
 
 def cmd_worker_stop(args):
     with _open_store(args) as store:
-        targets = store.request_stop()
-        gone = [w["id"] for w in targets
-                if holder_is_dead(w["host"], w["boot_id"], w["pid"], w["pid_start"])]
-        if gone:
-            store.forget_workers(gone)
-        waiting = {w["id"]: w for w in targets if w["id"] not in gone}
+        running, lost_rows = store.request_stop()
+        _tell_lost(lost_rows, store.now())
+        waiting = {w["id"]: w for w in running}
         if not waiting:
             _err("no workers running")
             return EXIT_OK
         _err("asked %d worker%s to stop; waiting for running jobs to finish"
              % (len(waiting), "" if len(waiting) == 1 else "s"))
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        n_lost = 0
         while True:
-            alive = {w["id"] for w in store.workers()}
-            remaining = [w for wid, w in waiting.items() if wid in alive]
+            # One that dies meanwhile has stopped too; one lost (its host died) is not waited for.
+            now = store.now()
+            judged = {"alive": [], "dead": [], "lost": []}
+            for w in store.workers():
+                if w["id"] in waiting:
+                    judged[store.judge_worker(w, now)].append(w)
+            if judged["dead"] or judged["lost"]:
+                store.forget_workers([w["id"] for w in judged["dead"]], [w["id"] for w in judged["lost"]], now)
+                _tell_lost(judged["lost"], now)
+                for w in judged["lost"]:
+                    del waiting[w["id"]]
+                    n_lost += 1
+            remaining = judged["alive"]
             if not remaining:
-                _err("stopped %d worker%s" % (len(waiting), "" if len(waiting) == 1 else "s"))
+                _err("stopped %d worker%s%s" % (len(waiting), "" if len(waiting) == 1 else "s",
+                                                "; %d lost" % n_lost if n_lost else ""))
                 return EXIT_OK
             if deadline is not None and time.monotonic() >= deadline:
                 _err("timed out: %d worker%s still running (pid %s)" % (
@@ -6903,6 +6958,14 @@ def cmd_worker_stop(args):
                     ", ".join(str(w["pid"]) for w in remaining)))
                 return EXIT_TIMEOUT
             time.sleep(0.1)
+
+
+def _tell_lost(workers, now):
+    """`worker stop` does not wait for a worker that is lost (Store.judge_worker)."""
+    for w in workers:
+        _err("not waiting for worker %s: no heartbeat for %.0fs%s" % (
+            w["id"], now - w["heartbeat_at"],
+            "; its job %s is taken back once its lease expires" % w["job_id"] if w["job_id"] else ""))
 
 
 def _err(message):
@@ -6916,7 +6979,7 @@ def cmd_status(args):
         queues = store.queues()
         now = store.now()
     for w in workers:
-        w["alive"] = worker_alive(w, now)
+        w["alive"] = worker_alive(store, w, now)
     if args.json:
         print_json(status_to_json(counts, workers, queues))
         return EXIT_OK

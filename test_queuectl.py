@@ -1768,6 +1768,18 @@ class TestWorkerLifecycle(QueueTestCase):
                          "a worker asked to stop started another job")
         self.assertEqual(json.loads(self.expect_success("status", "--json"))["workers"], [])
 
+    def test_worker_stop_counts_idle_workers_that_leave_at_once(self):
+        # Woken by the request, idle workers exit before `worker stop` looks again; it said
+        # "asked 1 worker" or "no workers running" of three that were running when it asked.
+        for _ in range(3):
+            pool = self.start_pool("--count", "3")
+            self.wait_pool_ready(pool, 3)
+            code, out, err = self.script("worker", "stop", "--timeout", "20")
+            self.assertEqual((code, out), (0, b""), err)
+            self.assertEqual(err, b"queuectl: asked 3 workers to stop; waiting for running jobs to finish\n"
+                                  b"queuectl: stopped 3 workers\n")
+            self.assertEqual(self.wait_pool(pool), 0)
+
     def test_worker_stop_times_out(self):
         m = self.marker()
         job_id = self.add("sleep %s" % m)
@@ -4401,19 +4413,46 @@ class TestStore(QueueTestCase):
         self.assertEqual(self.store.reclaim(job_id, "w2:1:1", job["run"], True, now=run_at)[0], "dead")
         self.assert_counts_consistent()
 
-    def test_holder_is_dead(self):
+    def test_a_silent_worker_of_another_host_is_lost_and_forgotten_once_its_leases_expire(self):
+        lease = queuectl.LEASE_SECONDS
+        self.store.register_worker(self.W, now=self.T)
+        job_id = self.put()
+        self.assertEqual(self.store.claim(self.W, now=self.T + 1)["id"], job_id)   # after its last beat
+        [w] = self.store.workers()
+        self.assertEqual(self.store.judge_worker(w, self.T + lease - 0.5), "alive")
+        self.assertEqual(self.store.judge_worker(w, self.T + lease), "lost")
+        # Its job's lease runs until T + 1 + lease: the row stays until then.
+        self.assertEqual(self.store.request_stop(now=self.T + lease), ([], [dict(w, stop_requested=1)]))
+        self.assertEqual([w["id"] for w in self.store.workers()], [self.W])
+        self.store.forget_workers(lost=[self.W], now=self.T + 1 + lease)
+        self.assertEqual(self.store.workers(), [])
+        # One heard of again since is not forgotten.
+        self.store.register_worker(self.W, now=self.T + 2 * lease)
+        self.store.heartbeat(self.W, now=self.T + 3 * lease - 1)
+        self.store.forget_workers(lost=[self.W], now=self.T + 3 * lease)
+        self.assertEqual([w["id"] for w in self.store.workers()], [self.W])
+
+    def test_holder_liveness(self):
         host, boot = queuectl.this_host(), queuectl.this_boot_id()
         me = os.getpid()
-        self.assertFalse(queuectl.holder_is_dead(host, boot, me, queuectl.process_start(me)))
         proc = subprocess.Popen(["true"])
         proc.wait()
-        self.assertTrue(queuectl.holder_is_dead(host, boot, proc.pid, 12345))
-        # Same pid, different start time: the pid was reused, the holder is gone.
-        self.assertTrue(queuectl.holder_is_dead(host, boot, me, queuectl.process_start(me) + 1))
-        # Another host: we cannot tell, only its lease can expire.
-        self.assertFalse(queuectl.holder_is_dead(host + "-other", boot, proc.pid, 12345))
-        if boot:
-            self.assertTrue(queuectl.holder_is_dead(host, "another-boot", me, queuectl.process_start(me)))
+        for one_host in (True, False):      # an SQLite file; a PostgreSQL server shared by hosts
+            def liveness(*args):
+                return queuectl.holder_liveness(*args, reboot_proves_death=one_host)
+            self.assertEqual(liveness(host, boot, me, queuectl.process_start(me)), "alive")
+            self.assertEqual(liveness(host, boot, proc.pid, 12345), "dead")
+            # Same pid, different start time: the pid was reused, the holder is gone.
+            self.assertEqual(liveness(host, boot, me, queuectl.process_start(me) + 1), "dead")
+            # Another host: we cannot tell, only its lease can expire.
+            self.assertEqual(liveness(host + "-other", boot, proc.pid, 12345), "unknown")
+            # Another container on this kernel: its pids are not ours.
+            self.assertEqual(liveness(host, boot.partition("/")[0] + "/pid:[1]", proc.pid, 12345), "unknown")
+            if boot.partition("/")[0]:
+                # Another boot of this host name: this machine rebooted, or another machine has
+                # the same name, which only a database shared by hosts can see.
+                self.assertEqual(liveness(host, "another-boot/" + boot.partition("/")[2], me,
+                                          queuectl.process_start(me)), "dead" if one_host else "unknown")
 
     def test_interrupted_run_gives_the_attempt_back(self):
         job_id = self.put(max_retries=0)
@@ -6450,17 +6489,24 @@ echo "E $QUEUECTL_JOB_ID $h $(now)" >> %(ledger)s
             job_runs.sort(key=lambda r: r[1])
         return runs
 
-    def host(self, name, *worker_args, outer=()):
+    def host(self, name, *worker_args, outer=(), boot_id=None):
         """Start `worker start WORKER_ARGS` as host NAME: new PID, UTS and mount namespaces whose
-        init is a shell that sets the host name and runs the pool; OUTER (a command prefix) runs
-        unshare. Returns the process started here."""
+        init is a shell that sets the host name (and, given BOOT_ID, mounts a file with it over
+        the kernel's boot id: another machine of the same name) and runs the pool; OUTER (a
+        command prefix) runs unshare. Returns the process started here."""
         log = open(os.path.join(self.dir, "host-%s.log" % name), "wb")
         self.addCleanup(log.close)
         env = dict(os.environ, QUEUECTL_TEST_HOST=name)
         env.pop("QUEUECTL_DB", None)
+        boot = []
+        if boot_id is not None:
+            boot = [os.path.join(self.dir, "boot_id-%s" % name)]
+            with open(boot[0], "w") as f:
+                f.write(boot_id + "\n")
         argv = list(outer) + ["unshare", "--pid", "--uts", "--fork", "--mount-proc", "sh", "-c",
-                'hostname "$1" && shift && "$@"', "sh", name] + \
-               [sys.executable, QUEUECTL, "--db", self.url, "worker", "start"] + list(worker_args)
+                'hostname "$1" && shift && if [ -n "$1" ]; then mount --bind "$1" '
+                '/proc/sys/kernel/random/boot_id || exit; fi && shift && "$@"', "sh", name] + \
+               (boot or [""]) + [sys.executable, QUEUECTL, "--db", self.url, "worker", "start"] + list(worker_args)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True, cwd=self.dir)
         self.hosts[name] = proc
@@ -6590,6 +6636,152 @@ class TestCrossHostPostgres(CrossHostTestCase):
                                  "job %s came back %.1fs after hostB died (lease %ss)" % (job_id, after, lease))
         sys.stderr.write("[%d jobs in flight on hostB came back after %s s] " % (
             len(came_back), ", ".join("%.1f" % t for t in sorted(came_back.values()))))
+
+
+class TestHostLivenessPostgres(CrossHostTestCase):
+    """What a worker can tell of another one on a shared PostgreSQL: a pid is proof only on this
+    very machine; a host that is gone is known by its silence, and not waited for forever."""
+
+    def long_job(self, release):
+        """A job (its id) that runs until the file RELEASE exists (at most a minute)."""
+        script = self.job_script("long.sh", "n=0; while [ ! -e %s ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done"
+                                 % shlex.quote(release))
+        [job] = self.cli("enqueue", "--", "bash", script).split()
+        return job
+
+    def local_pool(self, *worker_args):
+        """`worker start WORKER_ARGS` on this machine as it is (no namespace); killed at cleanup."""
+        log = open(os.path.join(self.dir, "local.log"), "wb")
+        self.addCleanup(log.close)
+        env = dict(os.environ)
+        env.pop("QUEUECTL_DB", None)
+        proc = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.url, "worker", "start"] + list(worker_args),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, cwd=self.dir)
+
+        def kill():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(DEADLINE)
+        self.addCleanup(kill)
+        return proc
+
+    def worker_stop(self, timeout):
+        proc = subprocess.run([sys.executable, QUEUECTL, "--db", self.url, "worker", "stop", "--timeout", str(timeout)],
+                              capture_output=True, text=True, timeout=timeout + DEADLINE, cwd=self.dir)
+        self.assertEqual(proc.stdout, "")
+        return proc.returncode, proc.stderr
+
+    def job(self, job_id):
+        return json.loads(self.cli("show", job_id, "--json"))
+
+    def test_a_machine_with_our_host_name_and_another_boot_id_is_not_taken_for_dead(self):
+        # Cloned VMs, containers all named localhost: same host name, another boot id. Our
+        # worker took the other one's live job back every few seconds ("worker lost"), status
+        # called it lost and `worker stop` deleted its row.
+        me = queuectl.this_host()
+        release = os.path.join(self.dir, "release")
+        job = self.long_job(release)
+        self.host(me, "--count", "1", boot_id="0badb007-0000-4000-8000-%012d" % os.getpid())
+        self.wait_until(lambda: job in self.read_ledger(), DEADLINE, "the other machine to start the job")
+        [other] = self.status()["workers"]
+        self.assertEqual(other["host"], me)
+        local = self.local_pool("--count", "1")
+        # Idle, our worker looks for lost jobs at each heartbeat: watch three go by.
+        beats = set()
+
+        def three_beats_of_ours():
+            for w in self.status()["workers"]:
+                if w["id"] != other["id"]:
+                    beats.add(w["heartbeat_at"])
+            return len(beats) >= 4
+
+        self.wait_until(three_beats_of_ours, DEADLINE, "three heartbeats of our worker")
+        workers = self.status()["workers"]
+        self.assertEqual([(w["host"], w["alive"]) for w in workers], [(me, True), (me, True)], workers)
+        self.assertEqual((self.job(job)["state"], self.job(job)["attempts"]), ("processing", 1))
+        self.assertEqual(len(self.read_ledger()[job]), 1)
+        # `worker stop` asks both and waits for both: the other machine's worker finishes its job.
+        stop = subprocess.Popen([sys.executable, QUEUECTL, "--db", self.url, "worker", "stop", "--timeout", "30"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.dir)
+        self.addCleanup(stop.wait, DEADLINE)
+        self.addCleanup(stop.kill)
+        self.wait_until(lambda: [(w["id"], w["stopping"]) for w in self.status()["workers"]] == [(other["id"], True)],
+                        DEADLINE, "our idle worker to stop and the other one to stay, asked to stop")
+        self.assertEqual(local.wait(DEADLINE), 0)
+        self.hosts[me].killed_by_test = True
+        with open(release, "w"):
+            pass
+        out, err = stop.communicate(timeout=DEADLINE)
+        self.assertEqual((stop.returncode, out), (0, ""), err)
+        self.assertEqual(err, "queuectl: asked 2 workers to stop; waiting for running jobs to finish\n"
+                              "queuectl: stopped 2 workers\n")
+        self.assertEqual(self.hosts[me].wait(DEADLINE), 0)
+        self.assertEqual((self.job(job)["state"], self.job(job)["attempts"]), ("completed", 1))
+        [run] = self.read_ledger()[job]
+        self.assertEqual(run[0], me)
+        with open(os.path.join(self.dir, "local.log")) as f:
+            self.assertNotIn("worker lost", f.read())
+
+    def kill_a_host_holding_a_job(self, name, count, release, then=lambda: None):
+        """Host NAME with COUNT workers, one running a long job, killed once it has renewed the
+        lease (and THEN() has run); returns the job's id."""
+        job = self.long_job(release)
+        self.host(name, "--count", str(count))
+        self.wait_until(lambda: job in self.read_ledger(), DEADLINE, "%s to start the job" % name)
+        started = self.job(job)["runs"][0]["started_at"]
+        self.wait_until(lambda: any(w["job"] == job and w["heartbeat_at"] > started for w in self.status()["workers"]),
+                        DEADLINE, "a heartbeat after the claim")
+        then()
+        self.hosts[name].killed_by_test = True
+        self.kill_host(name)
+        return job
+
+    def test_a_dead_hosts_workers_are_forgotten_by_the_others(self):
+        # Only workers of this host (provably dead) were forgotten; another host's stayed
+        # listed as lost, and waited for by `worker stop`, for 10 minutes.
+        self.cli("config", "set", "backoff_max", "0")
+        release = os.path.join(self.dir, "release")
+        job = self.kill_a_host_holding_a_job("hostB", 2, release, then=lambda: (
+            self.host("hostA", "--count", "1"),
+            self.wait_until(lambda: len(self.status()["workers"]) == 3, DEADLINE, "hostA's worker")))
+        with open(release, "w"):
+            pass
+        # hostA takes the job back when its lease expires and forgets hostB's workers: not
+        # heard of for a lease, holding no lease that has not expired.
+        self.wait_until(lambda: [w["host"] for w in self.status()["workers"]] == ["hostA"],
+                        queuectl.LEASE_SECONDS + 10, "hostB's workers to be forgotten")
+        self.wait_until(lambda: self.job(job)["state"] == "completed", DEADLINE, "the job to complete on hostA")
+        self.assertEqual([r["outcome"] for r in self.job(job)["runs"]], ["worker lost", "exit 0"])
+        self.assertEqual([r[0] for r in self.read_ledger()[job]], ["hostB", "hostA"])
+        self.hosts["hostA"].killed_by_test = True
+        self.assertEqual(self.worker_stop(DEADLINE), (0, "queuectl: asked 1 worker to stop; waiting for running "
+                                                         "jobs to finish\nqueuectl: stopped 1 worker\n"))
+        self.assertEqual(self.hosts["hostA"].wait(DEADLINE), 0)
+
+    def test_worker_stop_does_not_wait_for_a_dead_host(self):
+        # `worker stop` waited for a dead host's workers until its timeout (or for ever).
+        self.cli("config", "set", "backoff_max", "0")
+        release = os.path.join(self.dir, "release")
+        job = self.kill_a_host_holding_a_job("hostB", 2, release)
+        with open(release, "w"):
+            pass
+        code, err = self.worker_stop(queuectl.LEASE_SECONDS + 10)
+        self.assertEqual(code, 0, err)
+        lines = err.splitlines()
+        self.assertEqual(lines[0], "queuectl: asked 2 workers to stop; waiting for running jobs to finish")
+        self.assertEqual(sorted(re.sub(r"hostB:\d+:\d+", "W", re.sub(r"for \d+s", "for Ns", line))
+                                for line in lines[1:3]),
+                         ["queuectl: not waiting for worker W: no heartbeat for Ns",
+                          "queuectl: not waiting for worker W: no heartbeat for Ns; "
+                          "its job %s is taken back once its lease expires" % job])
+        self.assertEqual(lines[3:], ["queuectl: stopped 0 workers; 2 lost"])
+        # Both forgotten (the job's lease had expired too); the job is taken back by the next worker.
+        self.assertEqual(self.status()["workers"], [])
+        self.assertEqual(self.job(job)["state"], "processing")
+        self.cli("worker", "start", "--once")
+        self.assertEqual([r["outcome"] for r in self.job(job)["runs"]], ["worker lost", "exit 0"])
+        self.assertEqual(self.worker_stop(DEADLINE), (0, "queuectl: no workers running\n"))
 
 
 class TestClockSkewPostgres(CrossHostTestCase):
