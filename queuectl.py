@@ -2485,6 +2485,8 @@ PG_MIGRATIONS = {}
 PG_LISTEN_ENV = "QUEUECTL_PG_LISTEN"
 #: A host's clock this close to the server's is used as it is (see sync_clock).
 PG_CLOCK_SLACK = 0.5
+#: A statement run this many times on a connection is prepared (see PostgresStore._bind).
+PG_PREPARE_AFTER = 3
 #: Count deltas a `status` finds before it folds them itself.
 PG_FOLD_AT = 10000
 #: How often a busy worker folds the count deltas into count_base.
@@ -2586,12 +2588,12 @@ class _PgDriver:
         given = self.parse(url)
         extra = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in given}
         if self.v3:
-            conn = self.module.connect(url, autocommit=True, **extra)
-            if os.environ.get(PG_LISTEN_ENV) == "0":
-                # Behind PgBouncer in transaction mode (what this setting is for),
-                # statements prepared on one server connection are missing on the next.
-                conn.prepare_threshold = None
-            return conn
+            # Client-side binding, as psycopg2 does: a batch of statements is
+            # one simple query, one message each way. (Server-side binding in
+            # pipeline mode cost 4x the client CPU and 2.5x the server's for
+            # a batch of 8; PostgresStore prepares its frequent statements
+            # itself, with PREPARE and EXECUTE.)
+            return self.module.connect(url, autocommit=True, cursor_factory=self.module.ClientCursor, **extra)
         conn = self.module.connect(url, **extra)
         conn.autocommit = True
         return conn
@@ -2606,24 +2608,26 @@ class _PgDriver:
         return _PgCursor(cursor, sql)
 
     def execute_batch(self, conn, statements, keep=-1):
-        """Several statements in one round trip; the cursor of statements[keep]
-        (psycopg2 has no pipeline mode: the simple query protocol, with the
-        parameters bound here, and only the last statement's cursor)."""
-        if self.v3:
-            # Pipeline mode: the statements keep server-side binding and
-            # prepared plans; the results come back at the end of the block.
-            with conn.pipeline():
-                cursors = [conn.execute(sql, params) for sql, params in statements]
-            return _PgCursor(cursors[keep], statements[keep][0])
+        """Several statements in one round trip, as one simple query with the
+        parameters bound here; the cursor of statements[keep] (psycopg2 gives
+        only the last statement's)."""
         cursor = conn.cursor()
-        text = b";\n".join(sql.encode() if params is None else cursor.mogrify(sql, params)
-                           for sql, params in statements)
+        text = ";\n".join(sql if params is None else cursor.mogrify(sql, params)
+                           for sql, params in statements) if self.v3 else \
+            b";\n".join(sql.encode() if params is None else cursor.mogrify(sql, params)
+                        for sql, params in statements)
+        if not self.v3 and len(conn.notifies) > 1:
+            del conn.notifies[1:]
         cursor.execute(text)
-        return _PgCursor(cursor, statements[-1][0])
+        if self.v3:
+            for _ in range(keep % len(statements)):
+                cursor.nextset()
+        return _PgCursor(cursor, statements[keep][0])
 
     def executemany(self, conn, sql, rows):
         if self.v3:
-            with conn.cursor() as cursor:
+            # Server-side binding here: psycopg pipelines the rows.
+            with self.module.Cursor(conn) as cursor:
                 cursor.executemany(sql, rows)
         else:
             with conn.cursor() as cursor:
@@ -2763,6 +2767,9 @@ class PostgresStore(Store):
         self._queue = []            # statements sent with the next one (see _defer)
         self._deferring = False     # writes in _settle are deferred
         self._sql_cache = {}
+        self._prepared = {}         # {statement: its EXECUTE} on this connection (see _bind)
+        self._uses = None           # {statement: times run} on this connection, None: prepare nothing
+        self._to_prepare = []
         self._folded_at = 0.0
         self._password = self._password_of(url)
         self._pg = _PgDriver.load()
@@ -2798,6 +2805,11 @@ class PostgresStore(Store):
             self.conn = self._pg.connect(self.url)
         except self._pg.Error as e:
             raise StoreError("cannot connect to %s: %s" % (self.path, self._text(e)))
+        # Prepared statements belong to a session: behind PgBouncer in
+        # transaction mode (what QUEUECTL_PG_LISTEN=0 is for) the next
+        # transaction may run on another server connection that lacks them.
+        self._prepared, self._to_prepare = {}, []
+        self._uses = None if os.environ.get(PG_LISTEN_ENV) == "0" else {}
         try:
             # A session that vanishes mid-transaction (a host cut off) must
             # not hold its locks for long; workers need not wait for fsync.
@@ -2907,6 +2919,45 @@ class PostgresStore(Store):
             self._sql_cache[key] = text
         return text
 
+    def _bind(self, sql, params):
+        """The statement as sent: (text with %s placeholders, params or None).
+        One this connection has prepared goes as EXECUTE of it: a prepared
+        statement skips the server's parse and plan, most of a short
+        statement's cost. One run PG_PREPARE_AFTER times is prepared before
+        the next transaction begins (see _prepare_pending)."""
+        named = isinstance(params, dict)
+        text = self._sql(sql, bool(params), named)
+        if not params or named or self._uses is None:
+            return text, params or None
+        execute = self._prepared.get(text)
+        if execute is not None:
+            return execute, params
+        uses = self._uses.get(text, 0) + 1
+        if uses <= PG_PREPARE_AFTER and len(self._uses) < 1000:
+            self._uses[text] = uses
+            if uses == PG_PREPARE_AFTER:
+                self._to_prepare.append(text)
+        return text, params
+
+    def _prepare_pending(self):
+        """PREPARE the statements _bind found frequent, one by one, outside any
+        transaction. One PostgreSQL cannot prepare (a parameter whose type it
+        cannot tell) is sent as it is from then on."""
+        import re
+        todo, self._to_prepare = self._to_prepare, []
+        for text in todo:
+            name = "queuectl_" + _md5_hex(text)[:16]
+            numbers = iter(range(1, len(text)))
+            body = re.sub(r"%%|%s", lambda m: "%" if m.group() == "%%" else "$%d" % next(numbers), text)
+            count = next(numbers) - 1
+            try:
+                self._pg.execute(self.conn, "PREPARE %s AS %s" % (name, body), None)
+            except self._pg.Error as e:
+                if self._pg.broken(self.conn):
+                    raise self._error(e)
+                continue
+            self._prepared[text] = "EXECUTE %s (%s)" % (name, ", ".join(["%s"] * count))
+
     @contextlib.contextmanager
     def _errors(self, params=(), collide=False):
         try:
@@ -2931,18 +2982,20 @@ class PostgresStore(Store):
         if self._deferring and sql.lstrip().startswith(("UPDATE", "DELETE", "INSERT")):
             return self._defer(sql, params)
         with self._errors(params):
-            text = self._sql(sql, bool(params), isinstance(params, dict))
+            if self._to_prepare and not self._in_transaction and not self._pg.in_transaction(self.conn):
+                self._prepare_pending()
+            text, params = self._bind(sql, params)
             if self._queue:
-                queue, self._queue = self._queue + [(text, params or None)], []
+                queue, self._queue = self._queue + [(text, params)], []
                 return self._pg.execute_batch(self.conn, queue)
-            return self._pg.execute(self.conn, text, params or None)
+            return self._pg.execute(self.conn, text, params)
 
     def _execute_last(self, sql, params=()):
         """The transaction's last statement, with COMMIT (and its NOTIFY) in the
         same round trip where the driver can (psycopg 3)."""
         if not (self._in_transaction and self._pg.pipelines):
             return self._execute(sql, params)
-        statements = self._queue + [(self._sql(sql, True), params)]
+        statements = self._queue + [self._bind(sql, params)]
         if self._wake:
             statements.append(("NOTIFY " + self._channel, None))
         statements.append(("COMMIT", None))
@@ -2955,7 +3008,7 @@ class PostgresStore(Store):
     def _defer(self, sql, params=()):
         """Queue a statement whose result nobody reads, for the next _execute
         (errors surface there, still inside the transaction)."""
-        self._queue.append((self._sql(sql, bool(params)), params or None))
+        self._queue.append(self._bind(sql, params))
         return _PgCursor(None)
 
     def _executemany(self, sql, rows, collide=False):
@@ -2997,6 +3050,9 @@ class PostgresStore(Store):
         self._committed = False     # by _execute_last
         if self.conn is None or self._pg.broken(self.conn):
             self._reconnect()
+        if self._to_prepare and not self._pg.in_transaction(self.conn):
+            with self._errors():
+                self._prepare_pending()
         # BEGIN goes with the first statement, NOTIFY with COMMIT.
         self._queue = [("BEGIN", None)]
         if wait is not None:
@@ -3198,8 +3254,22 @@ class PostgresStore(Store):
             names = [n for n in names if n not in limits or running.get(n, 0) < limits[n]]
             if not names:
                 return None
-        job = self._execute_last("""
-            WITH head AS (
+        if len(names) == 1:
+            # The usual case, one queue: its head, straight from jobs_ready.
+            # Its generic plan is as good as any, so PostgreSQL plans it once
+            # a connection; the best of the heads of an unnest()ed list is
+            # planned again at every claim (the planner's guess of the list's
+            # length makes a generic plan look dearer), which cost more than
+            # running it.
+            head = """
+                SELECT seq FROM jobs
+                WHERE ready = 1 AND queue = ?
+                ORDER BY priority DESC, run_at, seq
+                LIMIT 1
+                FOR UPDATE SKIP LOCKED"""
+            names = names[0]
+        else:
+            head = """
                 SELECT h.seq FROM unnest(?::TEXT[]) AS q(name)
                 CROSS JOIN LATERAL (SELECT seq, priority, run_at FROM jobs
                                     WHERE ready = 1 AND queue = q.name
@@ -3207,7 +3277,9 @@ class PostgresStore(Store):
                                     LIMIT 1
                                     FOR UPDATE SKIP LOCKED) AS h
                 ORDER BY h.priority DESC, h.run_at, h.seq
-                LIMIT 1),
+                LIMIT 1"""
+        job = self._execute_last("""
+            WITH head AS (%s),
             claimed AS (
                 UPDATE jobs
                 SET state = 'processing', ready = 0, attempts = attempts + 1, run_count = run_count + 1,
@@ -3218,7 +3290,7 @@ class PostgresStore(Store):
             opened AS (
                 INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
                 SELECT id, run_count, attempts, worker_id, updated_at FROM claimed)
-            SELECT * FROM claimed""", (names, worker_id, now + lease, now)).fetchone()
+            SELECT * FROM claimed""" % head, (names, worker_id, now + lease, now)).fetchone()
         if job is None:
             return None
         job = dict(job)
