@@ -2593,7 +2593,9 @@ class _PgDriver:
             # pipeline mode cost 4x the client CPU and 2.5x the server's for
             # a batch of 8; PostgresStore prepares its frequent statements
             # itself, with PREPARE and EXECUTE.)
-            return self.module.connect(url, autocommit=True, cursor_factory=self.module.ClientCursor, **extra)
+            conn = self.module.connect(url, autocommit=True, cursor_factory=self.module.ClientCursor, **extra)
+            conn.prepare_threshold = None       # a ClientCursor never prepares: skip psycopg's bookkeeping
+            return conn
         conn = self.module.connect(url, **extra)
         conn.autocommit = True
         return conn
