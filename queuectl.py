@@ -2770,7 +2770,8 @@ class PostgresStore(Store):
         self._listen = listen and os.environ.get(PG_LISTEN_ENV, "1") != "0"
         self._channel = None
         self._wake = 0              # this transaction NOTIFYs at commit if not 0
-        self._limited = None        # queues with a limit, as the last claim saw them
+        self._limited = None        # queues with a limit, as the last claim saw them (None: not known)
+        self._claim_again = False   # the claim found a queue with a limit: claim on the full path
         self._notified = False      # a notification came with a query's results (psycopg 3)
         self._idle_pipe = None      # see _PgWaker
         self._in_transaction = False
@@ -3238,6 +3239,8 @@ class PostgresStore(Store):
         statistics (stale after a burst of due jobs) say there are few (8.8 ms
         instead of 0.08 ms at 1M jobs)."""
         served, params = self._served(queues)
+        if self._limited == set():
+            return self._claim_unlimited(worker_id, now, lease, served, params)
         stop, names, limited = self._one("""
             WITH promoted AS (%s RETURNING queue)
             SELECT (SELECT stop_requested FROM workers WHERE id = ?),
@@ -3306,6 +3309,59 @@ class PostgresStore(Store):
             return None
         job = dict(job)
         job["run"] = job["run_count"]
+        return job
+
+    def _claim_unlimited(self, worker_id, now, lease, served, params):
+        """_claim() while the last claim saw no queue with a limit: the
+        promotion of due waiting jobs goes with the statements before it (its
+        ready jobs are seen by the next statement), and a single statement
+        takes the best head of the queues we serve that are not paused and
+        opens its run, unless a queue has a limit now (then it takes nothing,
+        and the next claim, on the full path, is the one that counts) or we
+        were asked to stop. A busy worker's result and next claim are then
+        two round trips. Its generic plan is as good as any: it is planned
+        once a connection."""
+        self._defer(self._PROMOTE, (now,))
+        row = self._execute_last("""
+            WITH head AS (
+                SELECT h.seq FROM queues q
+                CROSS JOIN LATERAL (SELECT seq, priority, run_at FROM jobs
+                                    WHERE ready = 1 AND queue = q.name
+                                    ORDER BY priority DESC, run_at, seq
+                                    LIMIT 1
+                                    FOR UPDATE SKIP LOCKED) AS h
+                WHERE q.paused = 0 %s
+                  AND NOT EXISTS (SELECT 1 FROM queues WHERE max_running IS NOT NULL)
+                  AND NOT EXISTS (SELECT 1 FROM workers WHERE id = ? AND stop_requested & %d <> 0)
+                ORDER BY h.priority DESC, h.run_at, h.seq
+                LIMIT 1),
+            claimed AS (
+                UPDATE jobs
+                SET state = 'processing', ready = 0, attempts = attempts + 1, run_count = run_count + 1,
+                    worker_id = ?, lease_until = ?, updated_at = ?
+                FROM head
+                WHERE jobs.seq = head.seq
+                RETURNING jobs.*),
+            opened AS (
+                INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
+                SELECT id, run_count, attempts, worker_id, updated_at FROM claimed)
+            SELECT EXISTS (SELECT 1 FROM queues WHERE max_running IS NOT NULL) AS limited_, claimed.*
+            FROM (SELECT 1) AS one LEFT JOIN claimed ON TRUE""" % (served, STOP_ASKED),
+                                 params + (worker_id, worker_id, now + lease, now)).fetchone()
+        job = dict(row)
+        if job.pop("limited_"):
+            self._limited = None        # the next claim reads the limits
+            self._claim_again = True
+        if job["seq"] is None:
+            return None
+        job["run"] = job["run_count"]
+        return job
+
+    def claim(self, worker_id, now=None, lease=LEASE_SECONDS, queues=None):
+        self._claim_again = False
+        job = Store.claim(self, worker_id, now, lease, queues)
+        if job is None and self._claim_again:
+            job = Store.claim(self, worker_id, now, lease, queues)
         return job
 
     def oldest_due(self, now):
