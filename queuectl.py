@@ -1114,6 +1114,8 @@ class Store:
     #: as UPSERT (ON CONFLICT) needs SQLite 3.24 and Ubuntu 18.04 has 3.22.
     _SET_CONFIG = "INSERT OR REPLACE INTO config (key, value) VALUES (?, ?)"
     _ADD_DEPS = "INSERT OR IGNORE INTO deps (job_id, after_id) VALUES (?, ?)"
+    #: Added to _settle's UPDATE of the job (PostgreSQL: the count is written apart).
+    _SELF_COUNTED = ""
     _REGISTER = """
         INSERT OR REPLACE INTO workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at)
         VALUES (?, ?, ?, ?, ?, ?, ?)"""
@@ -1827,9 +1829,9 @@ class Store:
         self._execute("""
             UPDATE jobs
             SET state = ?, ready = ?, run_at = ?, attempts = attempts - ?, exit_code = ?, outcome = ?,
-                worker_id = NULL, lease_until = NULL, cancel_requested = 0, updated_at = ?
-            WHERE id = ?""", (state, ready, run_at, 1 if interrupted else 0, exit_code, outcome, now,
-                              job["id"]))
+                worker_id = NULL, lease_until = NULL, cancel_requested = 0, updated_at = ?%s
+            WHERE id = ?""" % self._SELF_COUNTED, (state, ready, run_at, 1 if interrupted else 0, exit_code,
+                                                   outcome, now, job["id"]))
         self._execute("""
             UPDATE runs
             SET finished_at = ?, exit_code = ?, outcome = ?, result_state = ?, stdout = ?, stderr = ?
@@ -2488,7 +2490,8 @@ CREATE TABLE jobs (
     queue            TEXT NOT NULL DEFAULT 'default',
     blocked          BIGINT NOT NULL DEFAULT 0,
     unique_key       TEXT,
-    env              TEXT
+    env              TEXT,
+    self_counted     INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX jobs_ready ON jobs (queue, priority DESC, run_at, seq) WHERE ready = 1;
 CREATE INDEX jobs_waiting ON jobs (run_at) WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed');
@@ -2564,6 +2567,13 @@ CREATE VIEW counts AS
           SELECT queue, state, n FROM count_deltas) AS c
     GROUP BY queue, state;
 """
+#: A change of state the trigger counts, unless the statement counted it
+#: itself and said so by flipping jobs.self_counted (see PostgresStore._settle).
+_PG_COUNT_UPDATE_TRIGGER = """
+CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
+    FOR EACH ROW WHEN (OLD.state <> NEW.state AND OLD.self_counted = NEW.self_counted)
+    EXECUTE PROCEDURE queuectl_count_update();
+"""
 #: ... and the triggers that keep the counts (EXECUTE PROCEDURE: PostgreSQL 10 has no FUNCTION there).
 PG_TRIGGERS = """
 CREATE FUNCTION queuectl_count_update() RETURNS trigger LANGUAGE plpgsql
@@ -2572,8 +2582,7 @@ BEGIN
     INSERT INTO count_deltas (queue, state, n) VALUES (OLD.queue, OLD.state, -1), (NEW.queue, NEW.state, 1);
     RETURN NULL;
 END $$;
-CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
-    FOR EACH ROW WHEN (OLD.state <> NEW.state) EXECUTE PROCEDURE queuectl_count_update();
+""" + _PG_COUNT_UPDATE_TRIGGER + """
 CREATE FUNCTION queuectl_count_delete() RETURNS trigger LANGUAGE plpgsql
 SET search_path FROM CURRENT AS $$
 BEGIN
@@ -2587,14 +2596,27 @@ CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs
 #: belongs to another program.
 PG_TABLE_NAMES = ("queuectl_version", "jobs", "queues", "deps", "output", "runs", "workers", "config",
                   "count_base", "count_deltas", "counts")
-#: PG_MIGRATIONS[v] upgrades a PostgreSQL schema of version v to v + 1 (the
-#: PostgreSQL schema starts at SCHEMA_VERSION 4).
-PG_MIGRATIONS = {}
+#: The PostgreSQL schema's version, in queuectl_version (it started at 4, as SQLite's then).
+PG_SCHEMA_VERSION = 5
+#: PG_MIGRATIONS[v] upgrades a PostgreSQL schema of version v to v + 1.
+PG_MIGRATIONS = {
+    # 4 -> 5: a worker's result and its next claim write their own count
+    # deltas (a trigger call cost more than the rest of the UPDATE), and flip
+    # self_counted so that the trigger leaves them out.
+    4: """
+        ALTER TABLE jobs ADD COLUMN self_counted INTEGER NOT NULL DEFAULT 0;
+        DROP TRIGGER jobs_count_update ON jobs;
+    """ + _PG_COUNT_UPDATE_TRIGGER,
+}
 #: Environment variable: 0 makes workers poll instead of LISTEN (needed behind
 #: PgBouncer in transaction mode, where LISTEN does not work).
 PG_LISTEN_ENV = "QUEUECTL_PG_LISTEN"
 #: A host's clock this close to the server's is used as it is (see sync_clock).
 PG_CLOCK_SLACK = 0.5
+#: A statement run this many times on a connection is prepared (see PostgresStore._bind).
+PG_PREPARE_AFTER = 3
+#: ... and at most this many on a connection (a plan takes the server's memory).
+PG_PREPARED_MAX = 100
 #: Count deltas a `status` finds before it folds them itself.
 PG_FOLD_AT = 10000
 #: How often a busy worker folds the count deltas into count_base.
@@ -2696,19 +2718,35 @@ class _PgDriver:
         given = self.parse(url)
         extra = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in given}
         if self.v3:
-            conn = self.module.connect(url, autocommit=True, **extra)
-            if os.environ.get(PG_LISTEN_ENV) == "0":
-                # Behind PgBouncer in transaction mode (what this setting is for),
-                # statements prepared on one server connection are missing on the next.
-                conn.prepare_threshold = None
+            # Client-side binding, as psycopg2 does: a batch of statements is
+            # one simple query, one message each way. (Server-side binding in
+            # pipeline mode cost 4x the client CPU and 2.5x the server's for
+            # a batch of 8; PostgresStore prepares its frequent statements
+            # itself, with PREPARE and EXECUTE.)
+            conn = self.module.connect(url, autocommit=True, cursor_factory=self.module.ClientCursor, **extra)
+            conn.prepare_threshold = None       # a ClientCursor never prepares: skip psycopg's bookkeeping
             return conn
         conn = self.module.connect(url, **extra)
         conn.autocommit = True
         return conn
 
+    def _bound(self, conn, sql, params):
+        """psycopg 3: the statement with its parameters bound here, as bytes
+        (their literals as psycopg's ClientCursor writes them: half its cost)."""
+        try:
+            encoding, literal = conn._queuectl_literal
+        except AttributeError:
+            encoding, literal = conn._queuectl_literal = (
+                conn.info.encoding, self.module.adapt.Transformer(conn).as_literal)
+        if params is None:
+            return sql.encode(encoding)
+        if isinstance(params, dict):
+            return conn.cursor().mogrify(sql, params).encode(encoding)
+        return sql.encode(encoding) % tuple([literal(value) for value in params])
+
     def execute(self, conn, sql, params):
         if self.v3:
-            return _PgCursor(conn.execute(sql, params), sql)
+            return _PgCursor(conn.execute(self._bound(conn, sql, params)), sql)
         if len(conn.notifies) > 1:
             del conn.notifies[1:]       # one says "notified"; a busy worker must not pile them up
         cursor = conn.cursor()
@@ -2716,24 +2754,25 @@ class _PgDriver:
         return _PgCursor(cursor, sql)
 
     def execute_batch(self, conn, statements, keep=-1):
-        """Several statements in one round trip; the cursor of statements[keep]
-        (psycopg2 has no pipeline mode: the simple query protocol, with the
-        parameters bound here, and only the last statement's cursor)."""
-        if self.v3:
-            # Pipeline mode: the statements keep server-side binding and
-            # prepared plans; the results come back at the end of the block.
-            with conn.pipeline():
-                cursors = [conn.execute(sql, params) for sql, params in statements]
-            return _PgCursor(cursors[keep], statements[keep][0])
+        """Several statements in one round trip, as one simple query with the
+        parameters bound here; the cursor of statements[keep] (psycopg2 gives
+        only the last statement's)."""
         cursor = conn.cursor()
-        text = b";\n".join(sql.encode() if params is None else cursor.mogrify(sql, params)
-                           for sql, params in statements)
-        cursor.execute(text)
-        return _PgCursor(cursor, statements[-1][0])
+        if self.v3:
+            cursor.execute(b";\n".join([self._bound(conn, sql, params) for sql, params in statements]))
+            for _ in range(keep % len(statements)):
+                cursor.nextset()
+        else:
+            if len(conn.notifies) > 1:
+                del conn.notifies[1:]
+            cursor.execute(b";\n".join(sql.encode() if params is None else cursor.mogrify(sql, params)
+                                        for sql, params in statements))
+        return _PgCursor(cursor, statements[keep][0])
 
     def executemany(self, conn, sql, rows):
         if self.v3:
-            with conn.cursor() as cursor:
+            # Server-side binding here: psycopg pipelines the rows.
+            with self.module.Cursor(conn) as cursor:
                 cursor.executemany(sql, rows)
         else:
             with conn.cursor() as cursor:
@@ -2846,6 +2885,7 @@ class PostgresStore(Store):
         INSERT INTO config (key, value) VALUES (?, ?)
         ON CONFLICT (key) DO UPDATE SET value = excluded.value"""
     _ADD_DEPS = "INSERT INTO deps (job_id, after_id) VALUES (?, ?) ON CONFLICT DO NOTHING"
+    _SELF_COUNTED = ", self_counted = 1 - self_counted"
     _REGISTER = """
         INSERT INTO workers (id, host, boot_id, pid, pid_start, started_at, heartbeat_at)
         VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -2866,7 +2906,9 @@ class PostgresStore(Store):
         self._listen = listen and os.environ.get(PG_LISTEN_ENV, "1") != "0"
         self._channel = None
         self._wake = 0              # this transaction NOTIFYs at commit if not 0
-        self._limited = None        # queues with a limit, as the last claim saw them
+        self._limited = None        # queues with a limit, as the last claim saw them (None: not known)
+        self._claim_again = False   # the claim found a queue with a limit: claim on the full path
+        self._deltas = None         # (queue, state) of the job _settle moved, its count not yet written
         self._notified = False      # a notification came with a query's results (psycopg 3)
         self._idle_pipe = None      # see _PgWaker
         self._in_transaction = False
@@ -2874,6 +2916,9 @@ class PostgresStore(Store):
         self._queue = []            # statements sent with the next one (see _defer)
         self._deferring = False     # writes in _settle are deferred
         self._sql_cache = {}
+        self._prepared = {}         # {statement: its EXECUTE} on this connection (see _bind)
+        self._uses = None           # {statement: times run} on this connection, None: prepare nothing
+        self._to_prepare = []
         self._folded_at = 0.0
         self._secrets = url_secrets(url)     # cut out of every error text (_text)
         self._pg = _PgDriver.load()
@@ -2908,6 +2953,11 @@ class PostgresStore(Store):
             self.conn = self._pg.connect(self.url)
         except self._pg.Error as e:
             raise StoreError("cannot connect to %s: %s" % (self.path, self._text(e)))
+        # Prepared statements belong to a session: behind PgBouncer in
+        # transaction mode (what QUEUECTL_PG_LISTEN=0 is for) the next
+        # transaction may run on another server connection that lacks them.
+        self._prepared, self._to_prepare = {}, []
+        self._uses = None if os.environ.get(PG_LISTEN_ENV) == "0" else {}
         try:
             # A session that vanishes mid-transaction (a host cut off) must
             # not hold its locks for long; workers need not wait for fsync.
@@ -2922,10 +2972,10 @@ class PostgresStore(Store):
             if "queuectl_version" in tables:
                 version = self._one("SELECT version FROM queuectl_version")
                 if version is None or not isinstance(version[0], int) \
-                        or (version[0] < SCHEMA_VERSION and version[0] not in PG_MIGRATIONS):
+                        or (version[0] < PG_SCHEMA_VERSION and version[0] not in PG_MIGRATIONS):
                     raise StoreError("database %s is damaged: its queuectl_version table holds %s, not a "
                                      "schema version" % (self.path, "no row" if version is None else version[0]))
-                if version[0] != SCHEMA_VERSION:
+                if version[0] != PG_SCHEMA_VERSION:
                     self._upgrade(version[0])
             elif tables:
                 # Ours without the version (a half-made schema cannot be: it is one
@@ -2971,17 +3021,17 @@ class PostgresStore(Store):
             if self._one("SELECT to_regclass('queuectl_version')")[0] is None:
                 self._execute(PG_TABLES)
                 self._execute(PG_TRIGGERS)
-                self._execute("INSERT INTO queuectl_version (version) VALUES (%d)" % SCHEMA_VERSION)
+                self._execute("INSERT INTO queuectl_version (version) VALUES (%d)" % PG_SCHEMA_VERSION)
             return schema
 
     def _upgrade(self, version):
-        if version > SCHEMA_VERSION:
+        if version > PG_SCHEMA_VERSION:
             raise StoreError("database %s was written by a newer queuectl (schema %d, this is %d); "
-                             "upgrade queuectl" % (self.path, version, SCHEMA_VERSION))
+                             "upgrade queuectl" % (self.path, version, PG_SCHEMA_VERSION))
         with self.transaction():
             self._execute("SELECT pg_advisory_xact_lock(hashtext('queuectl ' || current_setting('search_path')))")
             version = self._one("SELECT version FROM queuectl_version")[0]
-            while version < SCHEMA_VERSION:
+            while version < PG_SCHEMA_VERSION:
                 self._execute(PG_MIGRATIONS[version])
                 version += 1
             self._execute("UPDATE queuectl_version SET version = %d" % version)
@@ -3023,6 +3073,53 @@ class PostgresStore(Store):
             self._sql_cache[key] = text
         return text
 
+    def _bind(self, sql, params):
+        """The statement as sent: (text with %s placeholders, params or None).
+        One this connection has prepared goes as EXECUTE of it: a prepared
+        statement skips the server's parse and plan, most of a short
+        statement's cost. One run PG_PREPARE_AFTER times is prepared before
+        the next transaction begins (see _prepare_pending)."""
+        named = isinstance(params, dict)
+        text = self._sql(sql, bool(params), named)
+        if not params or named or self._uses is None:
+            return text, params or None
+        execute = self._prepared.get(text)
+        if execute is not None:
+            return execute, params
+        uses = self._uses.get(text, 0) + 1
+        if uses <= PG_PREPARE_AFTER and len(self._uses) < 1000:
+            self._uses[text] = uses
+            if uses == PG_PREPARE_AFTER and len(self._prepared) + len(self._to_prepare) < PG_PREPARED_MAX:
+                self._to_prepare.append(text)
+        return text, params
+
+    def _prepare_pending(self):
+        """PREPARE the statements _bind found frequent, one by one, outside any
+        transaction. One PostgreSQL cannot prepare (a parameter whose type it
+        cannot tell) is sent as it is from then on. None in the list: first
+        DEALLOCATE ALL (see _error)."""
+        import re
+        todo, self._to_prepare = self._to_prepare, []
+        for text in todo:
+            if text is None:
+                try:
+                    self._pg.execute(self.conn, "DEALLOCATE ALL", None)
+                except self._pg.Error as e:
+                    if self._pg.broken(self.conn):
+                        raise self._error(e)
+                continue
+            name = "queuectl_" + _md5_hex(text)[:16]
+            numbers = iter(range(1, len(text)))
+            body = re.sub(r"%%|%s", lambda m: "%" if m.group() == "%%" else "$%d" % next(numbers), text)
+            count = next(numbers) - 1
+            try:
+                self._pg.execute(self.conn, "PREPARE %s AS %s" % (name, body), None)
+            except self._pg.Error as e:
+                if self._pg.broken(self.conn):
+                    raise self._error(e)
+                continue
+            self._prepared[text] = "EXECUTE %s (%s)" % (name, ", ".join(["%s"] * count))
+
     @contextlib.contextmanager
     def _errors(self, params=(), collide=False):
         try:
@@ -3047,18 +3144,21 @@ class PostgresStore(Store):
         if self._deferring and sql.lstrip().startswith(("UPDATE", "DELETE", "INSERT")):
             return self._defer(sql, params)
         with self._errors(params):
-            text = self._sql(sql, bool(params), isinstance(params, dict))
+            if self._to_prepare and not self._in_transaction and not self._pg.in_transaction(self.conn):
+                self._prepare_pending()
+            text, params = self._bind(sql, params)
             if self._queue:
-                queue, self._queue = self._queue + [(text, params or None)], []
+                queue, self._queue = self._queue + [(text, params)], []
                 return self._pg.execute_batch(self.conn, queue)
-            return self._pg.execute(self.conn, text, params or None)
+            return self._pg.execute(self.conn, text, params)
 
     def _execute_last(self, sql, params=()):
         """The transaction's last statement, with COMMIT (and its NOTIFY) in the
         same round trip where the driver can (psycopg 3)."""
+        self._flush_deltas()
         if not (self._in_transaction and self._pg.pipelines):
             return self._execute(sql, params)
-        statements = self._queue + [(self._sql(sql, True), params)]
+        statements = self._queue + [self._bind(sql, params)]
         if self._wake:
             statements.append(("NOTIFY " + self._channel, None))
         statements.append(("COMMIT", None))
@@ -3071,7 +3171,7 @@ class PostgresStore(Store):
     def _defer(self, sql, params=()):
         """Queue a statement whose result nobody reads, for the next _execute
         (errors surface there, still inside the transaction)."""
-        self._queue.append((self._sql(sql, bool(params)), params or None))
+        self._queue.append(self._bind(sql, params))
         return _PgCursor(None)
 
     def _executemany(self, sql, rows, collide=False):
@@ -3089,6 +3189,12 @@ class PostgresStore(Store):
         state = self._pg.sqlstate(e)
         text = self._text(e)
         if state in PG_RETRY_STATES:
+            return _Conflict("database %s: %s" % (self.path, text))
+        if state == "0A000" and self._prepared:
+            # "cached plan must not change result type": another process
+            # changed a table (an upgrade) under one of our prepared
+            # statements. Prepare them again (a _retried method runs again).
+            self._prepared, self._to_prepare, self._uses = {}, [None], {}
             return _Conflict("database %s: %s" % (self.path, text))
         if self._pg.broken(self.conn):
             self.close()
@@ -3113,6 +3219,9 @@ class PostgresStore(Store):
         self._committed = False     # by _execute_last
         if self.conn is None or self._pg.broken(self.conn):
             self._reconnect()
+        if self._to_prepare and not self._pg.in_transaction(self.conn):
+            with self._errors():
+                self._prepare_pending()
         # BEGIN goes with the first statement, NOTIFY with COMMIT.
         self._queue = [("BEGIN", None)]
         if wait is not None:
@@ -3121,6 +3230,7 @@ class PostgresStore(Store):
         try:
             yield
             if not self._committed:
+                self._flush_deltas()
                 if self._wake:
                     self._defer("NOTIFY " + self._channel)
                 self._execute("COMMIT")
@@ -3135,6 +3245,7 @@ class PostgresStore(Store):
             raise
         finally:
             self._queue = []
+            self._deltas = None
             self._deferring = False
             self._in_transaction = False
 
@@ -3208,12 +3319,25 @@ class PostgresStore(Store):
         self._deferring = True      # its writes go with the next read (or COMMIT)
         try:
             state, run_at = Store._settle(self, job, run, outcome, exit_code, ok, now, *args, **kwargs)
+            # The job was processing (its row is locked): its UPDATE flipped
+            # self_counted, and its count moves with the next claim's (see
+            # _claim_unlimited) or before COMMIT, with no trigger call.
+            self._flush_deltas()
+            self._deltas = (job["queue"], state)
         finally:
             self._deferring = False
         if self._wake == wake + 1 and self._limited is not None and job["queue"] not in self._limited \
                 and not (state in DUE_STATES and run_at <= now):
             self._wake = wake
         return state, run_at
+
+    def _flush_deltas(self):
+        """Write the count deltas of the job _settle moved (if not yet written)."""
+        if self._deltas is not None:
+            queue, state = self._deltas
+            self._deltas = None
+            self._defer("INSERT INTO count_deltas (queue, state, n) VALUES (?, 'processing', -1), (?, ?, 1)",
+                        (queue, queue, state))
 
     def _count_added(self, added):
         self._executemany("INSERT INTO count_deltas (queue, state, n) VALUES (?, ?, ?)",
@@ -3273,7 +3397,8 @@ class PostgresStore(Store):
         self._execute(self._PROMOTE, (now,))
 
     def _claim(self, worker_id, now, lease, queues=None):
-        """The body of claim(), in two statements where no queue has a limit
+        """The body of claim(). While the last claim saw no queue with a limit,
+        _claim_unlimited(). Otherwise two statements where no queue has a limit
         (a round trip is most of a claim's cost): (1) promote due waiting
         jobs, read whether we are asked to stop and which queues we may take
         from (not paused, with ready jobs); (2) take the head of each of those
@@ -3286,6 +3411,8 @@ class PostgresStore(Store):
         statistics (stale after a burst of due jobs) say there are few (8.8 ms
         instead of 0.08 ms at 1M jobs)."""
         served, params = self._served(queues)
+        if self._limited == set():
+            return self._claim_unlimited(worker_id, now, lease, served, params)
         stop, names, limited = self._one("""
             WITH promoted AS (%s RETURNING queue)
             SELECT (SELECT stop_requested FROM workers WHERE id = ?),
@@ -3313,31 +3440,115 @@ class PostgresStore(Store):
             names = [n for n in names if n not in limits or running.get(n, 0) < limits[n]]
             if not names:
                 return None
-        job = self._execute_last("""
-            WITH head AS (
-                SELECT h.seq FROM unnest(?::TEXT[]) AS q(name)
-                CROSS JOIN LATERAL (SELECT seq, priority, run_at FROM jobs
+        if len(names) == 1:
+            # The usual case, one queue: its head, straight from jobs_ready.
+            # Its generic plan is as good as any, so PostgreSQL plans it once
+            # a connection; the best of the heads of an unnest()ed list is
+            # planned again at every claim (the planner's guess of the list's
+            # length makes a generic plan look dearer), which cost more than
+            # running it.
+            head = """
+                SELECT seq, state, queue FROM jobs
+                WHERE ready = 1 AND queue = ?
+                ORDER BY priority DESC, run_at, seq
+                LIMIT 1
+                FOR UPDATE SKIP LOCKED"""
+            names = names[0]
+        else:
+            head = """
+                SELECT h.seq, h.state, h.queue FROM unnest(?::TEXT[]) AS q(name)
+                CROSS JOIN LATERAL (SELECT seq, priority, run_at, state, queue FROM jobs
                                     WHERE ready = 1 AND queue = q.name
                                     ORDER BY priority DESC, run_at, seq
                                     LIMIT 1
                                     FOR UPDATE SKIP LOCKED) AS h
                 ORDER BY h.priority DESC, h.run_at, h.seq
-                LIMIT 1),
+                LIMIT 1"""
+        job = self._execute_last("""
+            WITH head AS (%s),
             claimed AS (
                 UPDATE jobs
                 SET state = 'processing', ready = 0, attempts = attempts + 1, run_count = run_count + 1,
-                    worker_id = ?, lease_until = ?, updated_at = ?
+                    worker_id = ?, lease_until = ?, updated_at = ?, self_counted = 1 - self_counted
                 FROM head
                 WHERE jobs.seq = head.seq
                 RETURNING jobs.*),
             opened AS (
                 INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
-                SELECT id, run_count, attempts, worker_id, updated_at FROM claimed)
-            SELECT * FROM claimed""", (names, worker_id, now + lease, now)).fetchone()
+                SELECT id, run_count, attempts, worker_id, updated_at FROM claimed),
+            counted AS (
+                INSERT INTO count_deltas (queue, state, n)
+                SELECT queue, state, -1 FROM head UNION ALL SELECT queue, 'processing', 1 FROM head)
+            SELECT * FROM claimed""" % head, (names, worker_id, now + lease, now)).fetchone()
         if job is None:
             return None
-        job = dict(job)
+        job = dict(zip(job.keys(), job))
         job["run"] = job["run_count"]
+        return job
+
+    def _claim_unlimited(self, worker_id, now, lease, served, params):
+        """_claim() while the last claim saw no queue with a limit: the
+        promotion of due waiting jobs goes with the statements before it (its
+        ready jobs are seen by the next statement), and a single statement
+        takes the best head of the queues we serve that are not paused and
+        opens its run, unless a queue has a limit now (then it takes nothing,
+        and the next claim, on the full path, is the one that counts) or we
+        were asked to stop. A busy worker's result and next claim are then
+        two round trips. Its generic plan is as good as any: it is planned
+        once a connection."""
+        self._defer(self._PROMOTE, (now,))
+        settled, self._deltas = self._deltas or (None, None), None
+        row = self._execute_last("""
+            WITH head AS (
+                SELECT h.seq, h.state, h.queue FROM queues q
+                CROSS JOIN LATERAL (SELECT seq, priority, run_at, state, queue FROM jobs
+                                    WHERE ready = 1 AND queue = q.name
+                                    ORDER BY priority DESC, run_at, seq
+                                    LIMIT 1
+                                    FOR UPDATE SKIP LOCKED) AS h
+                WHERE q.paused = 0 %s
+                  AND NOT EXISTS (SELECT 1 FROM queues WHERE max_running IS NOT NULL)
+                  AND NOT EXISTS (SELECT 1 FROM workers WHERE id = ? AND stop_requested & %d <> 0)
+                ORDER BY h.priority DESC, h.run_at, h.seq
+                LIMIT 1),
+            claimed AS (
+                UPDATE jobs
+                SET state = 'processing', ready = 0, attempts = attempts + 1, run_count = run_count + 1,
+                    worker_id = ?, lease_until = ?, updated_at = ?, self_counted = 1 - self_counted
+                FROM head
+                WHERE jobs.seq = head.seq
+                RETURNING jobs.*),
+            opened AS (
+                INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
+                SELECT id, run_count, attempts, worker_id, updated_at FROM claimed),
+            counted AS (
+                INSERT INTO count_deltas (queue, state, n)
+                SELECT queue, state, SUM(n) FROM (
+                    SELECT queue, state, -1 AS n FROM head
+                    UNION ALL SELECT queue, 'processing', 1 FROM head
+                    UNION ALL SELECT ?::TEXT, 'processing', -1
+                    UNION ALL SELECT ?::TEXT, ?::TEXT, 1) AS d
+                WHERE queue IS NOT NULL
+                GROUP BY queue, state
+                HAVING SUM(n) <> 0)
+            SELECT EXISTS (SELECT 1 FROM queues WHERE max_running IS NOT NULL) AS limited_, claimed.*
+            FROM (SELECT 1) AS one LEFT JOIN claimed ON TRUE""" % (served, STOP_ASKED),
+                                 params + (worker_id, worker_id, now + lease, now,
+                                           settled[0], settled[0], settled[1])).fetchone()
+        job = dict(zip(row.keys(), row))    # (dict(row) looks each name up)
+        if job.pop("limited_"):
+            self._limited = None        # the next claim reads the limits
+            self._claim_again = True
+        if job["seq"] is None:
+            return None
+        job["run"] = job["run_count"]
+        return job
+
+    def claim(self, worker_id, now=None, lease=LEASE_SECONDS, queues=None):
+        self._claim_again = False
+        job = Store.claim(self, worker_id, now, lease, queues)
+        if job is None and self._claim_again:
+            job = Store.claim(self, worker_id, now, lease, queues)
         return job
 
     def oldest_due(self, now):

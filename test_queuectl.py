@@ -5958,6 +5958,53 @@ class TestPostgres(unittest.TestCase):
         self.assertEqual(self.q("SELECT COUNT(*) FROM count_deltas")[0][0], 0)
         self.assertEqual(store.counts(), {"pending": 1, "processing": 1, "completed": 1, "failed": 0, "dead": 0})
 
+    def test_schema_4_is_upgraded_and_counts_stay_right(self):
+        """A version-4 schema (the count trigger on every change of state) is
+        upgraded by the first process that opens it; then a worker's results
+        and claims write their own count deltas and the trigger counts the
+        rest (a cancel, a dead job's dependents): every count matches the jobs."""
+        ids = [self.enqueue({"command": c, "max_retries": 0}) for c in ("true", "true", "false", "true")]
+        self.enqueue({"command": "true", "after": [ids[2]]})
+        self.q("""
+            DROP TRIGGER jobs_count_update ON jobs;
+            ALTER TABLE jobs DROP COLUMN self_counted;
+            CREATE TRIGGER jobs_count_update AFTER UPDATE OF state ON jobs
+                FOR EACH ROW WHEN (OLD.state <> NEW.state) EXECUTE PROCEDURE queuectl_count_update();
+            UPDATE queuectl_version SET version = 4""")
+        self.ok("cancel", ids[3])
+        self.ok("worker", "start", "--once")
+        self.assertEqual(self.q("SELECT version FROM queuectl_version"), [(queuectl.PG_SCHEMA_VERSION,)])
+        self.assertIn("self_counted", self.q("""
+            SELECT pg_get_triggerdef(oid) FROM pg_trigger
+            WHERE tgname = 'jobs_count_update' AND tgrelid = 'jobs'::regclass""")[0][0])
+        actual = dict(self.q("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+        self.assertEqual(actual, {"completed": 2, "dead": 3})
+        store = queuectl.open_store(self.url)
+        self.addCleanup(store.close)
+        expected = {state: actual.get(state, 0) for state in queuectl.STATES}
+        self.assertEqual(store.counts(), expected)
+        store.fold_counts()
+        self.assertEqual(store.counts(), expected)
+
+    def test_statements_are_prepared_and_survive_a_changed_table(self):
+        """A statement run a few times on a connection is prepared (EXECUTE);
+        a column added under it (another process's upgrade) costs one retry
+        of the transaction, not an error."""
+        store = queuectl.open_store(self.url)
+        self.addCleanup(store.close)
+        now = store.now()
+        store.enqueue([{"command": "true", "cwd": self.tmp} for _ in range(6)], now=now)
+        for _ in range(4):
+            job = store.claim("h:1:1", now=now)
+            store.finish(job["id"], job["run"], "h:1:1", queuectl.RunResult(0, "exit 0"))
+        self.assertTrue(store._prepared)
+        self.q("ALTER TABLE jobs ADD COLUMN added_later INTEGER")
+        job = store.claim("h:1:1", now=now)
+        self.assertEqual(job["state"], "processing")
+        self.assertEqual(store.finish(job["id"], job["run"], "h:1:1", queuectl.RunResult(0, "exit 0"))[0],
+                         "completed")
+        self.assertEqual(store.counts()["completed"], 5)
+
     def test_clock_comes_from_the_server(self):
         """A host whose clock is 10 minutes ahead: its store's now() is the server's time."""
         store = queuectl.open_store(self.url)
