@@ -1137,6 +1137,7 @@ class Store:
         self._wake_path = None if path == ":memory:" else os.path.realpath(path) + WAKE_SUFFIX
         self._wake = 0
         self._busy_short = False     # the busy timeout is not the full one (see _begin)
+        self._now_given = False      # claim()'s caller gave the time (tests): keep it
         self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
         self._open(durable, self.busy_timeout, create)
 
@@ -1679,9 +1680,13 @@ class Store:
         Returns the job as a dict with the new run number under 'run'; None
         when nothing is due or the worker has been asked to stop.
         """
-        now = self.now() if now is None else now
+        # The time is read once the transaction holds the lock (SQLite; see
+        # PostgresStore._claim), so that runs are stamped in the order the
+        # locks gave: another worker's result that freed our slot, or
+        # completed our job's dependency, is never stamped after our start.
+        self._now_given = now is not None
         with self.transaction():
-            return self._claim(worker_id, now, lease, queues)
+            return self._claim(worker_id, self.now() if now is None else now, lease, queues)
 
     def _claim(self, worker_id, now, lease, queues=None):
         """The body of claim(); the caller holds the transaction."""
@@ -1890,8 +1895,9 @@ class Store:
         ((state, run_at) or None, next job or None) is returned (from `queues`).
         live=False: the worker stored no live output for this run (nothing to delete).
         """
-        now = self.now() if now is None else now
+        self._now_given = now is not None
         with self.transaction():
+            now = self.now() if now is None else now      # under the lock (see claim)
             settled = self._finish(job_id, run, worker_id, result, now, interrupted, live)
             if not claim_next:
                 return settled
@@ -2920,6 +2926,7 @@ class PostgresStore(Store):
         self._uses = None           # {statement: times run} on this connection, None: prepare nothing
         self._to_prepare = []
         self._folded_at = 0.0
+        self._now_given = False     # see Store.claim
         self._secrets = url_secrets(url)     # cut out of every error text (_text)
         self._pg = _PgDriver.load()
         try:
@@ -3440,6 +3447,10 @@ class PostgresStore(Store):
             names = [n for n in names if n not in limits or running.get(n, 0) < limits[n]]
             if not names:
                 return None
+            if not self._now_given:
+                # The run starts now that we hold the queue: the time read
+                # before may be older than the result that freed the slot.
+                now = self.now()
         if len(names) == 1:
             # The usual case, one queue: its head, straight from jobs_ready.
             # Its generic plan is as good as any, so PostgreSQL plans it once
