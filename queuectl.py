@@ -3724,9 +3724,11 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
     'interrupted'). When the shell exits, anything left in its group is killed.
     With `live` (a LiveOutput), every chunk read is also added to it as
     (stream, pos, data), stream 1 or 2, for check() to take away.
-    `on_start(pid)` is told the shell's pid (its process group's id) before
-    the first check(); the shell is not reaped while check() runs. Never
-    touches the database.
+    `on_start(signal_group)` is called before the first check(), with a
+    function that another thread may call while check() runs (the shell is
+    not reaped meanwhile) to send the group a signal; after its SIGTERM, a
+    reason from check() sends no second one, and SIGKILL follows `grace`
+    seconds after the first. Never touches the database.
     """
     import selectors
     import signal
@@ -3741,8 +3743,6 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
     except OSError as e:
         where = " (cwd %s)" % cwd if cwd and not os.path.isdir(cwd) else ""
         return RunResult(None, "error: %s%s" % (e.strerror or e, where))
-    if on_start is not None:
-        on_start(proc.pid)
     out, err = _Capture(limit), _Capture(limit)
     captures = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
     streams = {proc.stdout.fileno(): 1, proc.stderr.fileno(): 2}
@@ -3773,6 +3773,17 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
         except OSError:
             pass
 
+    termed = []     # when signal_group() sent SIGTERM
+
+    def signal_group(sig):
+        if sig == signal.SIGTERM:
+            if termed:
+                return
+            termed.append(time.monotonic())
+        kill(sig)
+
+    if on_start is not None:
+        on_start(signal_group)
     try:
         while True:
             now = time.monotonic()
@@ -3788,8 +3799,9 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
                 if reason == "interrupted":
                     kill(signal.SIGKILL)
                 elif reason is not None:
-                    kill(signal.SIGTERM)
-                    kill_at = now + grace
+                    if not termed:
+                        kill(signal.SIGTERM)
+                    kill_at = (termed[0] if termed else now) + grace
             elif kill_at is not None and now >= kill_at:
                 kill(signal.SIGKILL)
                 kill_at = None
@@ -3896,7 +3908,7 @@ class Worker:
         self._next_heartbeat = 0.0
         self._renewed_at = 0.0          # monotonic time of the last heartbeat that held the lease
         self._claimed_at = 0.0          # monotonic time just before the last claim began
-        self._job_pid = None            # the running job's shell (its process group), for the watchdog
+        self._signal_job = None         # signals the running job's process group (see run_command)
         self._lease_gone = False        # the watchdog killed the running job
         self._watchdog = _Watchdog()
         self._next_retention = 0.0
@@ -4091,7 +4103,7 @@ class Worker:
         have, and breaks the connection so that the call fails. Armed only
         around these calls, every HEARTBEAT_SECONDS or so: a short job
         never arms it."""
-        if job_id is None or self._job_pid is None:
+        if job_id is None or self._signal_job is None:
             yield
             return
         self._watchdog.arm(self._renewed_at + LEASE_GIVE_UP_SECONDS, self._lease_expired)
@@ -4108,10 +4120,7 @@ class Worker:
         import signal
         sig = signal.SIGKILL if self._lease_gone else signal.SIGTERM
         self._lease_gone = True
-        try:
-            os.killpg(self._job_pid, sig)
-        except OSError:
-            pass
+        self._signal_job(sig)
         self.store.interrupt()
         return time.monotonic() + KILL_GRACE_SECONDS if sig == signal.SIGTERM else None
 
@@ -4252,8 +4261,8 @@ class Worker:
             return "cancelled"
         return None
 
-    def _job_started(self, pid):
-        self._job_pid = pid
+    def _job_started(self, signal_group):
+        self._signal_job = signal_group
 
     def _flush_live(self, job):
         """Every LIVE_OUTPUT_SECONDS, store the output read since the last time
@@ -4312,7 +4321,7 @@ class Worker:
         result = run_command(job["command"], cwd=job["cwd"], env=self._environ(job),
                              timeout=job["timeout"], check=lambda: self._check(job),
                              live=self._live, on_start=self._job_started)
-        self._live, self._job_pid = None, None
+        self._live, self._signal_job = None, None
         interrupted = result.outcome == "interrupted"
         if result.exit_code is None and result.outcome in ("timeout", "cancelled", "interrupted", "lease lost"):
             # Killing the process group misses what left it (setsid, daemons);
