@@ -1018,6 +1018,89 @@ def _drain(fd, size=4096):
         pass
 
 
+class _Watchdog:
+    """A deadline kept by a thread of its own, for a call that may block in
+    the database driver for as long as the server does not answer (a frozen
+    proxy or PgBouncer, a paused server VM: the kernel keeps the TCP
+    connection up, so no timeout of the driver's fires).
+
+    arm(deadline, action): unless disarm() comes first, action() runs in the
+    watchdog's thread at `deadline` (monotonic) and may return a later one
+    to run again then (None: done). Without `tick`, arm() and disarm() take
+    the watchdog's lock, under which the action runs: a disarm() returns
+    only after an action under way has finished, so what was true when the
+    caller armed (a job's process not yet reaped) still is. With `tick`
+    (seconds), arm() and disarm() only set attributes, for a caller that
+    arms around every statement (a lock and a thread woken would double a
+    short statement's cost): the thread looks every `tick` seconds, so an
+    action comes up to that late, and one that overlaps a disarm() is the
+    action's own affair. The thread is started by arm(), until stop()."""
+
+    def __init__(self, tick=None):
+        self._tick = tick
+        self._cond = self._thread = None
+        self._deadline = self._action = None
+        self._armed = 0         # arm() and disarm() calls, so that a late action's result is dropped
+        self._stopping = False
+
+    def arm(self, deadline, action):
+        if self._thread is None:
+            import threading
+            if self._cond is None:
+                self._cond = threading.Condition(threading.Lock())
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="queuectl-watchdog", daemon=True)
+            self._thread.start()
+        if self._tick is not None:
+            self._armed += 1
+            self._action = action
+            self._deadline = deadline
+            return
+        with self._cond:
+            self._armed += 1
+            self._deadline, self._action = deadline, action
+            self._cond.notify()
+
+    def disarm(self):
+        if self._tick is not None:
+            self._armed += 1
+            self._deadline = None
+        elif self._cond is not None:
+            with self._cond:
+                self._armed += 1
+                self._deadline = self._action = None
+
+    def stop(self):
+        """End the thread (a process that forks must have no other thread)."""
+        if self._thread is not None:
+            with self._cond:
+                self._stopping = True
+                self._deadline = None
+                self._cond.notify()
+            self._thread.join()
+            self._thread = None
+
+    def _run(self):
+        import signal
+        # Signals go to the main thread, whose handlers and wake-up pipe
+        # expect them (a thread's blocked wait must not be interrupted).
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        cond = self._cond
+        with cond:
+            while not self._stopping:
+                armed, deadline, action = self._armed, self._deadline, self._action
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is None or left > 0:
+                    cond.wait(left if self._tick is None else min(left or self._tick, self._tick))
+                    continue
+                try:
+                    again = action()
+                except Exception:
+                    again = None
+                if self._armed == armed:
+                    self._deadline = again
+
+
 class WakeFifo:
     """How a commit wakes idle workers at once instead of their polling:
     a FIFO beside the database (`<db>-wake`), made 0600 by the first worker
@@ -1230,6 +1313,17 @@ class Store:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+    def interrupt(self):
+        """From another thread (a _Watchdog): make the statement under way
+        give up with an error. (SQLite's check comes between steps of a
+        statement; not while it waits for a lock or the disk.)"""
+        conn = self.conn
+        if conn is not None:
+            try:
+                conn.interrupt()
+            except sqlite3.Error:
+                pass
 
     def location(self):
         """The database as messages name it: the file's absolute path."""
@@ -2633,6 +2727,12 @@ PG_FOLD_SECONDS = 5.0
 PG_CONNECT_DEFAULTS = {"connect_timeout": "5", "keepalives": "1", "keepalives_idle": "5",
                        "keepalives_interval": "2", "keepalives_count": "3", "tcp_user_timeout": "5000",
                        "application_name": "queuectl"}
+#: A statement of a CLI call (not of a worker: see Worker._lease_watch) that
+#: has had no answer for this long makes queuectl try a new connection, with
+#: this connect_timeout: if that fails too, nothing answers (a frozen proxy,
+#: a paused server, which keep the TCP connection up), and the call fails
+#: in one line; if it connects, the statement is only slow: look again later.
+PG_ANSWER_SECONDS = 5.0
 #: Job states whose SQLSTATE means "run the transaction again" (serialization failure, deadlock).
 PG_RETRY_STATES = ("40001", "40P01")
 
@@ -2720,9 +2820,10 @@ class _PgDriver:
             return conninfo_to_dict(url)
         return self.module.extensions.parse_dsn(url)
 
-    def connect(self, url):
+    def connect(self, url, **override):
         given = self.parse(url)
         extra = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in given}
+        extra.update(override)
         if self.v3:
             # Client-side binding, as psycopg2 does: a batch of statements is
             # one simple query, one message each way. (Server-side binding in
@@ -2928,6 +3029,12 @@ class PostgresStore(Store):
         self._folded_at = 0.0
         self._now_given = False     # see Store.claim
         self._secrets = url_secrets(url)     # cut out of every error text (_text)
+        self._fd = None             # the connection's socket, for interrupt()
+        # A CLI call's statements are watched (PG_ANSWER_SECONDS); a worker's
+        # are not, it watches its job's lease instead (Worker._lease_watch).
+        self._watch = None if listen else _Watchdog(tick=0.5)
+        self._asked_at = 0.0        # when the watched statement was sent
+        self._hung = None           # why the watchdog broke the connection
         self._pg = _PgDriver.load()
         try:
             self._pg.parse(url)
@@ -2960,6 +3067,7 @@ class PostgresStore(Store):
             self.conn = self._pg.connect(self.url)
         except self._pg.Error as e:
             raise StoreError("cannot connect to %s: %s" % (self.path, self._text(e)))
+        self._fd = self.conn.fileno()
         # Prepared statements belong to a session: behind PgBouncer in
         # transaction mode (what QUEUECTL_PG_LISTEN=0 is for) the next
         # transaction may run on another server connection that lacks them.
@@ -3044,6 +3152,9 @@ class PostgresStore(Store):
             self._execute("UPDATE queuectl_version SET version = %d" % version)
 
     def close(self):
+        self._fd = None
+        if self._watch is not None:
+            self._watch.stop()
         if self.conn is not None:
             try:
                 self.conn.close()
@@ -3060,6 +3171,48 @@ class PostgresStore(Store):
         already failed): connect again, and LISTEN again."""
         self.close()
         self._connect()
+
+    def interrupt(self):
+        """From another thread (a _Watchdog): end the statement under way
+        with an error, whatever the server does: shut the connection's socket
+        down, so that the driver's wait for an answer ends at once. The
+        connection is then broken; a worker connects again."""
+        import socket
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            dup = os.dup(fd)
+        except OSError:
+            return
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def _probe(self):
+        """The watchdog's action when a statement has had no answer for
+        PG_ANSWER_SECONDS: can a new connection be made? If not, nothing
+        answers: break this one (the statement fails, saying why). If so, the
+        statement is only slow (a lock wait, a big purge): look again later."""
+        armed = self._watch._armed
+        try:
+            self._pg.connect(self.url, connect_timeout=str(int(PG_ANSWER_SECONDS))).close()
+        except self._pg.Error as e:
+            if self._watch._armed != armed:
+                return None     # the statement was answered meanwhile
+            self._hung = "no answer for %.0fs, and a new connection failed too (%s)" % (
+                time.monotonic() - self._asked_at, self._text(e))
+            self.interrupt()
+            return None
+        return time.monotonic() + PG_ANSWER_SECONDS
 
     # -- statements -------------------------------------------------------------
 
@@ -3129,6 +3282,10 @@ class PostgresStore(Store):
 
     @contextlib.contextmanager
     def _errors(self, params=(), collide=False):
+        watch = self._watch
+        if watch is not None:
+            self._asked_at, self._hung = time.monotonic(), None
+            watch.arm(self._asked_at + PG_ANSWER_SECONDS, self._probe)
         try:
             yield
         except self._pg.Error as e:
@@ -3137,6 +3294,9 @@ class PostgresStore(Store):
             raise self._error(e)
         except UnicodeEncodeError:
             raise _not_utf8(params)
+        finally:
+            if watch is not None:
+                watch.disarm()
 
     def _execute(self, sql, params=()):
         """Run a statement. Statements queued by _defer go first, in the same
@@ -3205,6 +3365,8 @@ class PostgresStore(Store):
             return _Conflict("database %s: %s" % (self.path, text))
         if self._pg.broken(self.conn):
             self.close()
+            if self._hung:
+                text, self._hung = self._hung, None
             return StoreError("lost the connection to %s: %s" % (self.path, text))
         if state == "55P03":
             return StoreError("database %s is locked: a row has been held for more than %gs; try again "
@@ -3871,7 +4033,7 @@ def _os_bytes(text):
 
 
 def run_command(command, cwd=None, env=None, timeout=None, check=None,
-                limit=OUTPUT_LIMIT, grace=KILL_GRACE_SECONDS, live=None):
+                limit=OUTPUT_LIMIT, grace=KILL_GRACE_SECONDS, live=None, on_start=None):
     """Run `command` with /bin/sh -c in a new session (its own process group).
 
     Output is read while the command runs, so no pipe fills up, and only the
@@ -3881,8 +4043,12 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
     'lease lost') the group is killed the same way (at once for
     'interrupted'). When the shell exits, anything left in its group is killed.
     With `live` (a LiveOutput), every chunk read is also added to it as
-    (stream, pos, data), stream 1 or 2, for check() to take away. Never
-    touches the database.
+    (stream, pos, data), stream 1 or 2, for check() to take away.
+    `on_start(signal_group)` is called before the first check(), with a
+    function that another thread may call while check() runs (the shell is
+    not reaped meanwhile) to send the group a signal; after its SIGTERM, a
+    reason from check() sends no second one, and SIGKILL follows `grace`
+    seconds after the first. Never touches the database.
     """
     import selectors
     import signal
@@ -3927,6 +4093,17 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
         except OSError:
             pass
 
+    termed = []     # when signal_group() sent SIGTERM
+
+    def signal_group(sig):
+        if sig == signal.SIGTERM:
+            if termed:
+                return
+            termed.append(time.monotonic())
+        kill(sig)
+
+    if on_start is not None:
+        on_start(signal_group)
     try:
         while True:
             now = time.monotonic()
@@ -3942,8 +4119,9 @@ def run_command(command, cwd=None, env=None, timeout=None, check=None,
                 if reason == "interrupted":
                     kill(signal.SIGKILL)
                 elif reason is not None:
-                    kill(signal.SIGTERM)
-                    kill_at = now + grace
+                    if not termed:
+                        kill(signal.SIGTERM)
+                    kill_at = (termed[0] if termed else now) + grace
             elif kill_at is not None and now >= kill_at:
                 kill(signal.SIGKILL)
                 kill_at = None
@@ -4050,6 +4228,9 @@ class Worker:
         self._next_heartbeat = 0.0
         self._renewed_at = 0.0          # monotonic time of the last heartbeat that held the lease
         self._claimed_at = 0.0          # monotonic time just before the last claim began
+        self._signal_job = None         # signals the running job's process group (see run_command)
+        self._lease_gone = False        # the watchdog killed the running job
+        self._watchdog = _Watchdog()
         self._next_retention = 0.0
         self._live = None               # output not yet stored for `logs --follow`
         self._live_written = False      # whether any of this run's was
@@ -4161,6 +4342,7 @@ class Worker:
                 if self.store.unregister_worker(self.id):
                     self.stop_by_command = True
             finally:
+                self._watchdog.stop()
                 self.store.close()
                 self._stop_listening_for_signals(old_wakeup)
 
@@ -4199,7 +4381,8 @@ class Worker:
             return False, True
         self._next_heartbeat = now + HEARTBEAT_SECONDS
         try:
-            stop, cancel, held = self.store.heartbeat(self.id, job_id, stopping=self.stopping)
+            with self._lease_watch(job_id):
+                stop, cancel, held = self.store.heartbeat(self.id, job_id, stopping=self.stopping)
         except StoreError as e:
             # Measured after the failed beat, and counting a next beat that may
             # take as long (a hung connection takes seconds to fail): our lease
@@ -4207,13 +4390,18 @@ class Worker:
             # back. End this run first, so that two never overlap.
             failed_at = time.monotonic()
             since = failed_at - self._renewed_at
-            if job_id is not None and since + (failed_at - now) >= LEASE_GIVE_UP_SECONDS:
+            if job_id is not None and (self._lease_gone or since + (failed_at - now) >= LEASE_GIVE_UP_SECONDS):
+                why = "the database did not answer; the watchdog broke the connection" if self._lease_gone else e
                 self.log("%s %s lease not renewed for %.0fs (%s); stopping the job" % (
-                    self.name, job_id, since, e))
+                    self.name, job_id, since, why))
                 return False, False
             # The lease has LEASE_SECONDS to run; a missed beat is not a loss.
             self.log("%s heartbeat failed (%s); will retry" % (self.name, e))
             return False, True
+        if job_id is not None and self._lease_gone:
+            self.log("%s %s lease not renewed for %.0fs (the database answered too late); job stopped" % (
+                self.name, job_id, time.monotonic() - self._renewed_at))
+            return False, False
         if held:
             self._renewed_at = now
         if stop and not self.stopping:
@@ -4225,6 +4413,36 @@ class Worker:
                 self._next_retention = now + RETENTION_EVERY_SECONDS
                 self.apply_retention()
         return cancel, held
+
+    @contextlib.contextmanager
+    def _lease_watch(self, job_id):
+        """Around a database call made while a job runs (a heartbeat, live
+        output): should the call still be waiting LEASE_GIVE_UP_SECONDS after
+        the lease was last renewed (a frozen proxy, a paused server, a disk
+        that hangs), the watchdog kills the job, as a failed heartbeat would
+        have, and breaks the connection so that the call fails. Armed only
+        around these calls, every HEARTBEAT_SECONDS or so: a short job
+        never arms it."""
+        if job_id is None or self._signal_job is None:
+            yield
+            return
+        self._watchdog.arm(self._renewed_at + LEASE_GIVE_UP_SECONDS, self._lease_expired)
+        try:
+            yield
+        finally:
+            self._watchdog.disarm()
+
+    def _lease_expired(self):
+        """The watchdog's action: SIGTERM to the job's process group (SIGKILL
+        KILL_GRACE_SECONDS later, if the call still hangs: else the runner
+        sends it) and break the connection. The main thread is inside the
+        call, so the shell (the group's id) has not been reaped."""
+        import signal
+        sig = signal.SIGKILL if self._lease_gone else signal.SIGTERM
+        self._lease_gone = True
+        self._signal_job(sig)
+        self.store.interrupt()
+        return time.monotonic() + KILL_GRACE_SECONDS if sig == signal.SIGTERM else None
 
     def apply_retention(self):
         """Delete completed jobs older than the `retention` setting (never dead ones)."""
@@ -4360,11 +4578,14 @@ class Worker:
         if self.stopping_hard:
             return "interrupted"
         cancel, held = self.housekeeping(job["id"])
-        if not held:
+        if not held or self._lease_gone:
             return "lease lost"
         if cancel:
             return "cancelled"
         return None
+
+    def _job_started(self, signal_group):
+        self._signal_job = signal_group
 
     def _flush_live(self, job):
         """Every LIVE_OUTPUT_SECONDS, store the output read since the last time
@@ -4381,7 +4602,9 @@ class Worker:
         while self._live_stored + size - drop > LIVE_OUTPUT_LIMIT and self._live_sizes:
             drop += self._live_sizes.pop(0)
         try:
-            if self.store.append_output(job["id"], job["run"], self.id, chunks, drop):
+            with self._lease_watch(job["id"]):
+                stored = self.store.append_output(job["id"], job["run"], self.id, chunks, drop)
+            if stored:
                 self._live_stored += size - drop
                 self._live_written = True
         except StoreError as e:
@@ -4414,13 +4637,14 @@ class Worker:
         # The claim took the lease no earlier than this (its time was read
         # before the claim waited for the database, so count from there too).
         self._renewed_at = self._claimed_at
+        self._lease_gone = False
         self._live, self._live_sizes, self._live_stored = LiveOutput(), [], 0
         self._live_written = False
         self._live_at = time.monotonic() + LIVE_OUTPUT_SECONDS
         result = run_command(job["command"], cwd=job["cwd"], env=self._environ(job),
-                             timeout=job["timeout"],
-                             check=lambda: self._check(job), live=self._live)
-        self._live = None
+                             timeout=job["timeout"], check=lambda: self._check(job),
+                             live=self._live, on_start=self._job_started)
+        self._live, self._signal_job = None, None
         interrupted = result.outcome == "interrupted"
         if result.exit_code is None and result.outcome in ("timeout", "cancelled", "interrupted", "lease lost"):
             # Killing the process group misses what left it (setsid, daemons);

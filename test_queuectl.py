@@ -3901,6 +3901,34 @@ class BusyTimeoutTest(QueueTestCase):
         self.assertEqual(len(self.ledger_lines()), 2, "the job ran more than once")
         self.assertNotIn("died", self.pool_log(pool))
 
+    @sqlite_only
+    def test_a_heartbeat_stuck_past_the_lease_deadline_kills_the_job_anyway(self):
+        # The heartbeat waits for the lock far longer than it does (as on a disk that hangs):
+        # LEASE_GIVE_UP_SECONDS after the last renewal the worker's watchdog kills the job while
+        # the heartbeat still waits, and the run is recorded as 'lease lost' once it returns.
+        # (A worker in this process, to shorten the deadline: 4 s instead of 15.)
+        pidfile = os.path.join(self.tmp, "pid")
+        job = self.script_text("enqueue", "--", "echo $$ > %s; exec sleep 60" % shlex.quote(pidfile))[1].strip()
+        log = []
+        with mock.patch.object(queuectl, "HEARTBEAT_BUSY_MS", 60000), \
+                mock.patch.object(queuectl, "LEASE_GIVE_UP_SECONDS", 4.0):
+            worker = queuectl.Worker(self.db, once=True, log=log.append)
+            thread = threading.Thread(target=worker.run, daemon=True)
+            thread.start()
+            pid = self.wait_until(lambda: int(read_file(pidfile) or 0), 15, "the job to start")
+            holder = self.hold_lock(60)
+            locked_at = time.monotonic()
+            self.wait_until(lambda: _process_gone(pid), 10, "the job to be killed")
+            self.assertLess(time.monotonic() - locked_at, 4.0 + 1.0)
+            self.assertIsNone(holder.poll(), "the lock was released before the job was killed")
+            holder.kill()
+            holder.wait(timeout=10)
+            thread.join(timeout=30)
+            self.assertFalse(thread.is_alive(), "the worker did not finish: %s" % log)
+        runs = [(r["run"], r["outcome"]) for r in self.query("SELECT run, outcome FROM runs WHERE job_id = ?", job)]
+        self.assertEqual(runs, [(1, "lease lost")], log)
+        self.assertTrue(any("lease not renewed" in line for line in log), log)
+
 
 @sqlite_only
 class TestStoreLocks(QueueTestCase):
@@ -6901,10 +6929,11 @@ class TestClockSkewPostgres(CrossHostTestCase):
         self.cli("worker", "start", "--once")
         self.assertEqual(self.job(job)["state"], "completed")
         proc = subprocess.Popen(skew + [sys.executable, QUEUECTL, "--db", self.url, "dashboard", "--port", "0"],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self.dir)
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self.dir,
+                                start_new_session=True)
         self.addCleanup(proc.stdout.close)
         self.addCleanup(proc.wait, DEADLINE)
-        self.addCleanup(proc.kill)
+        self.addCleanup(kill_session, proc.pid)     # faketime's child too, not faketime alone
         line = proc.stdout.readline().decode()
         m = re.match(r"^http://([^/]+):(\d+)/\?token=([A-Za-z0-9_-]+)$", line.strip())
         self.assertTrue(m, "first line is not the dashboard's URL: %r" % line)
@@ -6956,6 +6985,201 @@ class ChaosPostgresTest(PostgresSchema, unittest.TestCase):
         out = io.StringIO()
         code = chaos.main(["--jobs", "60", "--seconds", "8", "--quiet", "--db", self.dsn], out=out)
         self.assertEqual(code, 0, "chaos run failed:\n" + out.getvalue())
+
+
+class FreezableProxy:
+    """A TCP forwarder to the PostgreSQL server, in threads of this process, that freeze() stops
+    dead: it reads, forwards and accepts nothing more but keeps every socket open, so the kernel
+    still acknowledges what is sent (as with a SIGSTOPped proxy or PgBouncer: no TCP timeout
+    fires). thaw() lets it go on where it stopped."""
+
+    def __init__(self, host, port):
+        import socket
+        self.target = (host, port)
+        self.frozen = threading.Event()
+        self.closed = False
+        self.sockets = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def freeze(self):
+        self.frozen.set()
+
+    def thaw(self):
+        self.frozen.clear()
+
+    def close(self):
+        self.closed = True
+        self.thaw()
+        for sock in [self.listener] + self.sockets:
+            sock.close()
+
+    def _hold(self):
+        while self.frozen.is_set() and not self.closed:
+            time.sleep(0.02)
+
+    def _accept(self):
+        import socket
+        while not self.closed:
+            self._hold()
+            try:
+                client = self.listener.accept()[0]
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                server = socket.create_connection(self.target, timeout=DEADLINE)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            self.sockets += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst):
+        import select
+        try:
+            while not self.closed:
+                self._hold()
+                if not select.select([src], [], [], 0.05)[0] or self.frozen.is_set():
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                self._hold()
+                dst.sendall(data)
+        except (OSError, ValueError):
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+
+def _process_gone(pid):
+    """Has the process exited (gone, or a zombie not yet reaped)?"""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+class TestFrozenConnectionPostgres(PostgresSchema, unittest.TestCase):
+    """Issue 7, contract item 4, when the connection stays up but nothing answers (a frozen proxy
+    or PgBouncer, a paused server): the worker still kills its job before its lease runs out, and
+    a CLI call fails in one line instead of hanging."""
+
+    def proxied(self, url, port):
+        """URL with its host and port replaced by 127.0.0.1:PORT."""
+        parts = urllib.parse.urlsplit(url)
+        user = parts.netloc.rpartition("@")[0]
+        return urllib.parse.urlunsplit(parts._replace(netloc=(user + "@" if user else "") + "127.0.0.1:%d" % port))
+
+    def test_a_worker_cut_off_by_a_frozen_proxy_kills_its_job_before_the_lease_runs_out(self):
+        if not LINUX:
+            self.skipTest("needs Linux /proc")
+        url = self.use_postgres()
+        parts = urllib.parse.urlsplit(self.dsn)
+        if not parts.hostname or parts.hostname.startswith("/"):
+            self.cannot_run("the frozen-proxy test needs a TCP host in %s" % PG_DSN_ENV)
+        proxy = FreezableProxy(parts.hostname, parts.port or 5432)
+        self.addCleanup(proxy.close)
+        via = self.proxied(url, proxy.port)
+        tmp = tempfile.mkdtemp(prefix="qctl-frozen-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        pidfile, second = os.path.join(tmp, "pid"), os.path.join(tmp, "second")
+
+        def cli(*args, db=url):
+            proc = subprocess.run([sys.executable, QUEUECTL, "--db", db] + list(args), capture_output=True,
+                                  text=True, timeout=DEADLINE, cwd=tmp)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            return proc.stdout
+
+        # The retry after a lost lease is due at once. The first run records its pid and sleeps;
+        # the second finishes at once, saying when it started (this machine's clock).
+        cli("config", "set", "backoff_max", "0")
+        cli("enqueue", "--id", "FZ1", "--", "if [ -e %s ]; then date +%%s.%%N >> %s; exit 0; fi; : > %s; "
+            "echo $$ > %s; exec sleep 60" % tuple(shlex.quote(p) for p in (pidfile, second, pidfile, pidfile)))
+        log = open(os.path.join(tmp, "worker.log"), "wb")
+        self.addCleanup(log.close)
+        worker = subprocess.Popen([sys.executable, QUEUECTL, "--db", via, "worker", "start", "--count", "1"],
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, cwd=tmp)
+
+        def stop_worker():
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+        self.addCleanup(stop_worker)
+
+        def worker_log():
+            with open(os.path.join(tmp, "worker.log"), "rb") as f:
+                return f.read().decode(errors="replace")
+
+        def wait_for(predicate, seconds, what):
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                value = predicate()
+                if value:
+                    return value
+                time.sleep(0.05)
+            self.fail("timed out after %ss waiting for %s; worker log:\n%s" % (seconds, what, worker_log()))
+
+        pid = wait_for(lambda: int(read_file(pidfile) or 0), DEADLINE, "the job to start")
+        # A CLI call connected through the proxy before it froze.
+        waiter = subprocess.Popen([sys.executable, QUEUECTL, "--db", via, "wait", "FZ1"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=tmp)
+        self.addCleanup(lambda: waiter.poll() is None and (waiter.kill(), waiter.wait()))
+        time.sleep(1.0)
+        self.assertIsNone(waiter.poll(), waiter.stderr.read() if waiter.poll() is not None else "")
+        proxy.freeze()
+        frozen_at = time.monotonic()
+
+        # `wait` fails in one line within seconds (a new connection cannot be made either).
+        try:
+            out, err = waiter.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.fail("`queuectl wait` through the frozen proxy still hangs after 20 s")
+        took = time.monotonic() - frozen_at
+        self.assertNotEqual(waiter.returncode, 0)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn("lost the connection", err)
+        self.assertLess(took, 12.0, err)
+
+        # The job's process is gone well before its lease (renewed at most when the proxy froze)
+        # runs out, while the worker still cannot reach the server.
+        wait_for(lambda: _process_gone(pid), queuectl.LEASE_SECONDS - 5 - (time.monotonic() - frozen_at),
+                 "the job's process to be killed")
+        killed_after = time.monotonic() - frozen_at
+        killed_at = time.time()
+        self.assertLess(killed_after, queuectl.LEASE_GIVE_UP_SECONDS + 3.0)
+        # Meanwhile nobody else took the job: one run, still open.
+        runs = self.sql("SELECT run, finished_at FROM %s.runs WHERE job_id = 'FZ1'" % self.schema)
+        self.assertEqual(runs, [(1, None)])
+
+        proxy.thaw()
+        wait_for(lambda: self.sql("SELECT state FROM %s.jobs WHERE id = 'FZ1'" % self.schema)[0][0] == "completed",
+                 DEADLINE, "the job to complete after the proxy thawed")
+        runs = self.sql("SELECT run, started_at, finished_at, outcome, result_state FROM %s.runs "
+                        "WHERE job_id = 'FZ1' ORDER BY run" % self.schema)
+        self.assertEqual([(r[0], r[3], r[4]) for r in runs], [(1, "lease lost", "failed"), (2, "exit 0", "completed")],
+                         worker_log())
+        self.assertLessEqual(runs[0][2], runs[1][1], "two runs overlap: %r" % (runs,))
+        starts = read_file(second).split()
+        self.assertEqual(len(starts), 1, "the second run ran %d times" % len(starts))
+        self.assertGreater(float(starts[0]), killed_at)
+        self.assertIn("lease not renewed", worker_log())
+        sys.stderr.write("[wait failed after %.1f s; job killed %.1f s after the freeze] " % (took, killed_after))
 
 
 if __name__ == "__main__":
