@@ -3554,6 +3554,19 @@ class PostgresStore(Store):
         return Store._held(self, job_id, worker_id)
 
     #: Due waiting jobs marked ready, skipping rows another claim is promoting.
+    #: The claim's common part, after a CTE `head` (seq, state, queue) that
+    #: picked the job: take it (worker_id, lease_until, updated_at) and open its run.
+    _TAKE_HEAD = """            claimed AS (
+                UPDATE jobs
+                SET state = 'processing', ready = 0, attempts = attempts + 1, run_count = run_count + 1,
+                    worker_id = ?, lease_until = ?, updated_at = ?, self_counted = 1 - self_counted
+                FROM head
+                WHERE jobs.seq = head.seq
+                RETURNING jobs.*),
+            opened AS (
+                INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
+                SELECT id, run_count, attempts, worker_id, updated_at FROM claimed),"""
+
     _PROMOTE = """
         UPDATE jobs SET ready = 1
         WHERE seq IN (SELECT seq FROM jobs
@@ -3639,20 +3652,11 @@ class PostgresStore(Store):
                 LIMIT 1"""
         job = self._execute_last("""
             WITH head AS (%s),
-            claimed AS (
-                UPDATE jobs
-                SET state = 'processing', ready = 0, attempts = attempts + 1, run_count = run_count + 1,
-                    worker_id = ?, lease_until = ?, updated_at = ?, self_counted = 1 - self_counted
-                FROM head
-                WHERE jobs.seq = head.seq
-                RETURNING jobs.*),
-            opened AS (
-                INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
-                SELECT id, run_count, attempts, worker_id, updated_at FROM claimed),
+%s
             counted AS (
                 INSERT INTO count_deltas (queue, state, n)
                 SELECT queue, state, -1 FROM head UNION ALL SELECT queue, 'processing', 1 FROM head)
-            SELECT * FROM claimed""" % head, (names, worker_id, now + lease, now)).fetchone()
+            SELECT * FROM claimed""" % (head, self._TAKE_HEAD), (names, worker_id, now + lease, now)).fetchone()
         if job is None:
             return None
         job = dict(zip(job.keys(), job))
@@ -3684,16 +3688,7 @@ class PostgresStore(Store):
                   AND NOT EXISTS (SELECT 1 FROM workers WHERE id = ? AND stop_requested & %d <> 0)
                 ORDER BY h.priority DESC, h.run_at, h.seq
                 LIMIT 1),
-            claimed AS (
-                UPDATE jobs
-                SET state = 'processing', ready = 0, attempts = attempts + 1, run_count = run_count + 1,
-                    worker_id = ?, lease_until = ?, updated_at = ?, self_counted = 1 - self_counted
-                FROM head
-                WHERE jobs.seq = head.seq
-                RETURNING jobs.*),
-            opened AS (
-                INSERT INTO runs (job_id, run, attempt, worker_id, started_at)
-                SELECT id, run_count, attempts, worker_id, updated_at FROM claimed),
+%s
             counted AS (
                 INSERT INTO count_deltas (queue, state, n)
                 SELECT queue, state, SUM(n) FROM (
@@ -3705,7 +3700,7 @@ class PostgresStore(Store):
                 GROUP BY queue, state
                 HAVING SUM(n) <> 0)
             SELECT EXISTS (SELECT 1 FROM queues WHERE max_running IS NOT NULL) AS limited_, claimed.*
-            FROM (SELECT 1) AS one LEFT JOIN claimed ON TRUE""" % (served, STOP_ASKED),
+            FROM (SELECT 1) AS one LEFT JOIN claimed ON TRUE""" % (served, STOP_ASKED, self._TAKE_HEAD),
                                  params + (worker_id, worker_id, now + lease, now,
                                            settled[0], settled[0], settled[1])).fetchone()
         job = dict(zip(row.keys(), row))    # (dict(row) looks each name up)
