@@ -7,7 +7,8 @@ Runs, side by side in one process and one run (issue 4):
   with its output captured (1 and 2 processes), and a minimal
   claim -> run -> complete loop on SQLite (WAL, synchronous=NORMAL);
 * drain: N `true` jobs through `queuectl worker start --once --count 1/2/4`,
-  and `sleep 0.05` jobs with 4 workers (parallel efficiency);
+  and `sleep 0.05` jobs with 4 workers (parallel efficiency), queuectl run as
+  installed (bytecode compiled once; with --baseline, that one too);
 * enqueue: one CLI call (median) next to `python3 -c 'import sqlite3'`,
   and a bulk JSON Lines file through `enqueue --file`;
 * pickup latency: enqueue -> the job's first instruction, with an idle
@@ -312,6 +313,7 @@ class Q:
         self.path = os.path.abspath(path)
         if not os.path.isfile(self.path):
             raise SystemExit("bench.py: %s not found (use --queuectl PATH)" % self.path)
+        self._installed = None
         spec = importlib.util.spec_from_file_location(module_name, self.path)
         self.mod = importlib.util.module_from_spec(spec)
         dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True   # leave no __pycache__
@@ -322,6 +324,16 @@ class Q:
 
     def cli(self, db, *args):
         return [PY, self.path, "--db", db] + [str(a) for a in args]
+
+    def installed_cli(self, ctx, db, *args):
+        """cli() as installed by pip: its console-script wrapper over bytecode
+        compiled once, as every installed form runs (a copied install loads
+        its cached bytecode too). The drains run both queuectls so: `python3
+        queuectl.py` compiles the whole file at every start, a cost of the
+        file's size that the enqueue section reports on its own."""
+        if self._installed is None:
+            self._installed = installed_copy(ctx, ctx.tmp("installed"), self.path)
+        return [PY, self._installed, "--db", db] + [str(a) for a in args]
 
     def store(self, db, **kw):
         """The store for `db`: a SQLite file, or (with a queuectl that has
@@ -472,7 +484,7 @@ def drain(ctx, name, command, n, workers, q=None, pg=False):
     server0 = ctx.pg.cpu() if pg else None
     wall0 = time.time()
     try:
-        code, _, _, secs = PROCS.run(q.cli(db, "worker", "start", "--once", "--count", workers),
+        code, _, _, secs = PROCS.run(q.installed_cli(ctx, db, "worker", "start", "--once", "--count", workers),
                                      timeout=60 + n * 0.5, cwd=d, env=child_env(),
                                      stdout=log, stderr=log)
     finally:
@@ -621,13 +633,14 @@ if __name__ == '__main__':
 """
 
 
-def installed_copy(ctx, d):
-    """A copy of queuectl.py with its bytecode compiled and pip's console-script
-    wrapper beside it: `python3 WRAPPER` runs like the installed `queuectl`."""
+def installed_copy(ctx, d, path=None):
+    """A copy of queuectl.py (`path`, by default the one under test) with its
+    bytecode compiled and pip's console-script wrapper beside it: `python3
+    WRAPPER` runs like the installed `queuectl`."""
     mod = os.path.join(d, "installed")
     os.makedirs(mod)
     target = os.path.join(mod, "queuectl.py")
-    shutil.copy(ctx.q.path, target)
+    shutil.copy(path or ctx.q.path, target)
     py_compile.compile(target, cfile=importlib.util.cache_from_source(target), doraise=True)
     wrapper = os.path.join(mod, "queuectl")
     with open(wrapper, "w") as f:
@@ -645,6 +658,14 @@ def copied_install(ctx, d):
     shutil.copy(ctx.q.path, target)
     os.chmod(target, 0o755)
     os.symlink(PY, os.path.join(bindir, "python3"))
+    venv_cfg = os.path.join(os.path.dirname(os.path.dirname(PY)), "pyvenv.cfg")
+    if os.path.isfile(venv_cfg):
+        # A venv's python is that venv only beside its pyvenv.cfg (in its
+        # directory or the one above): else the link would start the base
+        # Python, with site-packages (and .pth hooks) the floor does not run.
+        # and its site-packages the venv's own.
+        shutil.copy(venv_cfg, os.path.join(d, "pyvenv.cfg"))
+        os.symlink(os.path.join(os.path.dirname(venv_cfg), "lib"), os.path.join(d, "lib"))
     env = child_env(PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
                     XDG_CACHE_HOME=os.path.join(d, "cache"))
     PROCS.run([target, "--version"], env=env, timeout=60)

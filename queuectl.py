@@ -166,10 +166,13 @@ NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "cep
 #: cannot be nudged (no FIFO could be made beside the database), it polls a
 #: cheap counter instead: every 2 ms at first, backing off to every 25 ms.
 IDLE_POLL_SECONDS = (0.002, 0.025)
-#: An idle worker re-runs the full claim query at least this often: for jobs
-#: whose run_at passes without any write to the database, and as the safety
-#: net for a nudge that was lost (a writer killed between commit and nudge,
-#: an older queuectl that does not nudge).
+#: An idle worker that commits nudge (see WakeFifo; LISTEN on PostgreSQL)
+#: wakes when the next waiting job falls due, and otherwise re-runs the due
+#: check this often, with its heartbeat: the safety net for a nudge that was
+#: lost (a writer killed between commit and nudge, an older queuectl that does
+#: not nudge). One that no commit can nudge (QUEUECTL_PG_LISTEN=0) checks every
+#: IDLE_CLAIM_SECONDS.
+IDLE_RECHECK_SECONDS = 2.0
 IDLE_CLAIM_SECONDS = 0.5
 #: Suffix of the FIFO beside the database through which commits wake idle workers.
 WAKE_SUFFIX = "-wake"
@@ -1147,6 +1150,10 @@ class WakeFifo:
     def fileno(self):
         return self.fd
 
+    def nudges(self):
+        """Do commits nudge this? (Yes: every writer opens the FIFO.)"""
+        return True
+
     def drain(self, size=4096):
         """Read what is there (all of it, or one nudge: size=1, so that the
         other bytes wake other workers)."""
@@ -1655,7 +1662,10 @@ class Store:
             if deps:
                 self._executemany(self._ADD_DEPS, deps)
             self._count_added(added)
-            self._wake += sum(row[10] for row in rows)      # the jobs claimable now
+            # The jobs claimable now; for jobs that wait for their time, one
+            # nudge, so that an idle worker learns the next due time.
+            claimable = sum(row[10] for row in rows)
+            self._wake += claimable or any(row[3] == "pending" and not row[10] and not row[12] for row in rows)
         return result
 
     def _count_added(self, added):
@@ -1674,6 +1684,8 @@ class Store:
         the caller holds the transaction. Returns ({id: outcome} of jobs born
         dead because a dependency is dead, {id: dependencies not completed}).
         Unknown ids and cycles are errors."""
+        if not any("after" in job for job in new.values()):
+            return {}, {}
         state = {}
         wanted = sorted({alias.get(a, a) for job in new.values() for a in job.get("after", ())} - set(new))
         for i in range(0, len(wanted), 500):
@@ -1740,23 +1752,29 @@ class Store:
             return "", ()
         return "AND q.name IN (%s)" % ",".join("?" * len(queues)), tuple(queues)
 
-    def has_due(self, now, queues=None):
-        """Cheap read-only check (no lock taken): could a claim take a job now?
-        A job is ready in a queue we serve that is neither paused nor at its
-        limit, or a waiting job is due (a claim would promote it). An index
-        seek per queue, and one."""
+    def due_at(self, now, queues=None):
+        """Cheap read-only check (no lock taken): when could a claim take a
+        job? `now` if it could now: a job is ready in a queue we serve that is
+        neither paused nor at its limit, or a waiting job is due (a claim would
+        promote it); else the time the next waiting job falls due; None if no
+        job waits for its time. An index seek per queue, and one."""
         served, params = self._served(queues)
-        return self._one("""
+        ready, first = self._one("""
             SELECT EXISTS (SELECT 1 FROM queues q
                            WHERE q.paused = 0 %s
                              AND EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_ready
                                          WHERE ready = 1 AND queue = q.name)
                              AND (q.max_running IS NULL
                                   OR (SELECT COUNT(*) FROM jobs INDEXED BY jobs_running
-                                      WHERE state = 'processing' AND queue = q.name) < q.max_running))
-                OR EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_waiting
-                           WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed')
-                             AND run_at <= ?)""" % served, params + (now,))[0] == 1
+                                      WHERE state = 'processing' AND queue = q.name) < q.max_running)),
+                   (SELECT min(run_at) FROM jobs INDEXED BY jobs_waiting
+                    WHERE ready = 0 AND blocked = 0 AND state IN ('pending', 'failed'))""" % served, params)
+        return now if ready or first is not None and first <= now else first
+
+    def has_due(self, now, queues=None):
+        """Could a claim take a job now? (due_at: a read, no lock.)"""
+        due = self.due_at(now, queues)
+        return due is not None and due <= now
 
     def claim(self, worker_id, now=None, lease=LEASE_SECONDS, queues=None):
         """Atomically take the next due job for `worker_id`, or return None.
@@ -2940,6 +2958,10 @@ class _PgWaker:
             except BlockingIOError:
                 pass
         return store._idle_pipe[0]
+
+    def nudges(self):
+        """Do commits nudge this? Only while we LISTEN (not with QUEUECTL_PG_LISTEN=0)."""
+        return bool(self.store._listen)
 
     def drain(self, size=None):
         store = self.store
@@ -4463,9 +4485,10 @@ class Worker:
         """Wait until a job is due or we are asked to stop, reading nothing
         while we wait: a commit that makes work claimable (or asks a stop)
         nudges us through the store's waker (a FIFO beside the database); a
-        signal ends the wait through the wake-up pipe. The claim query re-runs
-        at least every IDLE_CLAIM_SECONDS anyway, for jobs whose run_at simply
-        passes and for a nudge that was lost."""
+        signal ends the wait through the wake-up pipe. We wake by ourselves
+        when the next waiting job falls due (a retry's backoff, --delay), and
+        re-run the due check with every heartbeat anyway, for a nudge that was
+        lost (IDLE_RECHECK_SECONDS)."""
         import select
         waker = self.store.waker()
         try:
@@ -4474,11 +4497,10 @@ class Worker:
             # Open before we look: a commit after the look nudges us, one
             # before it is seen by it. Old nudges are stale after the look.
             waker.drain()
-            if self._work_or_stop():
-                return
+            every = IDLE_RECHECK_SECONDS if waker.nudges() else IDLE_CLAIM_SECONDS
+            recheck = self._next_look(every)
             waits = [waker] if self._signals is None else [waker, self._signals]
-            recheck = time.monotonic() + IDLE_CLAIM_SECONDS
-            while not self.stopping:
+            while recheck is not None and not self.stopping:
                 timeout = min(recheck, self._next_heartbeat) - time.monotonic()
                 ready = select.select(waits, [], [], max(timeout, 0.0))[0]
                 nudged = waker in ready
@@ -4487,14 +4509,24 @@ class Worker:
                 if self._signals in ready:
                     _drain(self._signals)
                 self.maybe_pause()
-                now = time.monotonic()
-                if nudged or now >= recheck:
-                    if self._work_or_stop():
-                        return
-                    recheck = now + IDLE_CLAIM_SECONDS
-                self.housekeeping()
+                beat = time.monotonic() >= self._next_heartbeat
+                self.housekeeping()     # first: its reclaim may make a job claimable
+                if nudged or beat or time.monotonic() >= recheck:
+                    recheck = self._next_look(every)
         finally:
             waker.close()
+
+    def _next_look(self, every):
+        """None if we are asked to stop or a claim could take a job now (a
+        read, no lock); else the monotonic time of our next look: when the
+        next waiting job falls due, `every` seconds from now at the latest."""
+        if self._check_stop_command():
+            return None
+        now = self.store.now()
+        due = self.store.due_at(now, self.queues)
+        if due is not None and due <= now:
+            return None
+        return time.monotonic() + (every if due is None else min(every, due - now))
 
     def _work_or_stop(self):
         """Asked to stop, or could a claim take a job now? (Reads, no lock.)"""

@@ -1585,6 +1585,20 @@ class TestWorkers(QueueTestCase):
         os.kill(pool.pid, signal.SIGTERM)
         self.assertEqual(self.wait_pool(pool), 0)
 
+    def test_an_idle_worker_wakes_when_a_delayed_job_falls_due(self):
+        """Not at its next safety check (IDLE_RECHECK_SECONDS, 2 s): each job starts within 0.5 s of
+        its due time (a check at a random point of 2 s would fail this for all three 1 time in 64)."""
+        pool = self.start_pool()
+        self.wait_pool_ready(pool, 1)
+        ids = [self.add("true", delay=delay) for delay in (1.0, 1.7, 2.4)]
+        for job_id in ids:
+            job = self.wait_state(job_id, "completed")
+            late = iso_to_ts(job["runs"][0]["started_at"]) - iso_to_ts(job["run_at"])
+            self.assertGreaterEqual(late, -0.001, job_id)
+            self.assertLess(late, 0.5, job_id)
+        self.expect_success("worker", "stop", err=None)
+        self.assertEqual(self.wait_pool(pool), 0)
+
     def test_timeout_kills_the_job_and_its_children(self):
         m1, m2 = self.marker(), self.marker()
         # Children in the job's process group (one with an empty environment, so only the group
@@ -1939,9 +1953,10 @@ class TestWakeUp(QueueTestCase):
             self.assertTrue(nudged(), "queue resume")
             self.expect_success("worker", "stop", err=None)
             self.assertTrue(nudged(), "worker stop")
-            # ... and these do not: a job for later, a read.
+            # A job for later: so that a worker learns when to wake up.
             self.add("true", delay="1h")
-            self.assertFalse(nudged(), "a delayed job")
+            self.assertTrue(nudged(), "a delayed job")
+            # ... and a read does not.
             self.expect_success("status")
             self.assertFalse(nudged(), "status")
             # A worker that finishes a run nudges too (it may free a slot of a limited queue).
