@@ -12,12 +12,14 @@ Runs, side by side in one process and one run (issue 4):
 * enqueue: one CLI call (median) next to `python3 -c 'import sqlite3'`,
   and a bulk JSON Lines file through `enqueue --file`;
 * pickup latency: enqueue -> the job's first instruction, with an idle
-  worker already running (p50/p95), and that worker's CPU use while idle;
+  worker already running (p50/p95), and that worker's CPU use while idle
+  (the worker as installed);
 * scale: claim cost and `status` / `list --limit 20` with 1,000 and with
   1,000,000 jobs stored (most completed, some pending); and draining 300
   due jobs beside 1,000 and beside 1,000,000 jobs that wait at a higher
   priority (scheduled for tomorrow; failed, in a one-hour backoff), issue 13;
-* memory: a worker's peak RSS idle and while a job prints 100 MB;
+* memory: a worker's peak RSS idle and while a job prints 100 MB (installed;
+  idle also as `python3 queuectl.py`);
 * task-spooler (`tsp`), when installed, on the same drain workload;
 * dashboard: every page and API call of `queuectl dashboard` with
   1,000,000 jobs stored (2% of them dead), its CPU use with a page open
@@ -752,13 +754,14 @@ def section_bulk(ctx):
 ###############################################################################
 
 class RunningWorker:
-    """`queuectl worker start` in the background, stopped at the end."""
+    """`queuectl worker start` in the background, stopped at the end: as
+    installed (cached bytecode), or with `script` as `python3 queuectl.py`."""
 
-    def __init__(self, ctx, d, db):
+    def __init__(self, ctx, d, db, script=False):
         self.ctx, self.db = ctx, db
-        self.log = open(os.path.join(d, "worker.log"), "wb")
-        self.proc = PROCS.popen(ctx.q.cli(db, "worker", "start"), cwd=d, env=child_env(),
-                                stdout=self.log, stderr=self.log)
+        self.log = open(os.path.join(d, "worker%s.log" % ("-script" if script else "")), "wb")
+        argv = ctx.q.cli(db, "worker", "start") if script else ctx.q.installed_cli(ctx, db, "worker", "start")
+        self.proc = PROCS.popen(argv, cwd=d, env=child_env(), stdout=self.log, stderr=self.log)
 
         def registered():
             if self.proc.poll() is not None:
@@ -817,6 +820,13 @@ def section_pickup(ctx):
                          "growth_mb": round((big_kb - idle_kb) / 1024.0, 1),
                          "supervisor_mb": round(sup_kb / 1024.0, 1),
                          "output_bytes": size, "stdout_kept_bytes": kept}
+    finally:
+        w.stop()
+    # Run as `python3 queuectl.py`, CPython keeps the script's syntax tree
+    # for as long as the script runs: every forked worker carries it.
+    w = RunningWorker(ctx, d, db, script=True)
+    try:
+        res["memory"]["worker_idle_script_mb"] = round(vm_kb(w.worker_pid, "VmHWM") / 1024.0, 1)
     finally:
         w.stop()
     shutil.rmtree(d, ignore_errors=True)
@@ -1916,7 +1926,9 @@ def result_rows(res, size):
                 c["worker_percent"], c["supervisor_percent"], c["seconds"], c["tick_ms"]))
     if P.get("memory"):
         m = P["memory"]
-        add("memory", "worker peak RSS, idle", "%.1f MB" % m["worker_idle_mb"], "supervisor %.1f MB" % m["supervisor_mb"])
+        add("memory", "worker peak RSS, idle", "%.1f MB" % m["worker_idle_mb"],
+            "supervisor %.1f MB; run as python3 queuectl.py: %s MB (the script's syntax tree stays)" % (
+                m["supervisor_mb"], m.get("worker_idle_script_mb", "?")))
         add("memory", "worker peak RSS after a job printed %s" % human_bytes(m["output_bytes"]),
             "%.1f MB" % m["worker_after_mb"], "growth %.1f MB; %d bytes kept" % (m["growth_mb"], m["stdout_kept_bytes"]))
     scale = res.get("scale") or {}
