@@ -1592,12 +1592,6 @@ class Store:
         with self.transaction():
             config = self.config()
             given = [job["id"] for job in jobs if job.get("id") is not None]
-            for i in range(0, len(given), 500):
-                chunk = given[i:i + 500]
-                rows = self._all("SELECT id FROM jobs WHERE id IN (%s)" % ",".join("?" * len(chunk)),
-                                 chunk)
-                if rows:
-                    raise QueueError("job %r already exists" % rows[0]["id"])
             if len(set(given)) != len(given):
                 seen = set()
                 raise QueueError("job %r appears twice in the input" % next(
@@ -1620,6 +1614,15 @@ class Store:
                         continue
                 result[i] = keys[key][0], False
                 alias[ids[i]] = keys[key][0]
+            # A given id must be new, unless its unique key found the job
+            # (the same cron line with --id and --unique, run again).
+            given = [job["id"] for i, job in enumerate(jobs) if job.get("id") is not None and result[i][1]]
+            for i in range(0, len(given), 500):
+                chunk = given[i:i + 500]
+                rows = self._all("SELECT id FROM jobs WHERE id IN (%s)" % ",".join("?" * len(chunk)),
+                                 chunk)
+                if rows:
+                    raise QueueError("job %r already exists" % rows[0]["id"])
             new = {ids[i]: job for i, job in enumerate(jobs) if result[i][1]}
             born_dead, blocked = self._dependencies(new, alias)
             rows, deps, added = [], [], {}
@@ -2205,7 +2208,7 @@ class Store:
         return [(r["after_id"], r["state"]) for r in self._all("""
             SELECT d.after_id, j.state FROM deps d LEFT JOIN jobs j ON j.id = d.after_id
             WHERE d.job_id = ?
-            ORDER BY j.seq""", (job_id,))]
+            ORDER BY CASE WHEN j.seq IS NULL THEN 0 ELSE 1 END, j.seq, d.after_id""", (job_id,))]
 
     def queue_state(self, name):
         """{max_running, paused, running} of one queue (None if it has no row)."""
@@ -2376,9 +2379,13 @@ class Store:
 
     def set_queue(self, name, **settings):
         """Change a queue's max_running and/or paused (creating the queue);
-        returns whether it existed before."""
+        returns whether it existed before, or None, changing nothing, for a
+        queue that does not exist and would only get the defaults (a resume
+        or a limit removed: most likely a mistyped name)."""
         with self.transaction():
             existed = self._one("SELECT 1 FROM queues WHERE name = ?", (name,)) is not None
+            if not existed and not settings.get("max_running") and not settings.get("paused"):
+                return None
             self._add_queue(name)
             for column in ("max_running", "paused"):
                 if column in settings:
@@ -3870,7 +3877,7 @@ def validate_job(obj, cwd, now):
             raise ValueError("field 'queue' must be 1-64 letters, digits and ._- (not starting with - or .), "
                              "not %s" % _printable_value(obj["queue"]))
         job["queue"] = obj["queue"]
-    if obj.get("after") is not None:
+    if obj.get("after") is not None and obj["after"] != []:      # [] as null: no dependencies
         after = obj["after"]
         if isinstance(after, str):
             after = [a.strip() for a in after.split(",")]
@@ -3883,25 +3890,42 @@ def validate_job(obj, cwd, now):
             raise ValueError("field 'after': job %r cannot run after itself" % job["id"])
         job["after"] = list(dict.fromkeys(after))
     if obj.get("unique") is not None:
-        key = obj["unique"]
-        if not isinstance(key, str) or not key.strip() or "\0" in key or len(key) > 256 or not _encodable(key):
-            raise ValueError("field 'unique' must be a non-empty string of at most 256 characters, not %s"
-                             % _printable_value(key))
-        job["unique"] = key
+        job["unique"] = check_unique_key(obj["unique"])
     if obj.get("env") is not None:
         env = obj["env"]
         if not isinstance(env, dict):
             raise ValueError("field 'env' must be an object of NAME: value strings, not %s" % _json_type(env))
         for name, value in env.items():
-            if not name or "=" in name or "\0" in name or not _encodable(name):
-                raise ValueError("field 'env': %s is not a valid variable name" % _printable_value(name))
-            if name.startswith("QUEUECTL_"):
-                raise ValueError("field 'env': %s is reserved (queuectl sets the QUEUECTL_ variables)" % name)
+            try:
+                check_env_name(name)
+            except ValueError as e:
+                raise ValueError("field 'env': %s" % e)
             if not isinstance(value, str) or "\0" in value or not _encodable(value):
                 raise ValueError("field 'env': the value of %s must be UTF-8 text without NUL bytes, not %s"
                                  % (name, _printable_value(value)))
         job["env"] = dict(env)
     return job
+
+
+def check_unique_key(key):
+    """A unique key as given (JSON `unique`, --unique), or ValueError."""
+    if not isinstance(key, str) or not key.strip() or "\0" in key or len(key) > 256 or not _encodable(key):
+        raise ValueError("field 'unique' must be a non-empty string of at most 256 characters, not %s"
+                         % _printable_value(key))
+    return key
+
+
+def check_env_name(name):
+    """A job's environment variable name (JSON `env`, -e), or ValueError: what
+    a shell can use (letters, digits, _; not starting with a digit) and not
+    one of the QUEUECTL_ variables that queuectl sets."""
+    if not isinstance(name, str) or not name or name[0].isdigit() \
+            or not all(c.isascii() and (c.isalnum() or c == "_") for c in name):
+        raise ValueError("%s is not a valid variable name (letters, digits and _, not starting with a digit)"
+                         % _printable_value(name))
+    if name.startswith("QUEUECTL_"):
+        raise ValueError("%s is reserved (queuectl sets the QUEUECTL_ variables)" % name)
+    return name
 
 
 def _printable_value(value):
@@ -4616,12 +4640,17 @@ class Worker:
 
     def _flush_live(self, job):
         """Every LIVE_OUTPUT_SECONDS, store the output read since the last time
-        for `logs --follow` (so a job shorter than that writes none). At most
-        LIVE_OUTPUT_LIMIT bytes a run stay stored: the oldest go first. A
+        for `logs --follow` (so a quiet job shorter than that writes none), and
+        sooner once half of LIVE_BUFFER_LIMIT waits (a fast writer: else the
+        buffer would drop output that a follower keeping up never sees). At
+        most LIVE_OUTPUT_LIMIT bytes a run stay stored: the oldest go first. A
         failed write drops its chunks (the final output is stored anyway)."""
-        if self._live is None or not self._live.chunks or time.monotonic() < self._live_at:
+        if self._live is None or not self._live.chunks:
             return
-        self._live_at = time.monotonic() + LIVE_OUTPUT_SECONDS
+        now = time.monotonic()
+        if now < self._live_at and self._live.size < LIVE_BUFFER_LIMIT // 2:
+            return
+        self._live_at = now + LIVE_OUTPUT_SECONDS
         chunks = self._live.take()
         size = sum(len(c[2]) for c in chunks)
         self._live_sizes.extend(len(c[2]) for c in chunks)
@@ -6994,12 +7023,27 @@ def _env_arg(text):
     name, eq, value = text.partition("=")
     if not eq or not name:
         raise _argtype_error("expected NAME=VALUE, not %s" % printable(repr(text)))
+    try:
+        check_env_name(name)
+    except ValueError as e:
+        raise _argtype_error(str(e))
     return name, value
 
 
+def _unique_arg(text):
+    try:
+        return check_unique_key(text)
+    except ValueError as e:
+        raise _argtype_error(str(e).replace("field 'unique' must be", "must be"))
+
+
 def _limit_arg(text):
-    if text.strip().lower() in ("none", "0"):
+    if text.strip().lower() == "none":
         return None
+    if text.strip() in ("0", "+0", "-0"):
+        # Not "no limit" (nor "run nothing": that is `queue pause`).
+        raise _argtype_error("must be at least 1, not 0 ('none' removes the limit; "
+                             "'queue pause' stops new jobs)")
     return _int_arg(1)(text)
 
 
@@ -7121,7 +7165,7 @@ def build_parser(only=None):
     p.add_argument("-q", "--queue", type=_queue_arg, metavar="NAME", help="the job's queue (default: default)")
     p.add_argument("--after", type=_ids_arg, metavar="ID[,ID...]",
                    help="run only after these jobs have completed (if one dies, this one goes to the DLQ)")
-    p.add_argument("--unique", metavar="KEY",
+    p.add_argument("--unique", metavar="KEY", type=_unique_arg,
                    help="add nothing if an active (pending, failed or processing) job has this key: "
                         "print that job's id instead")
     p.add_argument("-e", "--env", action="append", type=_env_arg, metavar="NAME=VALUE",
@@ -7322,6 +7366,9 @@ def cmd_enqueue(args):
                 # The job's own time wins over a flag's, whichever form each has.
                 defaults.pop("run_at", None)
                 defaults.pop("delay", None)
+            if isinstance(obj.get("env"), dict) and "env" in defaults:
+                defaults["env"] = dict(defaults["env"], **obj["env"])   # -e adds to the JSON's env
+                obj = dict(obj, env=defaults["env"])
             obj = dict(defaults, **obj)     # flags are defaults for fields the JSON leaves out
         try:
             jobs.append(validate_job(obj, cwd, now))
@@ -7335,6 +7382,13 @@ def cmd_enqueue(args):
                                  "JSON)" % (name, name))
     with _open_store(args, create=True) as store:
         added = store.submit(jobs)      # created now, by the store's clock (after connecting)
+        # A job that runs after a dead one is dead from the start: say so.
+        born_dead = [(job_id, store.get(job_id)) for (job_id, created), job in zip(added, jobs)
+                     if created and job.get("after") and not args.json]
+    for job_id, job in born_dead:
+        if job is not None and job["state"] == "dead":
+            _err("job %s went to the DLQ at once: %s (a 'dlq retry' of that one re-arms it)"
+                 % (job_id, job["outcome"]))
     if args.json:
         print_json([{"id": job_id, "created": created} for job_id, created in added])
         return EXIT_OK
@@ -7564,34 +7618,62 @@ def follow_logs(store, job_id, poll=0.05):
     output as the worker stores it, and when the run ends, the rest from the
     run's record. A job that is not pending or running: its last run's output.
     Returns the run's exit code (1 if it has none)."""
+    told, look = None, 0.0
     while True:
         state, run, exit_code, finished = store.run_state(job_id)
         if state != "pending":
             break
+        if time.monotonic() >= look:
+            # Say why it waits, as `wait` does: once, and when the reason changes.
+            look = time.monotonic() + 1.0
+            reason = waiting_reason(store, store.get(job_id))
+            if reason and reason != told:
+                _err("job %s: %s" % (job_id, reason))
+            told = reason
         time.sleep(poll)
     if run == 0:
         raise QueueError("job %r never ran (it is %s)" % (job_id, state))
     printed = {1: 0, 2: 0}
     last = 0
-    while state == "processing" and not finished:
+
+    def print_live():
+        nonlocal last
         for chunk_id, stream, pos, data in store.live_output(job_id, run, last):
             last = chunk_id
             if pos > printed[stream]:
                 _err("[... %d bytes of output not kept while following ...]" % (pos - printed[stream]))
             _write_output(stream, data[max(0, printed[stream] - pos):])
             printed[stream] = max(printed[stream], pos + len(data))
+    while state == "processing" and not finished:
+        print_live()
         state, run_now, exit_code, finished = store.run_state(job_id)
         if run_now != run:
             break       # taken back and started again: this run's record is complete
         time.sleep(poll)
     _, _, out, err = store.run_output(job_id, run)
-    # The stored output is all of it up to OUTPUT_LIMIT a stream: print what
-    # was not printed live.
+    # The stored output is all of it up to OUTPUT_LIMIT a stream, else its
+    # head and tail: print what was not printed live, where it is there.
     for stream, data in ((1, out), (2, err)):
-        if len(data) > printed[stream]:
-            _write_output(stream, data[printed[stream]:])
+        for pos, part in _stored_parts(data):
+            if pos + len(part) <= printed[stream]:
+                continue
+            if pos > printed[stream]:
+                _err("[... %d bytes of output not kept while following ...]" % (pos - printed[stream]))
+            _write_output(stream, part[max(0, printed[stream] - pos):])
+            printed[stream] = pos + len(part)
     exit_code = store.runs(job_id)[run - 1]["exit_code"]
     return EXIT_ERROR if exit_code is None else exit_code
+
+
+def _stored_parts(data, limit=OUTPUT_LIMIT):
+    """A run's stored stream (_Capture.value()) as [(position in the stream,
+    bytes)]: all of it, or its head and its tail around the cut."""
+    import re
+    half = max(limit // 2, 1)
+    m = re.match(br"\n\[\.\.\. queuectl: (\d+) bytes? cut \.\.\.\]\n", data[half:half + 64])
+    if len(data) <= 2 * half or m is None:
+        return [(0, data)]
+    return [(0, data[:half]), (half + int(m.group(1)), data[half + m.end():])]
 
 
 def cmd_logs(args):
@@ -7715,6 +7797,9 @@ def cmd_queue_list(args):
 def _queue_change(args, message, **settings):
     with _open_store(args, create=True) as store:
         existed = store.set_queue(args.name, **settings)
+        if existed is None:
+            names = [q["name"] for q in store.queues()]
+            raise QueueError("no queue %r (queues: %s)" % (args.name, ", ".join(names) or "none yet"))
     _err("queue %s %s%s" % (args.name, message, "" if existed else " (a new queue: it has no jobs yet)"))
     return EXIT_OK
 

@@ -2994,14 +2994,28 @@ class TestCommands(QueueTestCase):
                  "field 'env': the value of A must be UTF-8 text without NUL bytes, not an integer"),
                 (("enqueue", '{"command": "true", "env": ["A"]}'), 1,
                  "field 'env' must be an object of NAME: value strings, not an array"),
-                (("enqueue", "--env", "QUEUECTL_JOB_ID=x", "--", "true"), 1,
-                 "field 'env': QUEUECTL_JOB_ID is reserved (queuectl sets the QUEUECTL_ variables)")):
+                (("enqueue", "--env", "QUEUECTL_JOB_ID=x", "--", "true"), 2,
+                 "argument -e/--env: QUEUECTL_JOB_ID is reserved (queuectl sets the QUEUECTL_ variables)"),
+                (("enqueue", "--env", "1A=x", "--", "true"), 2,
+                 "argument -e/--env: '1A' is not a valid variable name (letters, digits and _, "
+                 "not starting with a digit)"),
+                (("enqueue", "-e", "A-B=x", "--", "true"), 2, "'A-B' is not a valid variable name"),
+                (("enqueue", '{"command": "true", "env": {"B C": "x"}}'), 1,
+                 "field 'env': 'B C' is not a valid variable name")):
             with self.subTest(args=args):
                 code_, out_, err_ = self.run_cli(*args)
                 self.assertEqual((code_, out_), (code, ""))
                 self.assertIn(err, err_)
                 self.assertEqual(err_.count("\n"), 1, err_)
         self.assertEqual(self.db_dump(), before)
+
+    def test_env_flags_add_to_the_json_env(self):
+        out = os.path.join(self.tmp, "env-out")
+        self.expect_success("enqueue", "-e", "A=flag", "-e", "B=flag",
+                            json.dumps({"command": "echo \"$A $B $C\" > %s" % out, "env": {"B": "json", "C": "c"}}))
+        self.run_once()
+        with open(out) as f:
+            self.assertEqual(f.read(), "flag json c\n")
 
     def test_purge(self):
         self.populate()
@@ -3050,6 +3064,51 @@ class TestLiveLogs(QueueTestCase):
         self.assertEqual(err, logged_err)
         self.assertTrue(out.endswith(b"out 30\nno newline \377"), out[-40:])
         self.assertEqual(self.query_one("SELECT COUNT(*) FROM output"), 0)
+
+    def deadline_kill(self, proc):
+        """Kill proc's session after DEADLINE: the deadline of a blocking read of its output."""
+        import threading
+        timer = threading.Timer(DEADLINE, lambda: proc.poll() is None and kill_session(proc.pid))
+        timer.daemon = True
+        timer.start()
+        self.addCleanup(timer.cancel)
+
+    def test_follow_keeps_up_with_a_fast_writer_byte_for_byte(self):
+        """6 MB at 2 MB/s (more than the worker's live buffer holds between two regular writes):
+        a follower that keeps up gets all of it, the end from the stored tail."""
+        job_id = self.add("i=0; while [ $i -lt 30 ]; do head -c 200000 /dev/zero | tr '\\0' x; echo $i; "
+                          "echo err$i >&2; i=$((i+1)); sleep 0.1; done")
+        out_path = os.path.join(self.tmp, "followed")
+        with open(out_path, "wb") as out:
+            follower = self.spawn("logs", job_id, "--follow", stdout=out, stderr=subprocess.PIPE,
+                                  start_new_session=True)
+        self.addCleanup(lambda: follower.poll() is None and kill_session(follower.pid))
+        self.deadline_kill(follower)
+        pool = self.start_pool()
+        err = follower.stderr.read()
+        self.assertEqual(follower.wait(DEADLINE), 0)
+        with open(out_path, "rb") as f:
+            got = f.read()
+        expected = b"".join(b"x" * 200000 + b"%d\n" % i for i in range(30))
+        self.assertEqual(len(got), len(expected))
+        self.assertTrue(got == expected, "the followed output differs from what the job wrote")
+        self.assertEqual(err, b"".join(b"err%d\n" % i for i in range(30)))
+        self.expect_success("worker", "stop", err=None)
+        self.assertEqual(self.wait_pool(pool), 0)
+
+    def test_follow_says_why_a_pending_job_waits(self):
+        self.expect_success("queue", "pause", "held", err=None)
+        job_id = self.expect_success("enqueue", "-q", "held", "--", "echo hi").strip()
+        follower = self.spawn("logs", job_id, "--follow", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True)
+        self.addCleanup(lambda: follower.poll() is None and kill_session(follower.pid))
+        self.deadline_kill(follower)
+        line = follower.stderr.readline()
+        self.assertEqual(line, b"queuectl: job %s: queue held is paused\n" % job_id.encode())
+        self.expect_success("queue", "resume", "held", err=None)
+        self.run_once()
+        self.assertEqual(follower.stdout.read(), b"hi\n")
+        self.assertEqual(follower.wait(DEADLINE), 0)
 
     def test_follow_a_finished_job_and_a_job_that_never_ran(self):
         job_id = self.add("echo hi; exit 4", max_retries=0)
@@ -3230,8 +3289,8 @@ class TestQueues(QueueTestCase):
                          {"name": "thumbs", "limit": None, "paused": True})
         self.expect_success("queue", "set", "backups", "--limit", "none", err=None)
         self.assertIsNone(json.loads(self.expect_success("queue", "list", "--json"))[0]["limit"])
-        self.expect_success("queue", "resume", "nightly",
-                            err="queuectl: queue nightly resumed (a new queue: it has no jobs yet)\n")
+        self.expect_failure("queue", "resume", "nightly",
+                            err="queuectl: error: no queue 'nightly' (queues: backups, default, thumbs)")
 
     def test_queue_mistakes_are_one_line_and_change_nothing(self):
         self.add("true")
@@ -3358,6 +3417,23 @@ class TestQueues(QueueTestCase):
         return err.decode()
 
 
+class TestQueueMistakes(QueueTestCase):
+    """A limit of 0 and a mistyped queue name are errors that change nothing (review of issue 9)."""
+
+    def test_limit_zero_is_refused_and_an_unknown_queue_is_not_made_by_resume(self):
+        self.add("true", queue="thumbs")
+        self.expect_failure("queue", "set", "thumbs", "--limit", "0", code=2,
+                            err_prefix="queuectl: error: queue set: argument --limit: must be at least 1, not 0")
+        self.expect_failure("queue", "resume", "thumbz", err="queuectl: error: no queue 'thumbz' "
+                                                             "(queues: default, thumbs)")
+        self.expect_failure("queue", "set", "thumbz", "--limit", "none", err_prefix="queuectl: error: no queue")
+        self.assertEqual([q["name"] for q in json.loads(self.expect_success("queue", "list", "--json"))],
+                         ["default", "thumbs"])
+        # Pausing ahead still works, and so does a resume of it after.
+        self.expect_success("queue", "pause", "later", err=None)
+        self.expect_success("queue", "resume", "later", err="queuectl: queue later resumed\n")
+
+
 class TestDependencies(QueueTestCase):
     """--after: jobs wait for their dependencies, and the DLQ and dlq retry follow a chain."""
 
@@ -3394,7 +3470,9 @@ class TestDependencies(QueueTestCase):
         self.expect_success("cancel", "a", err=None)
         self.assertEqual((self.job("b")["state"], self.job("b")["outcome"]), ("dead", "dependency a dead"))
         # A job added after a dead one is dead at once, unrun.
-        self.add("true", id="c", after=["a"])
+        self.expect_success("enqueue", "--id", "c", "--after", "a", "--", "true",
+                            err="queuectl: job c went to the DLQ at once: dependency a dead "
+                                "(a 'dlq retry' of that one re-arms it)\n")
         self.assertEqual(self.job("c")["outcome"], "dependency a dead")
 
     def test_a_dependency_that_completed_long_ago_is_no_wait(self):
@@ -3443,8 +3521,38 @@ class TestDependencies(QueueTestCase):
         self.assertEqual(self.job("n1999")["waiting"], "waiting for n1998 (pending)")
 
 
+class TestDependencyDetails(QueueTestCase):
+    """after: [] is no dependency; a job born dead says so; `show` lists a purged dependency in one order."""
+
+    def test_empty_after_born_dead_note_and_order_after_purge(self):
+        job_id = self.add("true", after=[])
+        self.assertEqual(self.job(job_id)["after"], [])
+        self.add("exit 1", id="p", max_retries=0)
+        self.run_once()
+        code, out, err = self.run_cli("enqueue", "--after", "p", "--", "true")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(err, "queuectl: job %s went to the DLQ at once: dependency p dead "
+                              "(a 'dlq retry' of that one re-arms it)\n" % out.strip())
+        self.add("true", id="a1")
+        self.add("true", id="b1", delay="1h")
+        self.add("true", id="d1", after=["b1", "a1"])
+        self.run_once()
+        self.expect_success("purge", err=None)
+        self.assertEqual([(x["id"], x["state"]) for x in self.job("d1")["after"]], [("a1", None), ("b1", "pending")])
+
+
 class TestUniqueJobs(QueueTestCase):
     """--unique KEY adds nothing while a job with that key is active, even under races."""
+
+    def test_the_same_id_and_key_again_is_the_unique_path_not_an_error(self):
+        # A cron line with both --id and --unique, run twice.
+        self.expect_success("enqueue", "--id", "nightly-1", "--unique", "nightly", "--", "true")
+        code, out, err = self.run_cli("enqueue", "--id", "nightly-1", "--unique", "nightly", "--", "true")
+        self.assertEqual((code, out), (0, "nightly-1\n"), err)
+        self.expect_failure("enqueue", "--id", "nightly-1", "--unique", "other", "--", "true",
+                            err="queuectl: error: job 'nightly-1' already exists")
+        self.expect_failure("enqueue", "--unique", "", "--", "true", code=2,
+                            err_prefix="queuectl: error: enqueue: argument --unique: must be a non-empty string")
 
     def test_existing_id_is_printed_and_json_says_which(self):
         first = self.expect_success("enqueue", "--unique", "nightly", "--", "true").strip()
@@ -6226,7 +6334,7 @@ class TestPostgres(unittest.TestCase):
 
         as_postgres(os.path.join(pgbin, "initdb"), "-D", base + "/data", "-A", "scram-sha-256", "-U", "postgres",
                     "--pwfile", base + "/pw")
-        port = random.randrange(20000, 30000)
+        port = free_port()
         as_postgres(os.path.join(pgbin, "pg_ctl"), "-D", base + "/data", "-l", base + "/log", "-w", "-o",
                     "-c listen_addresses=127.0.0.1 -p %d -k %s" % (port, base), "start")
         self.addCleanup(as_postgres, os.path.join(pgbin, "pg_ctl"), "-D", base + "/data", "-m", "immediate", "stop")
@@ -6247,7 +6355,7 @@ class TestPostgres(unittest.TestCase):
             netloc="%s:%s@%s" % (parts.username or "postgres", secret, parts.netloc.rsplit("@", 1)[-1]))))
         job = self.ok("enqueue", "--", "true", db=db).strip()
         token = os.path.join(self.tmp, "token")
-        port = random.randrange(20000, 30000)
+        port = free_port()
         log = open(os.path.join(self.tmp, "dash.log"), "wb")
         self.addCleanup(log.close)
         proc = subprocess.Popen([sys.executable, QUEUECTL, "dashboard", "--port", str(port), "--token-file", token],
@@ -6362,6 +6470,15 @@ class _PgTestConnection:
 
     def __getattr__(self, name):
         return getattr(self._conn, name)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (a random one may be taken: a
+    RabbitMQ on 25672 made a throwaway PostgreSQL fail to start)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class PostgresBackend:
