@@ -144,6 +144,10 @@ OUTPUT_LIMIT = 1024 * 1024
 #: ends sooner writes none), and at most this much of it is kept per run; a
 #: worker holds at most LIVE_BUFFER_LIMIT of it in memory between two writes.
 LIVE_OUTPUT_SECONDS = 0.5
+#: ... and sooner, once half of LIVE_BUFFER_LIMIT waits, but not more often
+#: than this: a follower keeping up sees all of up to ~2.5 MB/s, and however
+#: fast a job prints, the worker writes no more than that for followers.
+LIVE_OUTPUT_SOONEST = 0.1
 LIVE_OUTPUT_LIMIT = 1024 * 1024
 LIVE_BUFFER_LIMIT = 256 * 1024
 #: How long a command waits for another process's write lock before failing
@@ -4005,9 +4009,11 @@ class _Capture:
     """Keeps the first and the last `limit // 2` bytes of a stream, in bounded memory."""
 
     def __init__(self, limit):
+        import collections
         self.half = max(limit // 2, 1)
         self.head = bytearray()
-        self.tail = bytearray()
+        self.tail = collections.deque()     # the chunks read last: at most half + one chunk
+        self.tail_size = 0
         self.total = 0
 
     def feed(self, data):
@@ -4017,14 +4023,16 @@ class _Capture:
             self.head += data[:room]
             data = data[room:]
         if data:
-            self.tail += data
-            if len(self.tail) > 2 * self.half:
-                del self.tail[:-self.half]
+            self.tail.append(data)
+            self.tail_size += len(data)
+            while self.tail_size - len(self.tail[0]) >= self.half:
+                self.tail_size -= len(self.tail.popleft())
 
     def value(self):
+        tail = b"".join(self.tail)
         if self.total <= 2 * self.half:
-            return bytes(self.head + self.tail)     # nothing was dropped
-        tail = self.tail[-self.half:]
+            return bytes(self.head) + tail     # nothing was dropped
+        tail = tail[-self.half:]
         cut = self.total - len(self.head) - len(tail)
         return bytes(self.head) + b"\n[... queuectl: %d byte%s cut ...]\n" % (cut, b"" if cut == 1 else b"s") \
             + bytes(tail)
@@ -4642,15 +4650,16 @@ class Worker:
         """Every LIVE_OUTPUT_SECONDS, store the output read since the last time
         for `logs --follow` (so a quiet job shorter than that writes none), and
         sooner once half of LIVE_BUFFER_LIMIT waits (a fast writer: else the
-        buffer would drop output that a follower keeping up never sees). At
+        buffer would drop output that a follower keeping up never sees), at
+        most every LIVE_OUTPUT_SOONEST. At
         most LIVE_OUTPUT_LIMIT bytes a run stay stored: the oldest go first. A
         failed write drops its chunks (the final output is stored anyway)."""
         if self._live is None or not self._live.chunks:
             return
         now = time.monotonic()
-        if now < self._live_at and self._live.size < LIVE_BUFFER_LIMIT // 2:
+        if now < self._live_at and (self._live.size < LIVE_BUFFER_LIMIT // 2 or now < self._live_soonest):
             return
-        self._live_at = now + LIVE_OUTPUT_SECONDS
+        self._live_at, self._live_soonest = now + LIVE_OUTPUT_SECONDS, now + LIVE_OUTPUT_SOONEST
         chunks = self._live.take()
         size = sum(len(c[2]) for c in chunks)
         self._live_sizes.extend(len(c[2]) for c in chunks)
@@ -4696,7 +4705,7 @@ class Worker:
         self._lease_gone = False
         self._live, self._live_sizes, self._live_stored = LiveOutput(), [], 0
         self._live_written = False
-        self._live_at = time.monotonic() + LIVE_OUTPUT_SECONDS
+        self._live_at, self._live_soonest = time.monotonic() + LIVE_OUTPUT_SECONDS, 0.0
         result = run_command(job["command"], cwd=job["cwd"], env=self._environ(job),
                              timeout=job["timeout"], check=lambda: self._check(job),
                              live=self._live, on_start=self._job_started)
