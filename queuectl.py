@@ -4560,10 +4560,6 @@ class Worker:
             return None
         return time.monotonic() + (every if due is None else min(every, due - now))
 
-    def _work_or_stop(self):
-        """Asked to stop, or could a claim take a job now? (Reads, no lock.)"""
-        return self._check_stop_command() or self.store.has_due(self.store.now(), self.queues)
-
     def _poll_idle(self):
         """idle() where the store cannot wake us: read the data_version counter
         every IDLE_POLL_SECONDS (it changes when another connection commits)
@@ -4583,9 +4579,9 @@ class Worker:
             current = self.store.data_version()
             changed, version = current != version, current    # read once: no commit slips between
             if changed or now >= recheck:
-                if self._work_or_stop():
+                recheck = self._next_look(IDLE_CLAIM_SECONDS)
+                if recheck is None:
                     return
-                recheck = now + IDLE_CLAIM_SECONDS
             self.housekeeping()
 
     def maybe_pause(self):
@@ -7392,12 +7388,11 @@ def cmd_enqueue(args):
     with _open_store(args, create=True) as store:
         added = store.submit(jobs)      # created now, by the store's clock (after connecting)
         # A job that runs after a dead one is dead from the start: say so.
-        born_dead = [(job_id, store.get(job_id)) for (job_id, created), job in zip(added, jobs)
-                     if created and job.get("after") and not args.json]
-    for job_id, job in born_dead:
-        if job is not None and job["state"] == "dead":
-            _err("job %s went to the DLQ at once: %s (a 'dlq retry' of that one re-arms it)"
-                 % (job_id, job["outcome"]))
+        states = {} if args.json else store.states(
+            [job_id for (job_id, created), job in zip(added, jobs) if created and job.get("after")])
+    for job_id, (state, _, outcome) in states.items():
+        if state == "dead":
+            _err("job %s went to the DLQ at once: %s (a 'dlq retry' of that one re-arms it)" % (job_id, outcome))
     if args.json:
         print_json([{"id": job_id, "created": created} for job_id, created in added])
         return EXIT_OK
