@@ -2740,6 +2740,11 @@ PG_MIGRATIONS = {
 #: Environment variable: 0 makes workers poll instead of LISTEN (needed behind
 #: PgBouncer in transaction mode, where LISTEN does not work).
 PG_LISTEN_ENV = "QUEUECTL_PG_LISTEN"
+
+
+def pg_listen_enabled():
+    """QUEUECTL_PG_LISTEN: 0 (or false, no, off) for PgBouncer's transaction mode."""
+    return os.environ.get(PG_LISTEN_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 #: A host's clock this close to the server's is used as it is (see sync_clock).
 PG_CLOCK_SLACK = 0.5
 #: A statement run this many times on a connection is prepared (see PostgresStore._bind).
@@ -3043,7 +3048,7 @@ class PostgresStore(Store):
         self._wal_path = None
         self.busy_timeout = busy_timeout_setting() if busy_timeout is None else busy_timeout
         self._durable = durable
-        self._listen = listen and os.environ.get(PG_LISTEN_ENV, "1") != "0"
+        self._listen = listen and pg_listen_enabled()
         self._channel = None
         self._wake = 0              # this transaction NOTIFYs at commit if not 0
         self._limited = None        # queues with a limit, as the last claim saw them (None: not known)
@@ -3105,7 +3110,7 @@ class PostgresStore(Store):
         # transaction mode (what QUEUECTL_PG_LISTEN=0 is for) the next
         # transaction may run on another server connection that lacks them.
         self._prepared, self._to_prepare = {}, []
-        self._uses = None if os.environ.get(PG_LISTEN_ENV) == "0" else {}
+        self._uses = {} if pg_listen_enabled() else None
         try:
             # A session that vanishes mid-transaction (a host cut off) must
             # not hold its locks for long; workers need not wait for fsync.
@@ -7388,8 +7393,8 @@ def cmd_enqueue(args):
     with _open_store(args, create=True) as store:
         added = store.submit(jobs)      # created now, by the store's clock (after connecting)
         # A job that runs after a dead one is dead from the start: say so.
-        states = {} if args.json else store.states(
-            [job_id for (job_id, created), job in zip(added, jobs) if created and job.get("after")])
+        states = store.states([job_id for (job_id, created), job in zip(added, jobs)
+                               if created and job.get("after")])
     for job_id, (state, _, outcome) in states.items():
         if state == "dead":
             _err("job %s went to the DLQ at once: %s (a 'dlq retry' of that one re-arms it)" % (job_id, outcome))
@@ -7799,7 +7804,11 @@ def cmd_queue_list(args):
 
 
 def _queue_change(args, message, **settings):
-    with _open_store(args, create=True) as store:
+    # Only a pause or a limit makes a database (and a queue) where there is none.
+    with _open_store(args, create=bool(settings.get("paused") or settings.get("max_running")), note=False) as store:
+        if store.missing:
+            raise QueueError("no queue %r: no database at %s yet (a mistyped --db or $QUEUECTL_DB?)"
+                             % (args.name, store.missing))
         existed = store.set_queue(args.name, **settings)
         if existed is None:
             names = [q["name"] for q in store.queues()]

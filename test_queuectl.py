@@ -59,6 +59,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -3420,6 +3421,12 @@ class TestQueues(QueueTestCase):
 class TestQueueMistakes(QueueTestCase):
     """A limit of 0 and a mistyped queue name are errors that change nothing (review of issue 9)."""
 
+    def test_pg_listen_switch_takes_the_usual_words_for_off(self):
+        for value, on in (("0", False), ("false", False), ("Off", False), (" no ", False),
+                          ("1", True), ("yes", True), ("", True)):
+            with self.subTest(value=value), unittest.mock.patch.dict(os.environ, {queuectl.PG_LISTEN_ENV: value}):
+                self.assertEqual(queuectl.pg_listen_enabled(), on)
+
     def test_limit_zero_is_refused_and_an_unknown_queue_is_not_made_by_resume(self):
         self.add("true", queue="thumbs")
         self.expect_failure("queue", "set", "thumbs", "--limit", "0", code=2,
@@ -3429,6 +3436,12 @@ class TestQueueMistakes(QueueTestCase):
         self.expect_failure("queue", "set", "thumbz", "--limit", "none", err_prefix="queuectl: error: no queue")
         self.assertEqual([q["name"] for q in json.loads(self.expect_success("queue", "list", "--json"))],
                          ["default", "thumbs"])
+        # A mistyped --db: said so, and no database is made.
+        elsewhere = os.path.join(self.tmp, "typo", "queue.db")
+        self.expect_failure("--db", elsewhere, "queue", "resume", "thumbs", db=False,
+                            err="queuectl: error: no queue 'thumbs': no database at %s yet "
+                                "(a mistyped --db or $QUEUECTL_DB?)" % elsewhere)
+        self.assertFalse(os.path.exists(os.path.dirname(elsewhere)))
         # Pausing ahead still works, and so does a resume of it after.
         self.expect_success("queue", "pause", "later", err=None)
         self.expect_success("queue", "resume", "later", err="queuectl: queue later resumed\n")
