@@ -2381,6 +2381,12 @@ class Store:
                               params)
                 deleted += self._execute("DELETE FROM jobs WHERE %s" % where, params).rowcount
 
+    @staticmethod
+    def makes_queue(settings):
+        """Do these queue settings make a queue that does not exist (a pause,
+        a limit), or only restore the defaults (a resume, no limit)?"""
+        return bool(settings.get("paused") or settings.get("max_running"))
+
     def set_queue(self, name, **settings):
         """Change a queue's max_running and/or paused (creating the queue);
         returns whether it existed before, or None, changing nothing, for a
@@ -2388,7 +2394,7 @@ class Store:
         or a limit removed: most likely a mistyped name)."""
         with self.transaction():
             existed = self._one("SELECT 1 FROM queues WHERE name = ?", (name,)) is not None
-            if not existed and not settings.get("max_running") and not settings.get("paused"):
+            if not existed and not self.makes_queue(settings):
                 return None
             self._add_queue(name)
             for column in ("max_running", "paused"):
@@ -3899,7 +3905,10 @@ def validate_job(obj, cwd, now):
             raise ValueError("field 'after': job %r cannot run after itself" % job["id"])
         job["after"] = list(dict.fromkeys(after))
     if obj.get("unique") is not None:
-        job["unique"] = check_unique_key(obj["unique"])
+        try:
+            job["unique"] = check_unique_key(obj["unique"])
+        except ValueError as e:
+            raise ValueError("field 'unique' %s" % e)
     if obj.get("env") is not None:
         env = obj["env"]
         if not isinstance(env, dict):
@@ -3919,8 +3928,7 @@ def validate_job(obj, cwd, now):
 def check_unique_key(key):
     """A unique key as given (JSON `unique`, --unique), or ValueError."""
     if not isinstance(key, str) or not key.strip() or "\0" in key or len(key) > 256 or not _encodable(key):
-        raise ValueError("field 'unique' must be a non-empty string of at most 256 characters, not %s"
-                         % _printable_value(key))
+        raise ValueError("must be a non-empty string of at most 256 characters, not %s" % _printable_value(key))
     return key
 
 
@@ -4041,6 +4049,17 @@ class _Capture:
         cut = self.total - len(self.head) - len(tail)
         return bytes(self.head) + b"\n[... queuectl: %d byte%s cut ...]\n" % (cut, b"" if cut == 1 else b"s") \
             + bytes(tail)
+
+    @staticmethod
+    def parts(value, limit=OUTPUT_LIMIT):
+        """value() read back: [(position in the stream, bytes)], all of the
+        stream or its head and its tail around the cut."""
+        import re
+        half = max(limit // 2, 1)
+        m = re.match(br"\n\[\.\.\. queuectl: (\d+) bytes? cut \.\.\.\]\n", value[half:half + 64])
+        if len(value) <= 2 * half or m is None:
+            return [(0, value)]
+        return [(0, value[:half]), (half + int(m.group(1)), value[half + m.end():])]
 
 
 class LiveOutput:
@@ -7044,7 +7063,7 @@ def _unique_arg(text):
     try:
         return check_unique_key(text)
     except ValueError as e:
-        raise _argtype_error(str(e).replace("field 'unique' must be", "must be"))
+        raise _argtype_error(str(e))
 
 
 def _limit_arg(text):
@@ -7627,34 +7646,32 @@ def follow_logs(store, job_id, poll=0.05):
     output as the worker stores it, and when the run ends, the rest from the
     run's record. A job that is not pending or running: its last run's output.
     Returns the run's exit code (1 if it has none)."""
-    told, look = None, 0.0
+    told, look = {}, 0.0
     while True:
         state, run, exit_code, finished = store.run_state(job_id)
         if state != "pending":
             break
         if time.monotonic() >= look:
-            # Say why it waits, as `wait` does: once, and when the reason changes.
             look = time.monotonic() + 1.0
-            reason = waiting_reason(store, store.get(job_id))
-            if reason and reason != told:
-                _err("job %s: %s" % (job_id, reason))
-            told = reason
+            _say_why_waiting(store, job_id, told)
         time.sleep(poll)
     if run == 0:
         raise QueueError("job %r never ran (it is %s)" % (job_id, state))
     printed = {1: 0, 2: 0}
     last = 0
 
-    def print_live():
-        nonlocal last
+    def emit(stream, pos, data):
+        """Print what of `data` (at `pos` in its stream) is new, saying what was missed before it."""
+        if pos + len(data) <= printed[stream]:
+            return
+        if pos > printed[stream]:
+            _err("[... %d bytes of output not kept while following ...]" % (pos - printed[stream]))
+        _write_output(stream, data[max(0, printed[stream] - pos):])
+        printed[stream] = pos + len(data)
+    while state == "processing" and not finished:
         for chunk_id, stream, pos, data in store.live_output(job_id, run, last):
             last = chunk_id
-            if pos > printed[stream]:
-                _err("[... %d bytes of output not kept while following ...]" % (pos - printed[stream]))
-            _write_output(stream, data[max(0, printed[stream] - pos):])
-            printed[stream] = max(printed[stream], pos + len(data))
-    while state == "processing" and not finished:
-        print_live()
+            emit(stream, pos, data)
         state, run_now, exit_code, finished = store.run_state(job_id)
         if run_now != run:
             break       # taken back and started again: this run's record is complete
@@ -7663,26 +7680,10 @@ def follow_logs(store, job_id, poll=0.05):
     # The stored output is all of it up to OUTPUT_LIMIT a stream, else its
     # head and tail: print what was not printed live, where it is there.
     for stream, data in ((1, out), (2, err)):
-        for pos, part in _stored_parts(data):
-            if pos + len(part) <= printed[stream]:
-                continue
-            if pos > printed[stream]:
-                _err("[... %d bytes of output not kept while following ...]" % (pos - printed[stream]))
-            _write_output(stream, part[max(0, printed[stream] - pos):])
-            printed[stream] = pos + len(part)
+        for pos, part in _Capture.parts(data):
+            emit(stream, pos, part)
     exit_code = store.runs(job_id)[run - 1]["exit_code"]
     return EXIT_ERROR if exit_code is None else exit_code
-
-
-def _stored_parts(data, limit=OUTPUT_LIMIT):
-    """A run's stored stream (_Capture.value()) as [(position in the stream,
-    bytes)]: all of it, or its head and its tail around the cut."""
-    import re
-    half = max(limit // 2, 1)
-    m = re.match(br"\n\[\.\.\. queuectl: (\d+) bytes? cut \.\.\.\]\n", data[half:half + 64])
-    if len(data) <= 2 * half or m is None:
-        return [(0, data)]
-    return [(0, data[:half]), (half + int(m.group(1)), data[half + m.end():])]
 
 
 def cmd_logs(args):
@@ -7712,6 +7713,18 @@ def cmd_logs(args):
     return EXIT_OK
 
 
+def _say_why_waiting(store, job_id, told):
+    """Say why a job waits, once, and again when the reason changes
+    (`told`: {job id: the reason said last})."""
+    try:
+        reason = waiting_reason(store, store.get(job_id))
+    except JobNotFound:
+        raise _deleted_while_waiting(job_id)
+    if reason and told.get(job_id) != reason:
+        _err("job %s: %s" % (job_id, reason))
+    told[job_id] = reason
+
+
 def _deleted_while_waiting(job_id):
     return QueueError("job %r no longer exists: it was deleted while waiting "
                       "(purge or the retention setting)" % job_id)
@@ -7732,16 +7745,10 @@ def cmd_wait(args):
             if not pending:
                 break
             for job_id in pending[:10]:
-                # Say why a job waits, once, and again when the reason changes.
-                reason = None
                 if states[job_id][0] != "processing":
-                    try:
-                        reason = waiting_reason(store, store.get(job_id))
-                    except JobNotFound:
-                        raise _deleted_while_waiting(job_id)
-                if reason and told.get(job_id) != reason:
-                    _err("job %s: %s" % (job_id, reason))
-                told[job_id] = reason
+                    _say_why_waiting(store, job_id, told)
+                else:
+                    told[job_id] = None
             if deadline is not None and time.monotonic() >= deadline:
                 _err("timed out waiting for %d job%s: %s" % (
                     len(pending), "" if len(pending) == 1 else "s", " ".join(pending)))
@@ -7805,7 +7812,7 @@ def cmd_queue_list(args):
 
 def _queue_change(args, message, **settings):
     # Only a pause or a limit makes a database (and a queue) where there is none.
-    with _open_store(args, create=bool(settings.get("paused") or settings.get("max_running")), note=False) as store:
+    with _open_store(args, create=Store.makes_queue(settings), note=False) as store:
         if store.missing:
             raise QueueError("no queue %r: no database at %s yet (a mistyped --db or $QUEUECTL_DB?)"
                              % (args.name, store.missing))
